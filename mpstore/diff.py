@@ -1,0 +1,131 @@
+"""Comparing two snapshots tensor by tensor (`mp diff`), reading as little as the digests allow.
+
+Tensors with equal ids are unchanged without reading anything; within a changed tensor a chunk
+whose digest is equal on both sides is never subtracted and is read once, only because the
+tensor's norm and cosine need its values. Statistics are computed in float32 with float64 sums.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .dtypes import torch_dtype
+from .objects import Snapshot, Tensor
+from .store import Store, Txn
+
+RELEASE_EVERY = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    name: str
+    status: str  # unchanged | changed | only_a | only_b
+    changed_chunks: int | None = None
+    total_chunks: int | None = None
+    rel_l2: float | None = None  # ||B-A|| / ||A||
+    cosine: float | None = None
+    max_abs: float | None = None
+    changed_bytes: int = 0
+    note: str | None = None  # why numbers are missing (dtype or shape changed)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    a: bytes
+    b: bytes
+    tensors: list[TensorDiff]
+
+    def counts(self) -> dict[str, int]:
+        out = {"unchanged": 0, "changed": 0, "only_a": 0, "only_b": 0}
+        for t in self.tensors:
+            out[t.status] += 1
+        return out
+
+    def bytes_changed(self) -> int:
+        return sum(t.changed_bytes for t in self.tensors)
+
+    def to_json(self) -> dict:
+        return {
+            "a": self.a.hex(),
+            "b": self.b.hex(),
+            "summary": {**self.counts(), "bytes_changed": self.bytes_changed()},
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+
+
+class _Reader:
+    """Turns chunks into float32 tensors, releasing mapped pages as it goes."""
+
+    def __init__(self, store: Store, txn: Txn):
+        self.store, self.txn, self._since = store, txn, 0
+
+    def values(self, key: bytes, dtype: str):
+        import torch
+
+        view = self.txn.chunk(key)
+        self._since += len(view)
+        if self._since >= RELEASE_EVERY:
+            self._since = 0
+            self.store.release_pages()
+        if not len(view):
+            return torch.zeros(0)
+        return torch.frombuffer(bytearray(view), dtype=torch_dtype(dtype)).to(torch.float32)
+
+
+def _compare(reader: _Reader, name: str, ta: Tensor, tb: Tensor) -> TensorDiff:
+    import torch
+
+    if ta.dtype != tb.dtype or ta.shape != tb.shape:
+        note = f"{ta.dtype}{list(ta.shape)} -> {tb.dtype}{list(tb.shape)}"
+        return TensorDiff(name, "changed", len(tb.chunks), len(tb.chunks), changed_bytes=tb.size, note=note)
+    aa = bb = ab = dd = 0.0
+    max_abs = 0.0
+    changed = changed_bytes = 0
+    for (ka, kb), (start, end) in zip(zip(ta.chunks, tb.chunks), tb.spans()):
+        a = reader.values(ka, ta.dtype).double()
+        if ka == kb:
+            s = float(torch.dot(a, a))
+            aa, bb, ab = aa + s, bb + s, ab + s
+            continue
+        b = reader.values(kb, tb.dtype).double()
+        d = (b.float() - a.float()).double()  # the difference itself is taken in float32
+        aa += float(torch.dot(a, a))
+        bb += float(torch.dot(b, b))
+        ab += float(torch.dot(a, b))
+        dd += float(torch.dot(d, d))
+        if d.numel():
+            max_abs = max(max_abs, float(d.abs().max()))
+        changed += 1
+        changed_bytes += end - start
+    rel = math.sqrt(dd) / math.sqrt(aa) if aa > 0 else (0.0 if dd == 0 else None)
+    cos = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else None
+    return TensorDiff(name, "changed", changed, len(tb.chunks), rel, cos, max_abs, changed_bytes)
+
+
+def diff_snapshots(store: Store, txn: Txn, a: bytes, b: bytes) -> list[TensorDiff]:
+    sa: Snapshot = txn.object(a)
+    sb: Snapshot = txn.object(b)
+    reader = _Reader(store, txn)
+    out: list[TensorDiff] = []
+    for name in sorted(sa.tensors.keys() | sb.tensors.keys(), key=natural_key):
+        ia, ib = sa.tensors.get(name), sb.tensors.get(name)
+        if ib is None:
+            out.append(TensorDiff(name, "only_a"))
+        elif ia is None:
+            out.append(TensorDiff(name, "only_b", changed_bytes=txn.object(ib).size))
+        elif ia == ib:
+            n = len(txn.object(ia).chunks)
+            out.append(TensorDiff(name, "unchanged", 0, n, 0.0, 1.0, 0.0))
+        else:
+            out.append(_compare(reader, name, txn.object(ia), txn.object(ib)))
+    store.release_pages()
+    return out
+
+
+def natural_key(name: str) -> list:
+    """Sort `layers.10` after `layers.9`, as people count layers."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]

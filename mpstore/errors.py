@@ -1,0 +1,46 @@
+"""The one exception family for problems a user can cause.
+
+Everything a person can get wrong (a bad path, a malformed file, an unknown ref) raises an
+`MpError` subclass whose message names the problem in one line; the CLI prints it and exits
+non-zero. Anything else escaping is a bug in mpstore, not the user's input.
+"""
+
+
+class MpError(Exception):
+    """Base of all user-facing errors; `str(err)` is the one line the CLI prints."""
+
+
+class NotARepository(MpError):
+    """No store where one was expected."""
+
+
+class RepositoryExists(MpError):
+    """`init` over an existing store."""
+
+
+class FormatMismatch(MpError):
+    """The store was written by an incompatible format version."""
+
+
+class BadInput(MpError):
+    """A model folder or safetensors file that cannot be ingested as it is."""
+
+
+class UnknownRef(MpError):
+    """A name or id that resolves to nothing."""
+
+
+class AmbiguousRef(MpError):
+    """An id prefix that matches several commits."""
+
+
+class BadRefName(MpError):
+    """A branch or tag name that would be unsafe or unparseable."""
+
+
+class CorruptData(MpError):
+    """Stored bytes that no longer hash to their key."""
+
+
+class TargetExists(MpError):
+    """A checkout target that already holds files."""

@@ -1,0 +1,168 @@
+"""The object kinds of the store and how each is encoded; nothing here touches LMDB.
+
+Every object is a msgpack map with a `type` field, written in a fixed field order so that the
+same content always encodes to the same bytes; its id is the xxh3-128 digest of that encoding.
+Objects are immutable: a change is a new object with a new id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import msgpack
+
+from .errors import CorruptData
+from .ids import digest
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """Bytes cut into `chunk_size` pieces, each stored under its digest (a blob or a tensor)."""
+
+    size: int
+    chunk_size: int
+    chunks: tuple[bytes, ...]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) byte range of each chunk within the whole."""
+        return [
+            (i * self.chunk_size, min((i + 1) * self.chunk_size, self.size))
+            for i in range(len(self.chunks))
+        ]
+
+
+@dataclass(frozen=True)
+class Blob(Chunked):
+    """A non-tensor file (config, tokenizer, README) or a safetensors header, byte for byte."""
+
+    TYPE: ClassVar[str] = "blob"
+
+    def fields(self) -> dict:
+        return {"size": self.size, "chunk_size": self.chunk_size, "chunks": list(self.chunks)}
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Blob:
+        return cls(d["size"], d["chunk_size"], tuple(d["chunks"]))
+
+
+@dataclass(frozen=True)
+class Tensor(Chunked):
+    """A tensor's raw little-endian bytes as chunks, with what is needed to interpret them."""
+
+    TYPE: ClassVar[str] = "tensor"
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+    def fields(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "chunks": list(self.chunks),
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Tensor:
+        return cls(d["size"], d["chunk_size"], tuple(d["chunks"]), d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One safetensors file of a snapshot: its name, raw header, and tensors in byte order."""
+
+    file: str
+    header: bytes  # blob id of the raw header bytes
+    tensors: tuple[str, ...]
+    metadata: dict[str, str] | None
+
+    def fields(self) -> dict:
+        return {
+            "file": self.file,
+            "header": self.header,
+            "tensors": list(self.tensors),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Shard:
+        return cls(d["file"], d["header"], tuple(d["tensors"]), d["metadata"])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A whole model folder: tensors by name, other files by path, and the shard layout."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    tensors: dict[str, bytes]  # tensor name -> tensor id
+    files: dict[str, bytes]  # relative path -> blob id (non-tensor files)
+    shards: tuple[Shard, ...]
+
+    def fields(self) -> dict:
+        return {
+            "tensors": dict(sorted(self.tensors.items())),
+            "files": dict(sorted(self.files.items())),
+            "shards": [s.fields() for s in self.shards],
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Snapshot:
+        return cls(d["tensors"], d["files"], tuple(Shard.from_fields(s) for s in d["shards"]))
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A snapshot in history: who made it, when, from what, and (for merges) by which plan."""
+
+    TYPE: ClassVar[str] = "commit"
+    snapshot: bytes
+    parents: tuple[bytes, ...]
+    message: str
+    author: str
+    time: str  # UTC, ISO 8601 with a trailing Z
+    base: bytes | None = None  # the commit this model was fine-tuned from (`mp add --base`)
+    plan: bytes | None = None  # the merge plan object, for merge commits
+    new_bytes: int = 0  # chunk bytes this commit's add wrote that the store did not hold
+
+    def fields(self) -> dict:
+        return {
+            "snapshot": self.snapshot,
+            "parents": list(self.parents),
+            "message": self.message,
+            "author": self.author,
+            "time": self.time,
+            "base": self.base,
+            "plan": self.plan,
+            "new_bytes": self.new_bytes,
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Commit:
+        return cls(
+            d["snapshot"], tuple(d["parents"]), d["message"], d["author"], d["time"],
+            d["base"], d["plan"], d["new_bytes"],
+        )
+
+
+KINDS = {k.TYPE: k for k in (Blob, Tensor, Snapshot, Commit)}
+StoredObject = Blob | Tensor | Snapshot | Commit
+
+
+def encode(obj: StoredObject) -> bytes:
+    """The canonical bytes of `obj`: its id is `digest(encode(obj))`."""
+    return msgpack.packb({"type": obj.TYPE, **obj.fields()}, use_bin_type=True)
+
+
+def object_id(encoded: bytes) -> bytes:
+    return digest(encoded)
+
+
+def decode(data: bytes | memoryview, oid: bytes | None = None) -> StoredObject:
+    """Rebuild an object; undecodable bytes are reported as corruption of `oid`."""
+    try:
+        d = msgpack.unpackb(data, raw=False)
+        return KINDS[d.pop("type")].from_fields(d)
+    except Exception as e:  # any failure here means the stored bytes are not what we wrote
+        where = f" {oid.hex()}" if oid else ""
+        raise CorruptData(f"object{where} does not decode: {e}") from None

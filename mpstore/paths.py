@@ -1,0 +1,37 @@
+"""Relative file paths inside a model folder: the one rule used on the way in and the way out.
+
+A snapshot's file names come from folders people download, so they are checked both when a
+folder is added and again before checkout writes anything: a name that could escape the target
+folder or confuse a terminal is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BadInput
+
+
+def check_relpath(rel: str) -> str:
+    """Return `rel` (a '/'-separated path) if it stays inside its folder, else raise BadInput."""
+    problem = None
+    if not rel:
+        problem = "is empty"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        problem = "contains a control character"
+    elif rel.startswith("/") or "\\" in rel or (len(rel) > 1 and rel[1] == ":"):
+        problem = "is absolute"
+    elif any(part in ("", ".", "..") for part in rel.split("/")):
+        problem = "has an empty, '.' or '..' component"
+    if problem:
+        raise BadInput(f"file name {rel!r} {problem}")
+    return rel
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root/rel`, guaranteed (after resolving) to lie within `root`."""
+    target = (root / check_relpath(rel)).resolve()
+    base = root.resolve()
+    if target != base and base not in target.parents:
+        raise BadInput(f"file name {rel!r} would be written outside {root}")
+    return target

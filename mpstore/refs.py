@@ -1,0 +1,88 @@
+"""Names for commits: branch and tag names, their validation, and resolving what users type.
+
+A ref spec is `NAME` (branch), `tags/NAME`, a hex commit id or a unique prefix of at least six
+characters, each optionally followed by `~N` (the N-th first parent). Branch and tag names are
+checked before any write, because they become keys and are typed back on command lines.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import AmbiguousRef, BadRefName, UnknownRef
+from .objects import Commit
+from .store import Txn
+
+BRANCH_PREFIX = "heads/"
+TAG_PREFIX = "tags/"
+MIN_PREFIX = 6
+_ALLOWED = re.compile(r"[A-Za-z0-9._/+@-]+")
+_ANCESTRY = re.compile(r"^(.*?)((?:~\d*)+)$")
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def check_name(name: str, what: str = "branch") -> str:
+    """Return `name` if it is a safe ref name, else raise BadRefName saying why."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    elif name.startswith("-"):
+        problem = "starts with '-'"
+    elif name.startswith("/") or name.endswith("/"):
+        problem = "starts or ends with '/'"
+    elif ".." in name:
+        problem = "contains '..'"
+    elif "//" in name:
+        problem = "contains '//'"
+    elif name.endswith(".") or name.endswith(".lock") or "/." in name or name.startswith("."):
+        problem = "has a component starting or ending with '.'"
+    elif name.startswith(TAG_PREFIX) or name == "HEAD":
+        problem = "is reserved"
+    elif not _ALLOWED.fullmatch(name):
+        problem = "may only use letters, digits and . _ / + @ -"
+    if problem:
+        raise BadRefName(f"invalid {what} name {name!r}: {problem}")
+    return name
+
+
+def _commit_by_prefix(txn: Txn, prefix: str) -> bytes | None:
+    """The unique commit whose hex id starts with `prefix`; None when there is none."""
+    start = bytes.fromhex(prefix + "0" * (len(prefix) % 2))
+    found: list[bytes] = []
+    for oid in txn.object_ids_from(start):
+        if not oid.hex().startswith(prefix):
+            break
+        if isinstance(txn.object(oid), Commit):
+            found.append(oid)
+    if len(found) > 1:
+        listed = ", ".join(f.hex()[:12] for f in found[:5])
+        raise AmbiguousRef(f"id prefix {prefix!r} is ambiguous: matches commits {listed}")
+    return found[0] if found else None
+
+
+def _resolve_plain(txn: Txn, spec: str) -> bytes:
+    for key in (BRANCH_PREFIX + spec, spec if spec.startswith(TAG_PREFIX) else None):
+        if key and (oid := txn.ref(key)) is not None:
+            return oid
+    lowered = spec.lower()
+    if len(spec) >= MIN_PREFIX and _HEX.fullmatch(lowered):
+        oid = _commit_by_prefix(txn, lowered)
+        if oid is not None:
+            return oid
+    raise UnknownRef(f"unknown ref {spec!r}: no branch, tag or commit by that name")
+
+
+def resolve(txn: Txn, spec: str) -> bytes:
+    """The commit id `spec` names, or UnknownRef / AmbiguousRef naming what failed."""
+    m = _ANCESTRY.match(spec)
+    base, steps = (m.group(1), m.group(2)) if m else (spec, "")
+    oid = _resolve_plain(txn, base)
+    for step in steps.split("~")[1:]:
+        for _ in range(int(step) if step else 1):
+            commit = txn.object(oid)
+            if not commit.parents:
+                raise UnknownRef(f"unknown ref {spec!r}: {oid.hex()[:12]} has no parent")
+            oid = commit.parents[0]
+    return oid

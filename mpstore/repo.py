@@ -1,0 +1,266 @@
+"""`Repo`: the Python API of mpstore, which the CLI wraps and the tests call.
+
+It ties the store, objects, refs, ingest, checkout and diff together and owns every ref update:
+a verb validates all of its input first, writes chunks, then makes its objects and moves its
+ref in one final transaction, so a reader sees the old commit or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import checkout as _checkout
+from . import ingest
+from .diff import DiffResult, diff_snapshots
+from .dtypes import MAX_ITEMSIZE
+from .errors import MpError, NotARepository, RepositoryExists, UnknownRef
+from .ids import short
+from .objects import Blob, Commit, Snapshot, Tensor, encode, object_id
+from .progress import Progress, Silent
+from .refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
+from .store import DEFAULT_MAP_SIZE, Store, Txn
+
+STORE_DIR = ".mp"
+DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/architecture.md, "Chunk size", for the measurement
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 64 << 20
+
+
+@dataclass(frozen=True)
+class AddResult:
+    commit: bytes
+    new_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    id: bytes
+    commit: Commit
+
+    def to_json(self) -> dict:
+        c = self.commit
+        return {
+            "id": self.id.hex(),
+            "parents": [p.hex() for p in c.parents],
+            "base": c.base.hex() if c.base else None,
+            "plan": c.plan.hex() if c.plan else None,
+            "message": c.message,
+            "author": c.author,
+            "time": c.time,
+            "new_bytes": c.new_bytes,
+        }
+
+
+def parse_size(text: str) -> int:
+    """'1MiB', '512k', '4096' -> bytes (binary multiples, as chunk sizes are)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise MpError(f"invalid size {text!r}: use a number of bytes, e.g. 1048576 or 1MiB")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2)]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _author() -> str:
+    return os.environ.get("MP_AUTHOR") or getpass.getuser()
+
+
+class Repo:
+    """A repository: a directory holding `.mp/`, the LMDB store."""
+
+    def __init__(self, root: Path, store: Store):
+        self.root = root
+        self.store = store
+        with store.read() as r:
+            self.chunk_size = int(r.meta("chunk_size"))
+
+    # opening ------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls, path: Path | str = ".", chunk_size: int = DEFAULT_CHUNK_SIZE, map_size: int = DEFAULT_MAP_SIZE
+    ) -> Repo:
+        """Create an empty repository in `path` (its `.mp/` must not exist yet)."""
+        root = Path(path)
+        if (root / STORE_DIR).exists():
+            raise RepositoryExists(f"{root / STORE_DIR} already exists")
+        if chunk_size % MAX_ITEMSIZE or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise MpError(
+                f"invalid chunk size {chunk_size}: must be a multiple of {MAX_ITEMSIZE} "
+                f"between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
+            )
+        store = Store.create(root / STORE_DIR, {"chunk_size": str(chunk_size)}, map_size)
+        return cls(root, store)
+
+    @classmethod
+    def open(cls, path: Path | str = ".") -> Repo:
+        """Open the repository at `path` or in the nearest folder above it that has one."""
+        start = Path(path).absolute()
+        for folder in (start, *start.parents):
+            if (folder / STORE_DIR / "data.mdb").is_file():
+                return cls(folder, Store.open(folder / STORE_DIR))
+        raise NotARepository(f"not an mpstore repository (no {STORE_DIR} in {start} or above); run `mp init`")
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Repo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # refs ---------------------------------------------------------------------------------
+    def resolve(self, spec: str) -> bytes:
+        with self.store.read() as r:
+            return resolve(r, spec)
+
+    def head(self) -> str | None:
+        """The branch last written to: what `mp log` shows when given no ref."""
+        with self.store.read() as r:
+            return r.meta("HEAD")
+
+    def branches(self) -> dict[str, bytes]:
+        with self.store.read() as r:
+            return {k[len(BRANCH_PREFIX):]: v for k, v in r.refs(BRANCH_PREFIX).items()}
+
+    def tags(self) -> dict[str, bytes]:
+        with self.store.read() as r:
+            return {k[len(TAG_PREFIX):]: v for k, v in r.refs(TAG_PREFIX).items()}
+
+    # add ----------------------------------------------------------------------------------
+    def add(
+        self,
+        source: Path | str,
+        name: str,
+        base: str | None = None,
+        message: str | None = None,
+        progress: Progress | None = None,
+    ) -> AddResult:
+        """Store a model folder (or one .safetensors file) as a new commit on branch `name`."""
+        progress = progress or Silent()
+        check_name(name)
+        base_id = self.resolve(base) if base else None
+        src = ingest.scan(Path(source))
+        total = ingest.total_bytes(src)
+        sink = ingest.ChunkSink(self.store, self.chunk_size, progress)
+        progress.start(f"add {name}", total)
+        try:
+            objects: list[Blob | Tensor] = []
+            tensors: dict[str, bytes] = {}
+            shards = []
+            for file, header in src.weights.items():
+                hblob = ingest.header_blob(sink, header)
+                objects.append(hblob)
+                shards.append(ingest.shard_record(file, header, object_id(encode(hblob))))
+                for tname, tensor in ingest.read_weights(sink, src.root / file, header).items():
+                    objects.append(tensor)
+                    tensors[tname] = object_id(encode(tensor))
+            files = {}
+            for rel in src.files:
+                blob = ingest.read_blob(sink, src.root / rel, rel)
+                objects.append(blob)
+                files[rel] = object_id(encode(blob))
+            sink.flush()
+        finally:
+            progress.finish()
+        snapshot = Snapshot(tensors, files, tuple(shards))
+        msg = message if message is not None else f"add {Path(source).name}"
+
+        def commit(txn: Txn) -> bytes:
+            for obj in objects:
+                txn.put_object(obj)
+            parent = txn.ref(BRANCH_PREFIX + name)
+            c = Commit(
+                txn.put_object(snapshot), (parent,) if parent else (), msg, _author(), _now(),
+                base=base_id, new_bytes=sink.new_bytes,
+            )
+            cid = txn.put_object(c)
+            txn.set_ref(BRANCH_PREFIX + name, cid)
+            txn.set_meta("HEAD", name)
+            return cid
+
+        cid = self.store.write(commit, reserve=sum(len(encode(o)) for o in objects) + (1 << 20))
+        self.store.sync()
+        return AddResult(cid, sink.new_bytes, total)
+
+    # reading ------------------------------------------------------------------------------
+    def commit(self, spec: str) -> CommitInfo:
+        with self.store.read() as r:
+            cid = resolve(r, spec)
+            return CommitInfo(cid, r.object(cid))
+
+    def log(self, spec: str | None = None) -> list[CommitInfo]:
+        """Every commit reachable from `spec` (default: HEAD's branch), newest first."""
+        spec = spec or self.head()
+        if spec is None:
+            raise UnknownRef("nothing to log: the repository has no commits yet")
+        with self.store.read() as r:
+            seen: dict[bytes, Commit] = {}
+            todo = [resolve(r, spec)]
+            while todo:
+                cid = todo.pop()
+                if cid not in seen:
+                    seen[cid] = r.object(cid)
+                    todo.extend(seen[cid].parents)
+        return [CommitInfo(k, v) for k, v in sorted(seen.items(), key=lambda kv: kv[1].time, reverse=True)]
+
+    def ls(self, spec: str) -> list[dict]:
+        """The tensors of a commit in file order: name, dtype, shape, bytes, file."""
+        with self.store.read() as r:
+            snap: Snapshot = r.object(r.object(resolve(r, spec)).snapshot)
+            rows = []
+            for shard in snap.shards:
+                for name in shard.tensors:
+                    t: Tensor = r.object(snap.tensors[name])
+                    rows.append({"name": name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.size, "file": shard.file})
+            return rows
+
+    def show(self, spec: str) -> dict:
+        """A commit with what people ask of a model: size, parameters, dtypes, dedup, files."""
+        info = self.commit(spec)
+        rows = self.ls(info.id.hex())
+        params: Counter[str] = Counter()
+        for row in rows:
+            n = 1
+            for d in row["shape"]:
+                n *= d
+            params[row["dtype"]] += n
+        with self.store.read() as r:
+            snap: Snapshot = r.object(info.commit.snapshot)
+            size = _checkout.snapshot_size(r, snap)
+        return {
+            **info.to_json(),
+            "snapshot": info.commit.snapshot.hex(),
+            "size": size,
+            "tensor_bytes": sum(row["bytes"] for row in rows),
+            "tensors": len(rows),
+            "parameters": sum(params.values()),
+            "dtypes": dict(params),
+            "files": sorted([*snap.files, *(s.file for s in snap.shards)]),
+        }
+
+    def checkout(self, spec: str, out: Path | str, force: bool = False, progress: Progress | None = None) -> bytes:
+        """Rebuild the commit's folder at `out`, byte-identical to what was added."""
+        info = self.commit(spec)
+        _checkout.checkout(self.store, info.commit.snapshot, Path(out), force, progress or Silent())
+        return info.id
+
+    def diff(self, a: str, b: str) -> DiffResult:
+        with self.store.read() as r:
+            ca, cb = resolve(r, a), resolve(r, b)
+            tensors = diff_snapshots(self.store, r, r.object(ca).snapshot, r.object(cb).snapshot)
+        return DiffResult(ca, cb, tensors)
+
+    def describe(self, cid: bytes) -> str:
+        """`short-id message` for listings."""
+        with self.store.read() as r:
+            return f"{short(cid)} {r.object(cid).message}"

@@ -1,0 +1,238 @@
+"""The only module that touches LMDB: named databases of chunks, objects, refs, meta, catalog.
+
+Layout (one environment in `.mp/`): `meta` (format version, chunk size, HEAD), `chunks`
+(digest -> codec byte + bytes), `objects` (id -> msgpack), `refs` (name -> commit id) and
+`catalog` (filled by the catalog; created here so the format is stable). A write is a function
+run inside one LMDB write transaction: LMDB serialises writers across processes, readers see
+only committed transactions, and a transaction that fills the map is rerun on a larger map, so
+no MapFullError reaches a caller. The store never interprets chunk bytes beyond their codec byte.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+
+from .errors import CorruptData, FormatMismatch, NotARepository
+from .ids import digest
+from .objects import StoredObject, decode, encode, object_id
+
+FORMAT_VERSION = 1
+CODEC_RAW = 0
+DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"catalog")
+DEFAULT_MAP_SIZE = 1 << 30  # address space only: the file grows with what is written
+MAP_SLACK = 64 << 20
+MADV_DONTNEED = 4
+
+T = TypeVar("T")
+
+
+class Txn:
+    """One LMDB transaction seen through the store's vocabulary (read-only unless from write())."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction):
+        self._s = store
+        self._t = txn
+
+    # chunks -------------------------------------------------------------------------------
+    def has_chunk(self, key: bytes) -> bool:
+        return self._t.get(key, db=self._s.db[b"chunks"], default=None) is not None
+
+    def put_chunk(self, key: bytes, value: bytes | bytearray | memoryview) -> bool:
+        """Store a codec-prefixed chunk value; False (and nothing written) if already present."""
+        return self._t.put(key, value, db=self._s.db[b"chunks"], overwrite=False)
+
+    def chunk(self, key: bytes, verify: bool = True) -> memoryview:
+        """The chunk's bytes (a view into the map, valid for this transaction), hash-checked."""
+        value = self._t.get(key, db=self._s.db[b"chunks"], default=None)
+        if value is None:
+            raise CorruptData(f"chunk {key.hex()} is missing")
+        view = memoryview(value)
+        if view[0] != CODEC_RAW:
+            raise CorruptData(f"chunk {key.hex()} has unknown codec {view[0]}")
+        payload = view[1:]
+        if verify and digest(payload) != key:
+            raise CorruptData(f"chunk {key.hex()} does not match its digest")
+        return payload
+
+    # objects ------------------------------------------------------------------------------
+    def put_object(self, obj: StoredObject) -> bytes:
+        data = encode(obj)
+        oid = object_id(data)
+        self._t.put(oid, data, db=self._s.db[b"objects"], overwrite=False)
+        return oid
+
+    def has_object(self, oid: bytes) -> bool:
+        return self._t.get(oid, db=self._s.db[b"objects"], default=None) is not None
+
+    def object(self, oid: bytes) -> StoredObject:
+        data = self._t.get(oid, db=self._s.db[b"objects"], default=None)
+        if data is None:
+            raise CorruptData(f"object {oid.hex()} is missing")
+        return decode(data, oid)
+
+    def object_ids_from(self, start: bytes) -> Iterator[bytes]:
+        """Object ids in key order from `start` on (for prefix lookups)."""
+        cur = self._t.cursor(db=self._s.db[b"objects"])
+        if cur.set_range(start):
+            yield from cur.iternext(keys=True, values=False)
+
+    # refs and meta ------------------------------------------------------------------------
+    def ref(self, name: str) -> bytes | None:
+        return self._t.get(name.encode(), db=self._s.db[b"refs"], default=None)
+
+    def set_ref(self, name: str, oid: bytes) -> None:
+        self._t.put(name.encode(), oid, db=self._s.db[b"refs"])
+
+    def refs(self, prefix: str = "") -> dict[str, bytes]:
+        cur = self._t.cursor(db=self._s.db[b"refs"])
+        p = prefix.encode()
+        out: dict[str, bytes] = {}
+        if cur.set_range(p):
+            for k, v in cur.iternext():
+                if not k.startswith(p):
+                    break
+                out[k.decode()] = v
+        return out
+
+    def meta(self, key: str) -> str | None:
+        value = self._t.get(key.encode(), db=self._s.db[b"meta"], default=None)
+        return None if value is None else value.decode()
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._t.put(key.encode(), value.encode(), db=self._s.db[b"meta"])
+
+
+class Store:
+    """An open LMDB environment; `read()` and `write()` are the only ways in."""
+
+    def __init__(self, path: Path, env: lmdb.Environment):
+        self.path = path
+        self.env = env
+        self.db = {name: env.open_db(name, create=False) for name in DATABASES}
+
+    @classmethod
+    def create(cls, path: Path, settings: dict[str, str], map_size: int = DEFAULT_MAP_SIZE) -> Store:
+        path.mkdir(parents=True)
+        env = _open_env(path, map_size)
+        with env.begin(write=True) as txn:
+            for name in DATABASES:
+                env.open_db(name, txn=txn, create=True)
+            meta = env.open_db(b"meta", txn=txn)
+            txn.put(b"format", str(FORMAT_VERSION).encode(), db=meta)
+            for key, value in settings.items():
+                txn.put(key.encode(), value.encode(), db=meta)
+        env.sync(True)
+        return cls(path, env)
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        if not (path / "data.mdb").is_file():
+            raise NotARepository(f"{path} is not an mpstore repository")
+        env = _open_env(path, max(DEFAULT_MAP_SIZE, 2 * os.path.getsize(path / "data.mdb")))
+        try:
+            store = cls(path, env)
+        except lmdb.Error:
+            env.close()
+            raise NotARepository(f"{path} is not an mpstore repository") from None
+        with store.read() as r:
+            found = r.meta("format")
+        if found != str(FORMAT_VERSION):
+            env.close()
+            raise FormatMismatch(
+                f"{path} has store format {found}, this mpstore reads format {FORMAT_VERSION}"
+            )
+        return store
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        txn = self._begin(write=False)
+        try:
+            yield Txn(self, txn)
+        finally:
+            txn.abort()
+
+    def write(self, fn: Callable[[Txn], T], reserve: int = 0) -> T:
+        """Run `fn` in one write transaction and commit; rerun it on a larger map if it filled.
+
+        `fn` must be safe to rerun (it only writes through the Txn it is given). `reserve` is how
+        many bytes it may add; the map is grown beforehand so a rerun is the exception.
+        """
+        self._ensure_room(reserve)
+        while True:
+            txn = self._begin(write=True)
+            try:
+                result = fn(Txn(self, txn))
+                txn.commit()
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                self._grow(2 * self.env.info()["map_size"])
+            except BaseException:
+                txn.abort()
+                raise
+
+    def sync(self) -> None:
+        """Make every committed transaction durable (data pages are synced at each commit; this
+        flushes the meta page too)."""
+        self.env.sync(True)
+
+    def release_pages(self) -> None:
+        """Drop this process's mapping of pages it has read, so a long read (checkout of a large
+        model) keeps a bounded resident set; the pages stay in the page cache and fault back in
+        on the next access. Safe because the map is read-only (no MDB_WRITEMAP)."""
+        datafile = str(self.path.resolve() / "data.mdb")
+        try:
+            with open("/proc/self/maps") as maps:
+                ranges = [line.split()[0] for line in maps if line.rstrip().endswith(datafile)]
+        except OSError:
+            return
+        for r in ranges:
+            start, end = (int(x, 16) for x in r.split("-"))
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:  # another process grew the map: adopt its size
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write)
+
+    def _ensure_room(self, reserve: int) -> None:
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        need = used + reserve + reserve // 8 + MAP_SLACK
+        if need > info["map_size"]:
+            self._grow(max(need, 2 * info["map_size"]))
+
+    def _grow(self, size: int) -> None:
+        self.env.set_mapsize(size)
+
+
+def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+    # metasync=False: data pages are fsynced at every commit, the meta page at the next sync;
+    # a power cut can lose the last commit but never corrupt the store.
+    return lmdb.open(
+        str(path), subdir=True, max_dbs=len(DATABASES), map_size=map_size,
+        metasync=False, readahead=True, create=True,
+    )
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return _LIBC
