@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The main job end to end on a small generated family: init -> add -> log/show/ls -> diff -> checkout.
+# Run through `make demo`, which builds the venv first. Everything lands in ./demo (recreated).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="$PWD/.venv/bin"
+rm -rf demo && mkdir demo && cd demo
+
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+step "$BIN/python" ../tools/make_family.py family --experts 3 --hidden 256 --layers 4 --seed 7
+step "$BIN/mp" init
+step "$BIN/mp" add family/base --name base -m "base model"
+for i in 1 2 3; do
+  step "$BIN/mp" add "family/expert-$i" --name "expert-$i" --base base -m "expert $i"
+done
+step "$BIN/mp" branch
+step "$BIN/mp" log expert-2
+step "$BIN/mp" show expert-2
+step "$BIN/mp" ls expert-2
+step "$BIN/mp" diff base expert-2 --plot diff-base-expert-2.png
+step "$BIN/mp" diff base expert-3
+step "$BIN/mp" checkout expert-2 -o out/expert-2
+step diff -r out/expert-2 family/expert-2
+echo
+echo "demo ok: checkout of expert-2 is byte-identical to family/expert-2; heatmap in demo/diff-base-expert-2.png"
