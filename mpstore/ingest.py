@@ -172,6 +172,7 @@ class ChunkSink:
 
         self.new_bytes += self.store.write(put_all, reserve=self._pending_bytes)
         self._pending, self._pending_bytes = [], 0
+        self.store.release_pages()
 
 
 def read_blob(sink: ChunkSink, path: Path, where: str) -> Blob:

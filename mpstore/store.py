@@ -34,7 +34,10 @@ T = TypeVar("T")
 
 
 class Txn:
-    """One LMDB transaction seen through the store's vocabulary (read-only unless from write())."""
+    """One LMDB transaction seen through the store's vocabulary (read-only unless from write()).
+
+    Values come back as views into the map (no copy, and only the pages actually read become
+    resident): a chunk view is valid until the transaction ends or writes again."""
 
     def __init__(self, store: Store, txn: lmdb.Transaction):
         self._s = store
@@ -81,11 +84,12 @@ class Txn:
         """Object ids in key order from `start` on (for prefix lookups)."""
         cur = self._t.cursor(db=self._s.db[b"objects"])
         if cur.set_range(start):
-            yield from cur.iternext(keys=True, values=False)
+            yield from map(bytes, cur.iternext(keys=True, values=False))
 
     # refs and meta ------------------------------------------------------------------------
     def ref(self, name: str) -> bytes | None:
-        return self._t.get(name.encode(), db=self._s.db[b"refs"], default=None)
+        value = self._t.get(name.encode(), db=self._s.db[b"refs"], default=None)
+        return None if value is None else bytes(value)
 
     def set_ref(self, name: str, oid: bytes) -> None:
         self._t.put(name.encode(), oid, db=self._s.db[b"refs"])
@@ -96,14 +100,15 @@ class Txn:
         out: dict[str, bytes] = {}
         if cur.set_range(p):
             for k, v in cur.iternext():
-                if not k.startswith(p):
+                key = bytes(k)
+                if not key.startswith(p):
                     break
-                out[k.decode()] = v
+                out[key.decode()] = bytes(v)
         return out
 
     def meta(self, key: str) -> str | None:
         value = self._t.get(key.encode(), db=self._s.db[b"meta"], default=None)
-        return None if value is None else value.decode()
+        return None if value is None else bytes(value).decode()
 
     def set_meta(self, key: str, value: str) -> None:
         self._t.put(key.encode(), value.encode(), db=self._s.db[b"meta"])
@@ -202,10 +207,10 @@ class Store:
 
     def _begin(self, write: bool) -> lmdb.Transaction:
         try:
-            return self.env.begin(write=write)
+            return self.env.begin(write=write, buffers=True)
         except lmdb.MapResizedError:  # another process grew the map: adopt its size
             self.env.set_mapsize(0)
-            return self.env.begin(write=write)
+            return self.env.begin(write=write, buffers=True)
 
     def _ensure_room(self, reserve: int) -> None:
         info = self.env.info()
