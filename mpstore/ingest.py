@@ -26,6 +26,9 @@ from .safetensors_header import Header, read_header
 from .store import CODEC_RAW, Store, Txn
 
 BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
+# A presence check maps the page cache folio around the chunk's first page (up to 2 MiB with large
+# folios), so mapped store pages are dropped after this many checks to keep resident memory bounded.
+RELEASE_EVERY_CHECKS = 32
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -130,6 +133,7 @@ class ChunkSink:
         self._pending: list[tuple[bytes, bytearray]] = []
         self._pending_bytes = 0
         self._queued: set[bytes] = set()
+        self._checks = 0
 
     def consume(self, f: BinaryIO, size: int, where: str) -> tuple[bytes, ...]:
         """Read `size` bytes from `f` as chunks; return their digests in order."""
@@ -158,6 +162,9 @@ class ChunkSink:
         return tuple(digests)
 
     def _stored(self, key: bytes) -> bool:
+        self._checks += 1
+        if self._checks % RELEASE_EVERY_CHECKS == 0:
+            self.store.release_pages()
         with self.store.read() as r:
             return r.has_chunk(key)
 
