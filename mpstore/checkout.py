@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CorruptData, TargetExists
+from .errors import CorruptData, TargetExists, WriteFailed
 from .objects import Chunked, Snapshot
 from .paths import check_relpath, inside
 from .progress import Progress
@@ -32,7 +32,10 @@ def chunk_views(txn: Txn, obj: Chunked, what: str) -> Iterator[memoryview]:
             raise CorruptData(f"{what}: {e}") from None
 
 
-def _prepare_target(out: Path, force: bool) -> None:
+def _prepare_target(out: Path, force: bool, store_path: Path) -> None:
+    store_path = store_path.resolve()
+    if out.resolve() == store_path or out.resolve() in store_path.parents:
+        raise TargetExists(f"{out} holds the repository itself; choose another folder")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise TargetExists(f"{out} exists and is not a folder")
@@ -80,14 +83,17 @@ class _Writer:
 def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress: Progress) -> None:
     """Write the snapshot's folder at `out`; raises before touching `out` if anything is wrong."""
     out = Path(os.path.abspath(out))
-    _prepare_target(out, force)
+    _prepare_target(out, force, store.path)
     with store.read() as txn:
         snap = txn.object(snapshot_id)
         for rel in [*snap.files, *(s.file for s in snap.shards)]:
             check_relpath(rel)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.mp-tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise WriteFailed(f"{out}: cannot create the folder: {e.strerror}") from None
         progress.start("checkout", snapshot_size(txn, snap))
         try:
             writer = _Writer(store, txn, progress)
@@ -104,6 +110,9 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
                     for name in shard.tensors:
                         writer.write(f, txn.object(snap.tensors[name]), f"{shard.file}: tensor {name!r}")
             _swap_into_place(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteFailed(f"{out}: cannot write: {e.strerror or e}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

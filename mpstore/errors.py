@@ -43,4 +43,8 @@ class CorruptData(MpError):
 
 
 class TargetExists(MpError):
-    """A checkout target that already holds files."""
+    """A checkout target that already holds files (or holds the repository)."""
+
+
+class WriteFailed(MpError):
+    """The operating system refused to write where the user asked."""

@@ -100,6 +100,7 @@ def scan(path: Path) -> Source:
     if path.is_file():
         if not path.name.endswith(WEIGHTS_SUFFIX):
             raise BadInput(f"{path}: not a .safetensors file or a model folder")
+        check_relpath(path.name)
         return Source(path.parent, {path.name: read_header(path)}, [])
     if not path.is_dir():
         raise BadInput(f"{path}: not a regular file or folder")

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .diff import DiffResult
-from .errors import MpError
+from .errors import MpError, WriteFailed
 
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 OTHER_ROW = "non-layer"
@@ -72,5 +72,9 @@ def plot_diff(result: DiffResult, path: Path) -> None:
     fig.colorbar(image, ax=ax, extend="min", label="rel. L2 change")
     ax.set_xlabel("white: unchanged, grey: no such tensor", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise WriteFailed(f"{path}: cannot write the plot: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)

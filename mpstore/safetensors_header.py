@@ -117,8 +117,8 @@ def read_header(path: Path) -> Header:
         raise _fail(path, f"cannot read: {e.strerror}") from None
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _fail(path, f"header is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"header is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = doc.pop("__metadata__", None)

@@ -140,7 +140,10 @@ class Store:
     def open(cls, path: Path) -> Store:
         if not (path / "data.mdb").is_file():
             raise NotARepository(f"{path} is not an mpstore repository")
-        env = _open_env(path, max(DEFAULT_MAP_SIZE, 2 * os.path.getsize(path / "data.mdb")))
+        try:
+            env = _open_env(path, max(DEFAULT_MAP_SIZE, 2 * os.path.getsize(path / "data.mdb")))
+        except lmdb.Error as e:
+            raise NotARepository(f"{path} is not a readable mpstore repository: {e}") from None
         try:
             store = cls(path, env)
         except lmdb.Error:

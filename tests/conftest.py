@@ -1,0 +1,136 @@
+"""Shared fixtures: a tiny generated model family, fresh repositories, the `mp` command as a real
+subprocess, and helpers that read folders and the LMDB store byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS.parent / "tools"))
+
+from make_family import make_family  # noqa: E402
+
+from mpstore import Repo  # noqa: E402
+
+# Tiny shapes keep every model a few hundred KB; the suite's cost is subprocess start-up.
+TINY = dict(hidden=64, layers=2, vocab=256)
+
+_MP_SCRIPT = Path(sys.executable).parent / "mp"
+MP = [str(_MP_SCRIPT)] if _MP_SCRIPT.exists() else [sys.executable, "-c", "from mpstore.cli import main; main()"]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every regular file below `folder` as {'/'-relative path: bytes}."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def store_fingerprint(where) -> dict[bytes, dict[bytes, bytes]]:
+    """Every key and value of every named database of a store, read with lmdb directly.
+
+    `where` is a repository folder, or an open `Repo` (lmdb refuses to open one environment
+    twice in a process, so an open repository is read through its own environment handle)."""
+    if isinstance(where, Repo):
+        return _dump(where.store.env)
+    env = lmdb.open(str(Path(where) / ".mp"), readonly=True, lock=False, max_dbs=16, subdir=True)
+    try:
+        return _dump(env)
+    finally:
+        env.close()
+
+
+def _dump(env: lmdb.Environment) -> dict[bytes, dict[bytes, bytes]]:
+    with env.begin() as txn:
+        names = [k for k, _ in txn.cursor()]
+        out = {}
+        for name in names:
+            db = env.open_db(name, txn=txn, create=False)
+            out[name] = {k: v for k, v in txn.cursor(db=db)}
+    return out
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary or moved-aside folders that checkout might leave next to its target."""
+    return sorted(p.name for p in Path(parent).iterdir() if ".mp-tmp-" in p.name or ".mp-old-" in p.name)
+
+
+def safetensors_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    """A safetensors file by hand: 8-byte little-endian header length, header, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def run_mp(*args, cwd=None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `mp ARGS` as a real subprocess; MP_REPO is unset unless `env` sets it."""
+    e = dict(os.environ)
+    e.pop("MP_REPO", None)
+    e["MP_AUTHOR"] = "tester"
+    e.update(env or {})
+    return subprocess.run(
+        [*MP, *map(str, args)], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The CLI contract for user errors: exit 1, one line `mp: error: ...`, no traceback."""
+    err = proc.stderr
+    assert proc.returncode == 1, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {err}"
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("mp: error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """base, expert-1 (dense), expert-2 (partial), expert-3 (lora); one model.safetensors each."""
+    return make_family(tmp_path_factory.mktemp("family"), **TINY, experts=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sharded_family(tmp_path_factory) -> dict[str, Path]:
+    """The same shapes written as ~50 KB shards with a model.safetensors.index.json."""
+    return make_family(tmp_path_factory.mktemp("sharded"), **TINY, experts=1, kinds=("partial",),
+                       seed=1, shard_size_mb=0.05)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repo:
+    """A fresh, empty repository with the default chunk size, opened in this process."""
+    r = Repo.init(tmp_path / "repo")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def copy_model(tmp_path):
+    """Copy a model folder to a scratch place so a test may edit it."""
+
+    def copy(src: Path, name: str = "model") -> Path:
+        dst = tmp_path / "copies" / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
