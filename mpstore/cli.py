@@ -224,11 +224,19 @@ def branch(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 1."""
+    """Entry point: user errors become one line on stderr; exit 1 for bad input, 2 for bad usage."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except MpError as e:
         print(f"mp: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except typer.TyperException as e:  # click's usage errors, in one line instead of a box
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: mp {ctx.info_name} --help)" if ctx is not None and ctx.parent else " (see: mp --help)"
+        print(f"mp: error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
