@@ -15,20 +15,13 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from .errors import BadInput
-from .ids import digest
 from .objects import Blob, Shard, Tensor
 from .paths import check_relpath
-from .progress import Progress
 from .safetensors_header import Header, read_header
-from .store import CODEC_RAW, Store, Txn
+from .chunks import ChunkSink
 
-BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
-# A presence check maps the page cache folio around the chunk's first page (up to 2 MiB with large
-# folios), so mapped store pages are dropped after this many checks to keep resident memory bounded.
-RELEASE_EVERY_CHECKS = 32
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -121,66 +114,6 @@ def scan(path: Path) -> Source:
         if "/" not in r and r.endswith(INDEX_SUFFIX):
             _check_index(path, r, weights)
     return Source(path, weights, [r for r in rels if r not in weights])
-
-
-class ChunkSink:
-    """Hashes byte streams into chunks and writes the ones the store lacks, in batches."""
-
-    def __init__(self, store: Store, chunk_size: int, progress: Progress):
-        self.store = store
-        self.chunk_size = chunk_size
-        self.progress = progress
-        self.new_bytes = 0
-        self._pending: list[tuple[bytes, bytearray]] = []
-        self._pending_bytes = 0
-        self._queued: set[bytes] = set()
-        self._checks = 0
-
-    def consume(self, f: BinaryIO, size: int, where: str) -> tuple[bytes, ...]:
-        """Read `size` bytes from `f` as chunks; return their digests in order."""
-        digests: list[bytes] = []
-        buf = bytearray(1 + self.chunk_size)
-        remaining = size
-        while remaining:
-            n = min(self.chunk_size, remaining)
-            if len(buf) != 1 + n:
-                buf = bytearray(1 + n)
-            view = memoryview(buf)
-            if f.readinto(view[1:]) != n:
-                raise BadInput(f"{where}: file ended early (changed while being added?)")
-            key = digest(view[1:])
-            digests.append(key)
-            if key not in self._queued and not self._stored(key):
-                buf[0] = CODEC_RAW
-                self._queued.add(key)
-                self._pending.append((key, buf))
-                self._pending_bytes += n
-                buf = bytearray(1 + self.chunk_size)
-                if self._pending_bytes >= BATCH_BYTES:
-                    self.flush()
-            remaining -= n
-            self.progress.advance(n)
-        return tuple(digests)
-
-    def _stored(self, key: bytes) -> bool:
-        self._checks += 1
-        if self._checks % RELEASE_EVERY_CHECKS == 0:
-            self.store.release_pages()
-        with self.store.read() as r:
-            return r.has_chunk(key)
-
-    def flush(self) -> None:
-        """Commit the pending chunks in one transaction (rerunnable: it only puts what it holds)."""
-        if not self._pending:
-            return
-        pending = self._pending
-
-        def put_all(txn: Txn) -> int:
-            return sum(len(value) - 1 for key, value in pending if txn.put_chunk(key, value))
-
-        self.new_bytes += self.store.write(put_all, reserve=self._pending_bytes)
-        self._pending, self._pending_bytes = [], 0
-        self.store.release_pages()
 
 
 def read_blob(sink: ChunkSink, path: Path, where: str) -> Blob:

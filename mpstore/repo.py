@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import checkout as _checkout
 from . import ingest
+from .chunks import ChunkSink
 from .diff import DiffResult, diff_snapshots
 from .dtypes import MAX_ITEMSIZE
 from .errors import MpError, NotARepository, RepositoryExists, UnknownRef
@@ -151,7 +152,7 @@ class Repo:
         base_id = self.resolve(base) if base else None
         src = ingest.scan(Path(source))
         total = ingest.total_bytes(src)
-        sink = ingest.ChunkSink(self.store, self.chunk_size, progress)
+        sink = ChunkSink(self.store, self.chunk_size, progress)
         progress.start(f"add {name}", total)
         try:
             objects: list[Blob | Tensor] = []

@@ -129,3 +129,19 @@ def read_header(path: Path) -> Header:
     tensors = sorted((_entry(path, k, v) for k, v in doc.items()), key=lambda t: (t.begin, t.end))
     _check_layout(path, tensors, size - 8 - n)
     return Header(raw=raw, data_start=8 + n, tensors=tuple(tensors), metadata=metadata)
+
+
+def build_header(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:
+    """A header for tensors (name, dtype, shape, nbytes) laid out in the given order.
+
+    Used for files mpstore writes itself (merges, reverts). Compact JSON padded with spaces to a
+    multiple of 8 bytes, as safetensors writers do, so the data section starts aligned."""
+    doc: dict[str, object] = {}
+    if metadata is not None:
+        doc["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)

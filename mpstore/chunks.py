@@ -1,0 +1,91 @@
+"""Writing chunks: hash bytes, keep only what the store lacks, commit them in batches.
+
+Both `mp add` (bytes from files) and the merge executor (bytes it computes) produce chunks this
+way. Batches are their own transactions, written before the objects that will reference them, so
+a crash leaves only unreferenced chunks. A dry sink only computes digests (for replay).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from .errors import BadInput
+from .ids import digest
+from .progress import Progress
+from .store import CODEC_RAW, Store, Txn
+
+BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
+# A presence check maps the page cache folio around the chunk's first page (up to 2 MiB with large
+# folios), so mapped store pages are dropped after this many checks to keep resident memory bounded.
+RELEASE_EVERY_CHECKS = 32
+
+
+class ChunkSink:
+    """Hashes byte streams into chunks and writes the ones the store lacks, in batches."""
+
+    def __init__(self, store: Store, chunk_size: int, progress: Progress, dry: bool = False):
+        self.store = store
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.dry = dry
+        self.new_bytes = 0
+        self._pending: list[tuple[bytes, bytearray]] = []
+        self._pending_bytes = 0
+        self._queued: set[bytes] = set()
+        self._checks = 0
+
+    def consume(self, f: BinaryIO, size: int, where: str) -> tuple[bytes, ...]:
+        """Read `size` bytes from `f` as chunks; return their digests in order."""
+        digests: list[bytes] = []
+        buf = bytearray(1 + self.chunk_size)
+        remaining = size
+        while remaining:
+            n = min(self.chunk_size, remaining)
+            if len(buf) != 1 + n:
+                buf = bytearray(1 + n)
+            view = memoryview(buf)
+            if f.readinto(view[1:]) != n:
+                raise BadInput(f"{where}: file ended early (changed while being added?)")
+            key, kept = self.offer(buf)
+            digests.append(key)
+            if kept:
+                buf = bytearray(1 + self.chunk_size)
+            remaining -= n
+            self.progress.advance(n)
+        return tuple(digests)
+
+    def offer(self, buf: bytearray) -> tuple[bytes, bool]:
+        """Take a chunk laid out as [codec byte][payload]; returns its digest and whether the
+        sink kept `buf` (then the caller must not reuse it)."""
+        key = digest(memoryview(buf)[1:])
+        if self.dry or key in self._queued or self._stored(key):
+            return key, False
+        buf[0] = CODEC_RAW
+        self._queued.add(key)
+        self._pending.append((key, buf))
+        self._pending_bytes += len(buf) - 1
+        if self._pending_bytes >= BATCH_BYTES:
+            self.flush()
+        return key, True
+
+    def _stored(self, key: bytes) -> bool:
+        self._checks += 1
+        if self._checks % RELEASE_EVERY_CHECKS == 0:
+            self.store.release_pages()
+        with self.store.read() as r:
+            return r.has_chunk(key)
+
+    def flush(self) -> None:
+        """Commit the pending chunks in one transaction (rerunnable: it only puts what it holds)."""
+        if not self._pending:
+            return
+        pending = self._pending
+
+        def put_all(txn: Txn) -> int:
+            return sum(len(value) - 1 for key, value in pending if txn.put_chunk(key, value))
+
+        self.new_bytes += self.store.write(put_all, reserve=self._pending_bytes)
+        self._pending, self._pending_bytes = [], 0
+        self.store.release_pages()
+
+
