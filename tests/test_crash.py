@@ -1,7 +1,7 @@
 """SIGKILL in the middle of `mp add` or `mp checkout`: the store stays valid, the branch still
 names its previous commit, and the target folder is untouched or whole.
 
-The killed `mp add` runs with ingest.BATCH_BYTES lowered from 64 MiB to 4 MiB (the real code
+The killed `mp add` runs with chunks.BATCH_BYTES lowered from 64 MiB to 4 MiB (the real code
 path, only a smaller batch), so a ~48 MB model is written in a dozen committed chunk batches and
 kills land before, between and during those transactions, not only before the first one.
 """
@@ -30,7 +30,7 @@ from mpstore import Repo
 BATCH = 4 << 20
 ADD_SMALL_BATCHES = [
     sys.executable, "-c",
-    "import sys, mpstore.ingest as ingest; ingest.BATCH_BYTES = int(sys.argv.pop(1)); "
+    "import sys, mpstore.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
     "from mpstore.cli import main; main()",
     str(BATCH),
 ]

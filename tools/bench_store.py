@@ -6,7 +6,7 @@ What it measures (each timed command is run --repeat times; the median is compar
     on the same filesystem, and vs `cp -r` followed by `sync` (a durable copy: `mp add` fsyncs);
   * `mp add` of the same model again (every byte already stored) vs `cp -r`;
   * `mp checkout` of that model vs `cp -r`;
-  * the store's size after adding the whole family (data.mdb's file size, and LMDB's used pages)
+  * the store's size after adding the whole family (data.mdb's allocated blocks — the file is sparse up to the map size — and LMDB's used pages)
     vs the bytes of the family's unique chunks, computed here from the files themselves;
   * peak RSS of `mp add` and `mp checkout` (wait4's ru_maxrss of the CLI process, which counts
     mapped store pages too) and the peak of its RssAnon, sampled from /proc/PID/status;
@@ -326,7 +326,7 @@ def store_stats(repo: Path) -> dict:
     try:
         info, st = env.info(), env.stat()
         psize = st["psize"]
-        out = {"file": os.path.getsize(path / "data.mdb"), "used": (info["last_pgno"] + 1) * psize,
+        out = {"file": os.stat(path / "data.mdb").st_blocks * 512, "used": (info["last_pgno"] + 1) * psize,
                "psize": psize, "dbs": {}}
         with env.begin(buffers=True) as txn:
             db_pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]  # the main db
@@ -501,7 +501,7 @@ def bench(args: argparse.Namespace) -> str:
             notes.append(f"**Mismatch**: files give {uniq['count']} unique chunks of {uniq['bytes']} bytes, the "
                          f"store's chunks db holds {stats['dbs']['chunks']['entries']} of {stats['chunk_bytes']}.")
         ub = uniq["bytes"]
-        rows.append(row(f"store size: data.mdb file ({len(models)} models)", b(stats["file"]),
+        rows.append(row(f"store size: data.mdb allocated blocks ({len(models)} models)", b(stats["file"]),
                         f"unique chunk bytes: {b(ub)}", stats["file"] / ub, 1.05))
         rows.append(row("store size: LMDB used pages ((last_pgno+1)×psize)", b(stats["used"]),
                         f"unique chunk bytes: {b(ub)}", stats["used"] / ub, 1.05))
