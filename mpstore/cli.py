@@ -12,6 +12,7 @@ import typer
 
 from .errors import MpError
 from .ids import short
+from .mergeconfig import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model
 from .repo import DEFAULT_CHUNK_SIZE, Repo, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -118,11 +119,33 @@ def checkout(
     _say(f"checked out {short(cid)} to {out}")
 
 
+def _draw(node: dict, prefix: str = "", last: bool = True, top: bool = True) -> None:
+    label = f"{node['id'][:12]}  {node['message']}"
+    if node.get("method"):
+        label += f"  [{node['method']}]"
+    if node.get("seen"):
+        label += "  (shown above)"
+    print(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+    child_prefix = "" if top else prefix + ("    " if last else "│   ")
+    for i, parent in enumerate(node["parents"]):
+        _draw(parent, child_prefix, i == len(node["parents"]) - 1, False)
+
+
 @app.command()
-def log(ref: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+def log(
+    ref: Optional[str] = typer.Argument(None),
+    as_json: bool = typer.Option(False, "--json"),
+    graph: bool = typer.Option(False, "--graph", help="Draw the lineage: merges with their inputs."),
+) -> None:
     """Commits reachable from REF (default: the last branch written), newest first."""
     with _open() as repo:
-        entries = repo.log(ref)
+        if graph:
+            tree = repo.lineage(ref or repo.head() or "HEAD")
+        else:
+            entries = repo.log(ref)
+    if graph:
+        _emit_json(tree) if as_json else _draw(tree)
+        return
     if as_json:
         _emit_json([e.to_json() for e in entries])
         return
@@ -153,6 +176,23 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         print(f"  {dtype:<8} {n:,} parameters")
     pct = 100 * info["new_bytes"] / info["size"] if info["size"] else 0.0
     print(f"new       {_human(info['new_bytes'])} of it was new when added ({pct:.1f}%)")
+    plan = info.get("merge_plan")
+    if plan:
+        print(f"plan      {info['plan'][:12]}: {plan['method']}, seed {plan['seed']}, "
+              f"compute {plan['compute_dtype'] or 'input dtype'}, out {plan['out_dtype'] or 'compute dtype'}, "
+              f"engine {plan['engine']}")
+        if plan["base"]:
+            print(f"  base    {plan['base'][:12]}")
+        for m, q in zip(plan["models"], plan["model_params"]):
+            shown = ", ".join(f"{k}={v[0]}" for k, v in q.items() if v)
+            print(f"  input   {m[:12]}  {shown}")
+        shown = ", ".join(f"{k}={v[0]}" for k, v in plan["global_params"].items() if v)
+        if shown:
+            print(f"  global  {shown}")
+    if info.get("stats"):
+        st = info["stats"]
+        print(f"realized  read {_human(st['expert_bytes'])} of experts, {_human(st['base_bytes'])} of base; "
+              f"{st['chunks_skipped']} expert chunks skipped, {st['tensors_copied']} tensors unchanged")
     print()
     print(f"    {info['message']}")
 
@@ -221,6 +261,97 @@ def branch(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     for name, _, desc in rows:
         print(f"{'*' if name == current else ' '} {name:<20} {desc}")
+
+
+_MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")
+
+
+@app.command()
+def merge(
+    models: list[str] = typer.Argument(None, help="Refs of the models to merge (not the base)."),
+    method: Optional[str] = typer.Option(None, "--method", help="linear, task_arithmetic, ties, dare_ties, ..."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model's ref."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A MergeKit YAML file (models are refs)."),
+    branch: str = typer.Option(..., "-b", "--branch", help="Branch to commit the merge on."),
+    message: Optional[str] = typer.Option(None, "-m", "--message"),
+    weight: Optional[str] = typer.Option(None, help="One value, or one per model: 0.5,0.3,0.2"),
+    density: Optional[str] = typer.Option(None, help="One value, or one per model."),
+    gamma: Optional[str] = typer.Option(None, help="breadcrumbs: fraction removed from the top."),
+    epsilon: Optional[str] = typer.Option(None, help="della: half-width of the keep probabilities."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged delta."),
+    t: Optional[str] = typer.Option(None, "--t", help="slerp: 0 = base, 1 = the other model (or a gradient)."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize"),
+    rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale"),
+    param: list[str] = typer.Option([], "--param", help="Any other parameter: NAME=VALUE (JSON values)."),
+    seed: int = typer.Option(0, help="Seed of the random methods (dare_*, della*)."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype (default float32; YAML: as MergeKit)."),
+    out_dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the compute dtype)."),
+    threads: Optional[int] = typer.Option(None, help="Worker threads (default: all cores)."),
+    memory_limit: str = typer.Option("1GB", help="Bound on the memory of blocks in flight."),
+) -> None:
+    """Merge models with a MergeKit method and commit the result with its plan."""
+    if config is not None:
+        if method or base or models:
+            raise MpError("--config carries the method, base and models: give none of them on the command line")
+        request = from_yaml(config)
+    else:
+        if not method or not models:
+            raise MpError("give --method and the models to merge (or --config FILE)")
+        per_model = [{} for _ in models]
+        for name, value in zip(_MODEL_OPTIONS, (weight, density, gamma, epsilon)):
+            if value is not None:
+                for q, v in zip(per_model, split_per_model(value, len(models), name)):
+                    q[name] = v
+        global_params: dict = {}
+        for name, value in (("lambda", lambda_), ("normalize", normalize), ("rescale", rescale)):
+            if value is not None:
+                global_params[name] = value
+        if t is not None:
+            global_params["t"] = parse_value(t)
+        for item in param:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise MpError(f"--param {item!r}: expected NAME=VALUE")
+            global_params[name] = parse_value(value)
+        request = MergeRequest(method, base, list(models), per_model, global_params,
+                               dtype_name(dtype or "float32", "dtype"), dtype_name(out_dtype, "out_dtype"))
+    request.seed = seed
+    with _open() as repo:
+        res = repo.merge(request, branch, message=message, threads=threads,
+                         memory_limit=parse_size(memory_limit.replace("GB", "G").replace("MB", "M")),
+                         progress=_Bar())
+    print(res.commit.hex())
+    st = res.realized
+    if not STATE.quiet:
+        print(f"read {_human(st['expert_bytes'])} of experts and {_human(st['base_bytes'])} of base; "
+              f"{st['chunks_skipped']} expert chunks skipped", file=sys.stderr)
+
+
+@app.command()
+def replay(ref: str, threads: Optional[int] = typer.Option(None)) -> None:
+    """Re-execute a merge's stored plan; prints "identical" or the tensors that differ."""
+    with _open() as repo:
+        res = repo.replay(ref, threads=threads, progress=_Bar())
+    if res.identical:
+        print("identical")
+        return
+    print(f"differs from {short(res.commit)} in {len(res.differing)} tensors/files:")
+    for name in res.differing:
+        print(f"  {name}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def revert(
+    ref: str,
+    branch: Optional[str] = typer.Option(None, "-b", "--branch", help="Branch to revert on (default: HEAD's)."),
+    force: bool = typer.Option(False, "--force", help="Take the parent's version even where changed since."),
+    message: Optional[str] = typer.Option(None, "-m", "--message"),
+) -> None:
+    """Undo one commit's changes on a branch, tensor by tensor, as a new commit."""
+    with _open() as repo:
+        rid = repo.revert(ref, branch=branch, force=force, message=message)
+    print(rid.hex())
 
 
 def main() -> None:

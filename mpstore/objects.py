@@ -124,6 +124,7 @@ class Commit:
     base: bytes | None = None  # the commit this model was fine-tuned from (`mp add --base`)
     plan: bytes | None = None  # the merge plan object, for merge commits
     new_bytes: int = 0  # chunk bytes this commit's add wrote that the store did not hold
+    stats: dict | None = None  # what a merge really did (bytes read by source, chunks skipped)
 
     def fields(self) -> dict:
         return {
@@ -135,18 +136,57 @@ class Commit:
             "base": self.base,
             "plan": self.plan,
             "new_bytes": self.new_bytes,
+            "stats": self.stats,
         }
 
     @classmethod
     def from_fields(cls, d: dict) -> Commit:
         return cls(
             d["snapshot"], tuple(d["parents"]), d["message"], d["author"], d["time"],
-            d["base"], d["plan"], d["new_bytes"],
+            d["base"], d["plan"], d["new_bytes"], d["stats"],
         )
 
 
-KINDS = {k.TYPE: k for k in (Blob, Tensor, Snapshot, Commit)}
-StoredObject = Blob | Tensor | Snapshot | Commit
+@dataclass(frozen=True)
+class Plan:
+    """Everything a merge needs to be executed again bit for bit, and nothing else."""
+
+    TYPE: ClassVar[str] = "plan"
+    method: str
+    base: bytes | None  # base commit id (None for methods without a base)
+    models: tuple[bytes, ...]  # the other inputs' commit ids, in order
+    model_params: tuple[dict, ...]  # per input: {parameter: [value at model level, global, default]}
+    global_params: dict  # {parameter: [value at global level, default]}
+    seed: int
+    compute_dtype: str | None  # safetensors dtype name; None: each tensor's own dtype
+    out_dtype: str | None  # None: the compute dtype
+    chunk_size: int
+    engine: int  # executor version: a replay under another engine may legitimately differ
+
+    def fields(self) -> dict:
+        return {
+            "method": self.method,
+            "base": self.base,
+            "models": list(self.models),
+            "model_params": [dict(sorted(m.items())) for m in self.model_params],
+            "global_params": dict(sorted(self.global_params.items())),
+            "seed": self.seed,
+            "compute_dtype": self.compute_dtype,
+            "out_dtype": self.out_dtype,
+            "chunk_size": self.chunk_size,
+            "engine": self.engine,
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> Plan:
+        return cls(
+            d["method"], d["base"], tuple(d["models"]), tuple(d["model_params"]), d["global_params"],
+            d["seed"], d["compute_dtype"], d["out_dtype"], d["chunk_size"], d["engine"],
+        )
+
+
+KINDS = {k.TYPE: k for k in (Blob, Tensor, Snapshot, Commit, Plan)}
+StoredObject = Blob | Tensor | Snapshot | Commit | Plan
 
 
 def encode(obj: StoredObject) -> bytes:

@@ -19,10 +19,14 @@ from . import checkout as _checkout
 from . import ingest
 from .chunks import ChunkSink
 from .diff import DiffResult, diff_snapshots
+from .executor import ENGINE_VERSION, execute
+from .mergeconfig import MergeRequest, to_plan
+from .revert import revert as _revert
 from .dtypes import MAX_ITEMSIZE
 from .errors import MpError, NotARepository, RepositoryExists, UnknownRef
+from .methods import BadMerge
 from .ids import short
-from .objects import Blob, Commit, Snapshot, Tensor, encode, object_id
+from .objects import Blob, Commit, Plan, Snapshot, Tensor, encode, object_id
 from .progress import Progress, Silent
 from .refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
 from .store import DEFAULT_MAP_SIZE, Store, Txn
@@ -41,6 +45,20 @@ class AddResult:
 
 
 @dataclass(frozen=True)
+class MergeResult:
+    commit: bytes
+    plan: Plan
+    realized: dict
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    commit: bytes
+    identical: bool
+    differing: list[str]  # tensor names (and file names) whose content differs
+
+
+@dataclass(frozen=True)
 class CommitInfo:
     id: bytes
     commit: Commit
@@ -56,6 +74,7 @@ class CommitInfo:
             "author": c.author,
             "time": c.time,
             "new_bytes": c.new_bytes,
+            "stats": c.stats,
         }
 
 
@@ -247,7 +266,17 @@ class Repo:
             "parameters": sum(params.values()),
             "dtypes": dict(params),
             "files": sorted([*snap.files, *(s.file for s in snap.shards)]),
+            "merge_plan": self._plan_json(info.commit.plan),
         }
+
+    def _plan_json(self, plan_id: bytes | None) -> dict | None:
+        if plan_id is None:
+            return None
+        with self.store.read() as r:
+            fields = r.object(plan_id).fields()
+        fields["base"] = fields["base"].hex() if fields["base"] else None
+        fields["models"] = [m.hex() for m in fields["models"]]
+        return fields
 
     def checkout(self, spec: str, out: Path | str, force: bool = False, progress: Progress | None = None) -> bytes:
         """Rebuild the commit's folder at `out`, byte-identical to what was added."""
@@ -265,3 +294,130 @@ class Repo:
         """`short-id message` for listings."""
         with self.store.read() as r:
             return f"{short(cid)} {r.object(cid).message}"
+
+    # merging ------------------------------------------------------------------------------
+    def plan(self, request: MergeRequest) -> Plan:
+        """The plan a merge request resolves to; validates refs, method and parameters."""
+        with self.store.read() as r:
+            return to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
+
+    def merge(
+        self,
+        request: MergeRequest,
+        branch: str,
+        message: str | None = None,
+        threads: int | None = None,
+        memory_limit: int = 1 << 30,
+        progress: Progress | None = None,
+    ) -> MergeResult:
+        """Execute a merge and commit it, with its plan, on `branch` in one transaction.
+
+        Parents are [base, inputs...] (plus the branch's previous head, last, when it is not
+        already one of them), so the lineage of every merged model stays in the store."""
+        check_name(branch)
+        plan = self.plan(request)
+        sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
+        result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
+                         memory_limit)
+        msg = message if message is not None else f"merge {plan.method} of {len(plan.models)} models"
+
+        def commit(txn: Txn) -> bytes:
+            for obj in result.objects:
+                txn.put_object(obj)
+            parents = [plan.base] if plan.base else []
+            parents += [m for m in plan.models if m not in parents]
+            head = txn.ref(BRANCH_PREFIX + branch)
+            if head is not None and head not in parents:
+                parents.append(head)
+            c = Commit(txn.put_object(result.snapshot), tuple(parents), msg, _author(), _now(),
+                       base=plan.base, plan=txn.put_object(plan), new_bytes=sink.new_bytes,
+                       stats=result.realized.to_json())
+            cid = txn.put_object(c)
+            txn.set_ref(BRANCH_PREFIX + branch, cid)
+            txn.set_meta("HEAD", branch)
+            return cid
+
+        cid = self.store.write(commit, reserve=sum(len(encode(o)) for o in result.objects) + (1 << 20))
+        self.store.sync()
+        return MergeResult(cid, plan, result.realized.to_json())
+
+    def replay(self, spec: str, threads: int | None = None, memory_limit: int = 1 << 30,
+               progress: Progress | None = None) -> ReplayResult:
+        """Re-execute a merge commit's stored plan from its stored inputs; write nothing."""
+        info = self.commit(spec)
+        if info.commit.plan is None:
+            raise BadMerge(f"{short(info.id)} is not a merge: it has no plan to replay")
+        with self.store.read() as r:
+            plan: Plan = r.object(info.commit.plan)
+            stored: Snapshot = r.object(info.commit.snapshot)
+        sink = ChunkSink(self.store, self.chunk_size, progress or Silent(), dry=True)
+        result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
+                         memory_limit)
+        again = result.snapshot
+        if object_id(encode(again)) == info.commit.snapshot:
+            return ReplayResult(info.id, True, [])
+        differing = sorted(
+            {n for n in stored.tensors.keys() | again.tensors.keys() if stored.tensors.get(n) != again.tensors.get(n)}
+            | {f for f in stored.files.keys() | again.files.keys() if stored.files.get(f) != again.files.get(f)}
+        )
+        return ReplayResult(info.id, False, differing or ["(shard headers)"])
+
+    def revert(self, spec: str, branch: str | None = None, force: bool = False,
+               message: str | None = None) -> bytes:
+        """A new commit on `branch` (default: HEAD's) undoing `spec`'s changes tensor by tensor."""
+        branch = branch or self.head()
+        if branch is None:
+            raise UnknownRef("no branch to revert on: pass -b BRANCH")
+        check_name(branch)
+        sink = ChunkSink(self.store, self.chunk_size, Silent())
+        with self.store.read() as r:
+            cid = resolve(r, spec)
+            c: Commit = r.object(cid)
+            if not c.parents:
+                raise BadMerge(f"{short(cid)} has no parent: there is nothing to revert it to")
+            head_id = r.ref(BRANCH_PREFIX + branch)
+            if head_id is None:
+                raise UnknownRef(f"unknown branch {branch!r}")
+            snaps = [r.object(r.object(x).snapshot) for x in (c.parents[0], cid, head_id)]
+            new, objects, conflicts, reverted = _revert(r, sink, *snaps, force)
+        if conflicts:
+            shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+            raise BadMerge(f"revert conflicts: changed again since {short(cid)}: {shown} (use --force)")
+        if not reverted:
+            raise BadMerge(f"nothing to revert: {short(cid)} changed nothing relative to its parent")
+        sink.flush()
+        msg = message or f"revert {short(cid)}: {c.message}"
+
+        def commit(txn: Txn) -> bytes:
+            if txn.ref(BRANCH_PREFIX + branch) != head_id:
+                raise BadMerge(f"branch {branch!r} moved while reverting; run the revert again")
+            for obj in objects:
+                txn.put_object(obj)
+            rc = Commit(txn.put_object(new), (head_id,), msg, _author(), _now(), base=c.base)
+            rid = txn.put_object(rc)
+            txn.set_ref(BRANCH_PREFIX + branch, rid)
+            txn.set_meta("HEAD", branch)
+            return rid
+
+        rid = self.store.write(commit, reserve=1 << 20)
+        self.store.sync()
+        return rid
+
+    def lineage(self, spec: str, depth: int = 6) -> dict:
+        """A commit and, recursively, its parents: what `mp log --graph` draws."""
+        seen: set[bytes] = set()
+        with self.store.read() as r:
+            def node(cid: bytes, level: int) -> dict:
+                c: Commit = r.object(cid)
+                out = {"id": cid.hex(), "message": c.message, "time": c.time, "parents": []}
+                if c.plan:
+                    out["method"] = r.object(c.plan).method
+                if cid in seen:
+                    out["seen"] = True
+                    return out
+                seen.add(cid)
+                if level < depth:
+                    out["parents"] = [node(p, level + 1) for p in c.parents]
+                return out
+
+            return node(resolve(r, spec), 0)

@@ -1,0 +1,529 @@
+"""The merge methods: one registry, one small function each, in plain tensor math.
+
+MergeKit's parameter names, defaults and formulas are the reference (docs/merge_methods.md).
+A method sees a `Block`: a run of elements of one tensor from every input, in the compute dtype.
+Steps that need the whole tensor (a top-k magnitude threshold, slerp's angle, model_stock's
+cosines, the L1 norms behind `rescale`) are `Pass`es: the executor streams every block through a
+pass's `measure`, sums the results, and `finish` turns the sums into statistics the next pass
+and `combine` read. So a tensor-global quantity is exact without holding K whole tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import xxhash
+
+from .errors import MpError
+
+
+class BadMerge(MpError):
+    """A merge request that cannot be carried out as asked."""
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    default: object  # None: required
+    kind: type = float
+    per_model: bool = False
+
+
+@dataclass
+class Block:
+    """Elements [start, start+n) of one tensor from every input, in the compute dtype."""
+
+    name: str
+    start: int
+    base: torch.Tensor | None  # [n]
+    models: torch.Tensor  # [K, n] the non-base inputs
+    row_len: int  # length of the tensor's last axis (rows are whole within a row-local block)
+    p: list[dict]  # per-model parameters for this tensor
+    g: dict  # global parameters for this tensor
+    seed: int
+
+    def rng(self, i: int) -> torch.Generator:
+        """A generator for input i over this block: depends on (seed, tensor, input, position)
+        only, so results do not depend on thread scheduling or on which pass asks."""
+        key = xxhash.xxh3_64_intdigest(f"{self.seed}/{self.name}/{i}/{self.start}".encode())
+        return torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+Stats = dict
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One streaming sweep over a tensor: per-block partial sums, then a finishing step."""
+
+    measure: Callable[[Block, Stats], dict[str, torch.Tensor]] | None  # None: no sweep, only finish
+    finish: Callable[[Stats, dict[str, torch.Tensor], list[dict], dict, int], None]
+    needed: Callable[[list[dict], dict], bool] = lambda p, g: True
+    # What `measure` would return for a block of n elements where every input equals the base
+    # (all deltas zero), so such blocks are accounted for without reading them. None: read them.
+    zero: Callable[[int, Stats, int], dict[str, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    combine: Callable[[Block, Stats], torch.Tensor]
+    base: str  # "required", "optional" or "none" (linear: a given base is just another input)
+    model_params: tuple[ParamDef, ...] = ()
+    global_params: tuple[ParamDef, ...] = ()
+    min_models: int = 1
+    max_models: int | None = None
+    passes: tuple[Pass, ...] = ()
+    row_local: Callable[[dict], bool] = lambda g: False  # blocks must hold whole rows
+    local_identity: Callable[[dict, bool], bool] = lambda g, has_base: True
+    # All inputs equal over the whole tensor: is the output that tensor? (linear: only normalized)
+    equal_identity: Callable[[dict], bool] = lambda g: True
+    check: Callable[[list[dict], dict, str, int], None] = lambda p, g, name, numel: None
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(m: Method) -> Method:
+    REGISTRY[m.name] = m
+    return m
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise BadMerge(f"unknown merge method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Order statistics of |delta| by radix selection: two streaming passes find the exact r-th
+# largest magnitude per input (top 16 bits of the float32 pattern, then the low 16 bits).
+
+def _deltas(b: Block) -> torch.Tensor:
+    return b.models - b.base
+
+
+def _magnitude_bits(d: torch.Tensor) -> torch.Tensor:
+    return d.abs().to(torch.float32).view(torch.int32)
+
+
+def _radix_high(b: Block, st: Stats) -> dict[str, torch.Tensor]:
+    out = {}
+    d = _deltas(b)
+    for i in st["ranks"]:
+        out[f"h{i}"] = torch.bincount(_magnitude_bits(d[i]) >> 16, minlength=1 << 16)
+    return out
+
+
+def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the rank-th largest count from the top, and the rank within that bin."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return len(hist) - 1 - idx, rank - above
+
+
+def _radix_high_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    counts[0] = n
+    return {f"h{i}": counts for i in st["ranks"]}
+
+
+def _radix_low_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, picks in st["bins"].items():
+        for j, (hi, _) in enumerate(picks):
+            counts = torch.zeros(1 << 16, dtype=torch.int64)
+            counts[0] = n if hi == 0 else 0
+            out[f"l{i}.{j}"] = counts
+    return out
+
+
+def _radix_high_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    st["bins"] = {i: [_pick(tot[f"h{i}"], r) for r in ranks] for i, ranks in st["ranks"].items()}
+
+
+def _radix_low(b: Block, st: Stats) -> dict[str, torch.Tensor]:
+    out = {}
+    d = _deltas(b)
+    for i, picks in st["bins"].items():
+        bits = _magnitude_bits(d[i])
+        for j, (hi, _) in enumerate(picks):
+            low = bits[(bits >> 16) == hi] & 0xFFFF
+            out[f"l{i}.{j}"] = torch.bincount(low, minlength=1 << 16)
+    return out
+
+
+def _radix_low_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    thresholds = {}
+    for i, picks in st["bins"].items():
+        values = []
+        for j, (hi, r) in enumerate(picks):
+            lo, _ = _pick(tot[f"l{i}.{j}"], r)
+            values.append(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item())
+        thresholds[i] = values
+    st["thresholds"] = thresholds
+
+
+def _has_ranks(p: list[dict], g: dict) -> bool:
+    return any(q["density"] < 1 for q in p)
+
+
+RADIX = (
+    Pass(_radix_high, _radix_high_finish, _has_ranks, _radix_high_zero),
+    Pass(_radix_low, _radix_low_finish, _has_ranks, _radix_low_zero),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparsifiers: each returns a keep-mask for input i's delta `d` within a block.
+
+def _topk_ranks(q: dict, numel: int) -> list[int]:
+    # MergeKit keeps max(1, floor(density*n)) entries: also the sensible answer when density*n < 1.
+    return [max(1, math.floor(q["density"] * numel))]
+
+
+def _topk_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    # Entries tied exactly at the threshold are all kept (MergeKit keeps an arbitrary subset).
+    return d.abs().to(torch.float32) >= st["thresholds"][i][0]
+
+
+def _crumbs_ranks(q: dict, numel: int) -> list[int]:
+    # Keep density*n entries after dropping gamma*n from the top. Unlike MergeKit (which floors
+    # density*n to 0 for small tensors and then drops the whole delta) at least one entry is kept.
+    keep = max(1, math.floor(q["density"] * numel))
+    top = math.floor(q["gamma"] * numel)
+    bottom = max(0, numel - keep - top)
+    top = numel - bottom - keep
+    return [top + 1, top + keep]  # descending ranks of the largest and smallest kept magnitude
+
+
+def _crumbs_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    hi, lo = st["thresholds"][i]
+    m = d.abs().to(torch.float32)
+    return (m >= lo) & (m <= hi)
+
+
+def _dare_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    return torch.rand(d.shape, generator=b.rng(i)) < b.p[i]["density"]
+
+
+def _della_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    """Keep probability rises linearly with the magnitude's rank within its row, from
+    density-epsilon to density+epsilon (a row of one element keeps with p = density)."""
+    q = b.p[i]
+    rows = d.reshape(-1, b.row_len)
+    m = rows.shape[1]
+    if m > 1:
+        rank = rows.abs().to(torch.float32).argsort(dim=1).argsort(dim=1).to(torch.float32)
+        prob = q["density"] - q["epsilon"] + 2 * q["epsilon"] * rank / (m - 1)
+    else:
+        prob = torch.full(rows.shape, q["density"])
+    return (torch.rand(rows.shape, generator=b.rng(i)) < prob).reshape(d.shape)
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    mask: Callable[[Block, Stats, int, torch.Tensor], torch.Tensor]
+    ranks: Callable[[dict, int], list[int]] | None = None  # order statistics it needs
+
+
+TOPK = Sparsifier(_topk_mask, _topk_ranks)
+CRUMBS = Sparsifier(_crumbs_mask, _crumbs_ranks)
+DARE = Sparsifier(_dare_mask)
+DELLA = Sparsifier(_della_mask)
+
+
+def _sparsified(b: Block, st: Stats, sp: Sparsifier | None) -> torch.Tensor:
+    """Each input's delta after its sparsifier (inputs with density >= 1 are left whole)."""
+    d = _deltas(b)
+    if sp is None:
+        return d
+    for i, q in enumerate(b.p):
+        if q["density"] < 1:
+            d[i] = d[i] * sp.mask(b, st, i, d[i]).to(d.dtype)
+    return d
+
+
+def _l1_pass(sp: Sparsifier | None) -> Pass:
+    """`rescale`: MergeKit scales each sparsified delta so its L1 norm matches the whole delta's."""
+
+    def measure(b: Block, st: Stats) -> dict[str, torch.Tensor]:
+        whole = _deltas(b).to(torch.float64).abs().sum(dim=1)
+        kept = _sparsified(b, st, sp).to(torch.float64).abs().sum(dim=1)
+        return {"whole": whole, "kept": kept}
+
+    def finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+        st["scale"] = [
+            (w / k) if q["density"] < 1 and w >= 1e-7 and k >= 1e-7 else 1.0
+            for w, k, q in zip(tot["whole"].tolist(), tot["kept"].tolist(), p)
+        ]
+
+    def zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
+        return {"whole": torch.zeros(k, dtype=torch.float64), "kept": torch.zeros(k, dtype=torch.float64)}
+
+    return Pass(measure, finish, lambda p, g: bool(g["rescale"]) and _has_ranks(p, g), zero)
+
+
+def _rank_setup(sp: Sparsifier) -> Pass:
+    """Decides which order statistics the radix passes must find (no sweep)."""
+
+    def finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+        st["ranks"] = {i: sp.ranks(q, numel) for i, q in enumerate(p) if q["density"] < 1}
+
+    return Pass(None, finish, _has_ranks)
+
+
+def _task_combine(sp: Sparsifier | None, consensus: bool) -> Callable[[Block, Stats], torch.Tensor]:
+    def combine(b: Block, st: Stats) -> torch.Tensor:
+        d = _sparsified(b, st, sp)
+        for i, s in enumerate(st.get("scale", ())):
+            if s != 1.0:
+                d[i] = d[i] * s
+        w = torch.tensor([q["weight"] for q in b.p], dtype=d.dtype).unsqueeze(1)
+        weighted = d * w
+        if consensus:
+            elected = torch.where(weighted.sum(dim=0) >= 0, 1, -1).to(weighted.dtype)
+            agree = (torch.sign(weighted) == elected).to(weighted.dtype)
+            mixed = (weighted * agree).sum(dim=0)
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = weighted.sum(dim=0)
+            total = float(w.sum())
+            divisor = 1.0 if abs(total) < 1e-8 else w.sum()
+        if b.g["normalize"]:
+            mixed = mixed / divisor
+        if b.g["lambda"] != 1:
+            mixed = mixed * b.g["lambda"]
+        return (b.base + mixed).to(b.base.dtype)
+
+    return combine
+
+
+def _check_density(p: list[dict], g: dict, name: str, numel: int) -> None:
+    for i, q in enumerate(p):
+        if not 0 < q.get("density", 1) <= 1:
+            raise BadMerge(f"density {q['density']} of model {i + 1} on {name} is outside (0, 1]")
+        if "gamma" in q and not 0 <= q["gamma"] < 1:
+            raise BadMerge(f"gamma {q['gamma']} of model {i + 1} on {name} is outside [0, 1)")
+        if "epsilon" in q and q["density"] < 1:
+            lo, hi = q["density"] - q["epsilon"], q["density"] + q["epsilon"]
+            if q["epsilon"] < 0 or lo <= 0 or hi >= 1:
+                raise BadMerge(
+                    f"epsilon {q['epsilon']} of model {i + 1} on {name}: density +/- epsilon "
+                    f"must lie inside (0, 1), got ({lo:g}, {hi:g})"
+                )
+
+
+WEIGHT = ParamDef("weight", None, float, True)
+DENSITY = ParamDef("density", 1.0, float, True)
+GAMMA = ParamDef("gamma", 0.01, float, True)
+EPSILON = ParamDef("epsilon", 0.15, float, True)
+LAMBDA = ParamDef("lambda", 1.0)
+
+
+def _task_method(name: str, sp: Sparsifier | None, consensus: bool, normalize: bool,
+                 rescale: bool, extra: tuple[ParamDef, ...] = ()) -> Method:
+    passes: tuple[Pass, ...] = ()
+    if sp is not None and sp.ranks is not None:
+        passes = (_rank_setup(sp), *RADIX)
+    if sp is not None:
+        passes = (*passes, _l1_pass(sp))
+    return register(Method(
+        name, _task_combine(sp, consensus), base="required",
+        model_params=(WEIGHT, DENSITY, *extra),
+        global_params=(ParamDef("normalize", normalize, bool), ParamDef("rescale", rescale, bool),
+                       LAMBDA, ParamDef("int8_mask", False, bool)),
+        min_models=1, passes=passes, row_local=lambda g: sp is DELLA, check=_check_density,
+    ))
+
+
+_task_method("task_arithmetic", None, False, False, False)
+_task_method("ties", TOPK, True, True, False)
+_task_method("dare_linear", DARE, False, False, True)
+_task_method("dare_ties", DARE, True, False, True)
+_task_method("breadcrumbs", CRUMBS, False, False, False, (GAMMA,))
+_task_method("breadcrumbs_ties", CRUMBS, True, False, False, (GAMMA,))
+_task_method("della", DELLA, True, True, True, (EPSILON,))
+_task_method("della_linear", DELLA, False, False, True, (EPSILON,))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear
+
+def _linear(b: Block, st: Stats) -> torch.Tensor:
+    work = torch.float64 if b.models.dtype == torch.float64 else torch.float32
+    w = torch.tensor([q["weight"] for q in b.p], dtype=work).unsqueeze(1)
+    acc = (b.models.to(work) * w).sum(dim=0)
+    if b.g["normalize"]:
+        acc = acc / w.sum()
+    return acc.to(b.models.dtype)
+
+
+def _check_linear(p: list[dict], g: dict, name: str, numel: int) -> None:
+    # MergeKit divides by a zero weight sum and writes inf/NaN; refusing is the sensible answer.
+    if g["normalize"] and abs(sum(q["weight"] for q in p)) < 1e-8:
+        raise BadMerge(f"linear merge with normalize: the weights on {name} sum to zero")
+
+
+register(Method(
+    "linear", _linear, base="none", model_params=(WEIGHT,),
+    global_params=(ParamDef("normalize", True, bool),), min_models=1,
+    local_identity=lambda g, has_base: bool(g["normalize"]), check=_check_linear,
+    equal_identity=lambda g: bool(g["normalize"]),
+))
+
+
+# ----------------------------------------------------------------------------------------------
+# Angles: slerp, nuslerp, model_stock. A Gram pass sums the dot products the angle needs.
+
+def _gram_pass(vectors: Callable[[Block], torch.Tensor],
+               needed: Callable[[list[dict], dict], bool] = lambda p, g: True,
+               of_deltas: bool = True) -> Pass:
+    """Sums of all pairwise dot products of the given vectors over the whole tensor."""
+
+    def measure(b: Block, st: Stats) -> dict[str, torch.Tensor]:
+        v = vectors(b).to(torch.float64)
+        return {"gram": v @ v.T}
+
+    def finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+        st["gram"] = tot["gram"]
+
+    def zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
+        return {"gram": torch.zeros(k, k, dtype=torch.float64)}
+
+    return Pass(measure, finish, needed, zero if of_deltas else None)
+
+
+def _slerp_vectors(b: Block) -> torch.Tensor:
+    return torch.stack([b.base, b.models[0]])
+
+
+def _slerp(b: Block, st: Stats) -> torch.Tensor:
+    work = torch.float64 if b.base.dtype == torch.float64 else torch.float32
+    a, m = b.base.to(work), b.models[0].to(work)
+    t = b.g["t"]
+    gram = st["gram"]
+    na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    c = max(-1.0, min(1.0, float(gram[0, 1]) / (na * nb)))
+    if abs(c) > 0.9995:  # nearly parallel: the angle is meaningless, interpolate linearly
+        out = (1 - t) * a + t * m
+    else:
+        theta = math.acos(c)
+        s = math.sin(theta)
+        out = math.sin((1 - t) * theta) / s * a + math.sin(t * theta) / s * m
+    return out.to(b.base.dtype)
+
+
+register(Method(
+    "slerp", _slerp, base="required", global_params=(ParamDef("t", None),),
+    min_models=1, max_models=1, passes=(_gram_pass(_slerp_vectors, of_deltas=False),),
+    local_identity=lambda g, has_base: False,
+))
+
+
+def _nuslerp_pair(b: Block) -> torch.Tensor:
+    return b.models - b.base if b.base is not None else b.models
+
+
+def _nuslerp_lines(g: dict) -> str:
+    if g["nuslerp_flatten"]:
+        return "tensor"
+    return "columns" if g["nuslerp_row_wise"] else "rows"
+
+
+def _column_gram(b: Block, st: Stats) -> dict[str, torch.Tensor]:
+    if not st.get("columns"):
+        return {}
+    u, v = (x.reshape(-1, b.row_len).to(torch.float64) for x in _nuslerp_pair(b))
+    return {"uu": (u * u).sum(0), "vv": (v * v).sum(0), "uv": (u * v).sum(0)}
+
+
+def _column_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    st.update(tot)
+
+
+def _nuslerp_setup(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    st["columns"] = _nuslerp_lines(g) == "columns"
+
+
+def _slerp_lines(u: torch.Tensor, v: torch.Tensor, uu, vv, uv, t: float) -> torch.Tensor:
+    """Per-line slerp of u toward v given the lines' dot products (MergeKit's nuslerp rule)."""
+    nu = torch.clamp(torch.sqrt(uu), min=1e-7)
+    nv = torch.clamp(torch.sqrt(vv), min=1e-7)
+    c = torch.clamp(uv / (nu * nv), -1, 1)
+    theta = torch.acos(c)
+    s = torch.sin(theta)
+    colinear = (1 - c * c) <= 1e-16
+    safe = torch.where(colinear, torch.ones_like(s), s)
+    wu = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / safe).to(u.dtype)
+    wv = torch.where(colinear, t, torch.sin(t * theta) / safe).to(u.dtype)
+    return wu * u + wv * v
+
+
+def _nuslerp(b: Block, st: Stats) -> torch.Tensor:
+    w1, w2 = b.p[0]["weight"], b.p[1]["weight"]
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    u, v = _nuslerp_pair(b)
+    lines = _nuslerp_lines(b.g)
+    if lines == "tensor":
+        g = st["gram"]
+        out = _slerp_lines(u, v, g[0, 0], g[1, 1], g[0, 1], t)
+    elif lines == "rows":
+        ur, vr = (x.reshape(-1, b.row_len) for x in (u, v))
+        u64, v64 = ur.to(torch.float64), vr.to(torch.float64)
+        out = _slerp_lines(ur, vr, (u64 * u64).sum(1, keepdim=True), (v64 * v64).sum(1, keepdim=True),
+                           (u64 * v64).sum(1, keepdim=True), t).reshape(-1)
+    else:
+        ur, vr = (x.reshape(-1, b.row_len) for x in (u, v))
+        out = _slerp_lines(ur, vr, st["uu"], st["vv"], st["uv"], t).reshape(-1)
+    return (out + b.base if b.base is not None else out).to(b.models.dtype)
+
+
+register(Method(
+    "nuslerp", _nuslerp, base="optional", model_params=(WEIGHT,),
+    global_params=(ParamDef("nuslerp_flatten", True, bool), ParamDef("nuslerp_row_wise", False, bool)),
+    min_models=2, max_models=2,
+    passes=(Pass(None, _nuslerp_setup),
+            _gram_pass(_nuslerp_pair, lambda p, g: _nuslerp_lines(g) == "tensor"),
+            Pass(_column_gram, _column_finish, lambda p, g: _nuslerp_lines(g) == "columns")),
+    row_local=lambda g: _nuslerp_lines(g) != "tensor",
+    local_identity=lambda g, has_base: has_base,
+))
+
+
+def _stock_t(gram: torch.Tensor) -> torch.Tensor:
+    """model_stock's interpolation factor from the offsets' Gram matrix (batched over lines)."""
+    n = gram.shape[-1]
+    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1))
+    cos = gram / torch.clamp(norms.unsqueeze(-1) * norms.unsqueeze(-2), min=1e-6)
+    cos = torch.clamp(cos, -1, 1)
+    iu = torch.triu_indices(n, n, 1)
+    c = cos[..., iu[0], iu[1]].mean(-1)
+    den = 1 + (n - 1) * c
+    return torch.where(den.abs() < 1e-6, torch.zeros_like(c), n * c / torch.where(den.abs() < 1e-6, 1, den))
+
+
+def _model_stock(b: Block, st: Stats) -> torch.Tensor:
+    if b.g["filter_wise"]:
+        m = b.models.reshape(b.models.shape[0], -1, b.row_len)
+        base = b.base.reshape(-1, b.row_len)
+        o = (m - base).to(torch.float64).transpose(0, 1)  # [rows, K, len]
+        t = _stock_t(o @ o.transpose(1, 2)).unsqueeze(1).to(b.base.dtype)  # [rows, 1]
+        out = t * m.mean(0) + (1 - t) * base
+        return out.reshape(-1).to(b.base.dtype)
+    t = float(_stock_t(st["gram"]))
+    return (t * b.models.mean(0) + (1 - t) * b.base).to(b.base.dtype)
+
+
+register(Method(
+    "model_stock", _model_stock, base="required",
+    global_params=(ParamDef("filter_wise", False, bool),), min_models=2,
+    passes=(_gram_pass(_deltas, lambda p, g: not g["filter_wise"]),),
+    row_local=lambda g: bool(g["filter_wise"]),
+))

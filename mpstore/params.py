@@ -1,0 +1,109 @@
+"""Merge parameters as MergeKit writes them, and their value for one tensor.
+
+A parameter's value may be a scalar, a gradient (a list of numbers interpolated over the layer
+position), or a list of `{filter, value}` entries where the first entry whose filter is a
+substring of the tensor name wins. A plan keeps, per parameter, the chain of places it may be set
+(the model's entry, then the global `parameters`, then the method's default); the first level
+that yields a value for a tensor is used. Nothing here knows about any particular method.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import MpError
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+Spec = object  # a scalar, a list of scalars, a {filter, value} dict, or a list of such dicts
+
+
+class BadParameter(MpError):
+    """A parameter value that cannot be used."""
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """Where a tensor sits for gradients: layer i of L at i/(L-1); non-layer tensors at 0."""
+    i = layer_index(name)
+    if i is None:
+        return 0.0
+    return 1.0 if num_layers <= 1 else i / (num_layers - 1)
+
+
+def _is_conditional(spec: Spec) -> bool:
+    return isinstance(spec, dict) or (isinstance(spec, list) and any(isinstance(v, dict) for v in spec))
+
+
+def check_spec(spec: Spec, where: str) -> Spec:
+    """Reject shapes of values MergeKit would reject; return the spec unchanged."""
+    if isinstance(spec, dict):
+        spec = [spec]
+    if isinstance(spec, list):
+        if _is_conditional(spec):
+            for entry in spec:
+                if not isinstance(entry, dict) or set(entry) - {"filter", "value"} or "value" not in entry:
+                    raise BadParameter(f"{where}: a filtered value is a list of {{filter, value}} entries")
+                check_spec(entry["value"], where)
+        elif not all(isinstance(v, (int, float, bool)) for v in spec):
+            raise BadParameter(f"{where}: a gradient is a list of numbers, got {spec!r}")
+    elif not isinstance(spec, (int, float, bool, str)) and spec is not None:
+        raise BadParameter(f"{where}: unsupported value {spec!r}")
+    return spec
+
+
+def _gradient(values: list, t: float, kind: type):
+    if not values:
+        return None
+    x = t * (len(values) - 1)
+    i = math.floor(x)
+    if kind is bool:
+        return values[i]
+    j = min(i + 1, len(values) - 1)
+    frac = x - i
+    return (1 - frac) * float(values[i]) + frac * float(values[j])
+
+
+def evaluate(spec: Spec, name: str, t: float, kind: type):
+    """The value `spec` gives tensor `name` at layer position `t`, or None if it is silent."""
+    if spec is None:
+        return None
+    if _is_conditional(spec):
+        for entry in spec if isinstance(spec, list) else [spec]:
+            f = entry.get("filter")
+            if f is None or f == "*" or f in name:
+                return evaluate(entry["value"], name, t, kind)
+        return None
+    if isinstance(spec, list):
+        return _gradient(spec, t, kind)
+    return spec
+
+
+def coerce(value: object, kind: type, where: str):
+    """Turn a YAML/CLI scalar into a float or bool the way MergeKit accepts them."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise BadParameter(f"{where}: expected true or false, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadParameter(f"{where}: expected a number, got {value!r}") from None
+
+
+def resolve(chain: list[Spec], name: str, t: float, kind: type, where: str):
+    """The first value along `chain` (model level, global level, default) for this tensor."""
+    for spec in chain:
+        value = evaluate(spec, name, t, kind)
+        if value is not None:
+            return coerce(value, kind, where)
+    raise BadParameter(f"{where}: no value for tensor {name!r} (required parameter)")
