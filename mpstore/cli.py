@@ -12,7 +12,6 @@ import typer
 
 from .errors import MpError
 from .ids import short
-from .mergeconfig import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model
 from .repo import DEFAULT_CHUNK_SIZE, Repo, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -290,6 +289,8 @@ def merge(
     memory_limit: str = typer.Option("1GB", help="Bound on the memory of blocks in flight."),
 ) -> None:
     """Merge models with a MergeKit method and commit the result with its plan."""
+    from .mergeconfig import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model  # imports torch
+
     if config is not None:
         if method or base or models:
             raise MpError("--config carries the method, base and models: give none of them on the command line")

@@ -48,3 +48,7 @@ class TargetExists(MpError):
 
 class WriteFailed(MpError):
     """The operating system refused to write where the user asked."""
+
+
+class BadMerge(MpError):
+    """A merge request that cannot be carried out as asked."""

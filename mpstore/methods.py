@@ -17,11 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
-from .errors import MpError
-
-
-class BadMerge(MpError):
-    """A merge request that cannot be carried out as asked."""
+from .errors import BadMerge
 
 
 @dataclass(frozen=True)

@@ -14,22 +14,26 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import checkout as _checkout
 from . import ingest
 from .chunks import ChunkSink
 from .diff import DiffResult, diff_snapshots
-from .executor import ENGINE_VERSION, execute
-from .mergeconfig import MergeRequest, to_plan
 from .revert import revert as _revert
 from .dtypes import MAX_ITEMSIZE
-from .errors import MpError, NotARepository, RepositoryExists, UnknownRef
-from .methods import BadMerge
+from .errors import BadMerge, MpError, NotARepository, RepositoryExists, UnknownRef
 from .ids import short
 from .objects import Blob, Commit, Plan, Snapshot, Tensor, encode, object_id
 from .progress import Progress, Silent
+
+# The merge engine (executor, methods, mergeconfig) imports torch, which takes seconds: it is
+# imported where a merge needs it, so add/checkout/log stay fast to start.
 from .refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
 from .store import DEFAULT_MAP_SIZE, Store, Txn
+
+if TYPE_CHECKING:
+    from .mergeconfig import MergeRequest
 
 STORE_DIR = ".mp"
 DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/architecture.md, "Chunk size", for the measurement
@@ -296,14 +300,17 @@ class Repo:
             return f"{short(cid)} {r.object(cid).message}"
 
     # merging ------------------------------------------------------------------------------
-    def plan(self, request: MergeRequest) -> Plan:
+    def plan(self, request: "MergeRequest") -> Plan:
         """The plan a merge request resolves to; validates refs, method and parameters."""
+        from .executor import ENGINE_VERSION
+        from .mergeconfig import to_plan
+
         with self.store.read() as r:
             return to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
 
     def merge(
         self,
-        request: MergeRequest,
+        request: "MergeRequest",
         branch: str,
         message: str | None = None,
         threads: int | None = None,
@@ -314,6 +321,8 @@ class Repo:
 
         Parents are [base, inputs...] (plus the branch's previous head, last, when it is not
         already one of them), so the lineage of every merged model stays in the store."""
+        from .executor import execute
+
         check_name(branch)
         plan = self.plan(request)
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
@@ -344,6 +353,8 @@ class Repo:
     def replay(self, spec: str, threads: int | None = None, memory_limit: int = 1 << 30,
                progress: Progress | None = None) -> ReplayResult:
         """Re-execute a merge commit's stored plan from its stored inputs; write nothing."""
+        from .executor import execute
+
         info = self.commit(spec)
         if info.commit.plan is None:
             raise BadMerge(f"{short(info.id)} is not a merge: it has no plan to replay")
