@@ -199,12 +199,12 @@ class Executor:
             self.realized.expert_bytes += len(out)
         return out
 
-    def _same_as_reference(self, task: Task, a: int, b: int) -> bool:
-        """Every input's chunks over [a, b) are the reference input's (the base, if any)."""
+    def _changed(self, task: Task, a: int, b: int) -> list[int]:
+        """Inputs whose chunks over [a, b) are not all the reference input's (the base, if any)."""
         ref = task.base or task.models[0]
         per = ref.chunk_size // ITEMSIZE[ref.dtype]
         span = range(a // per, (b - 1) // per + 1) if b > a else range(0)
-        return all(m.chunks[c] == ref.chunks[c] for m in task.models for c in span)
+        return [i for i, m in enumerate(task.models) if any(m.chunks[c] != ref.chunks[c] for c in span)]
 
     def _blocks(self, task: Task, method: M.Method) -> list[tuple[int, int]]:
         ref = task.base or task.models[0]
@@ -215,17 +215,21 @@ class Executor:
             per = max(1, per // row) * row
         return [(a, min(a + per, numel)) for a in range(0, numel, per)]
 
-    def _block(self, task: Task, a: int, b: int) -> Callable[[], M.Block]:
+    def _block(self, task: Task, method: M.Method, a: int, b: int) -> Callable[[], M.Block]:
         """Read a block's inputs now; build the tensors later, in a worker."""
+        present = self._changed(task, a, b) if method.sparse_inputs else list(range(len(task.models)))
         raw_base = self._read(task.base, a, b, "base") if task.base else None
-        raw_models = [self._read(m, a, b, "expert") for m in task.models]
+        raw_models = [self._read(task.models[i], a, b, "expert") for i in present]
         ref = task.base or task.models[0]
         row = ref.shape[-1] if len(ref.shape) >= 2 else max(1, b - a)
+        weight_sum = sum(q.get("weight", 0.0) for q in task.p)
 
         def build() -> M.Block:
             base = _values(raw_base, task.base.dtype, task.compute) if raw_base is not None else None
-            models = torch.stack([_values(r, m.dtype, task.compute) for r, m in zip(raw_models, task.models)])
-            return M.Block(task.name, a, base, models, row, task.p, task.g, self.seed)
+            rows = [_values(r, task.models[i].dtype, task.compute) for r, i in zip(raw_models, present)]
+            models = torch.stack(rows) if rows else torch.zeros(0, b - a, dtype=torch_dtype(task.compute))
+            return M.Block(task.name, a, base, models, row, [task.p[i] for i in present], task.g,
+                           self.seed, present, weight_sum)
 
         return build
 
@@ -246,13 +250,39 @@ class Executor:
         while pending:
             yield _result(pending.popleft())
 
-    def _sweep(self, task: Task, method: M.Method, blocks: list, pas: M.Pass, stats: dict) -> dict:
+    def _cache(self, task: Task, method: M.Method, blocks: list, sweeps: list[M.Pass]) -> list | None:
+        """Build every block once when the whole tensor fits in half the memory limit, so the
+        passes and the combine reuse them instead of reading and decoding again. Blocks where
+        every input is the base stay None when nothing needs their values."""
+        ref = task.base or task.models[0]
+        numel = ref.size // ITEMSIZE[ref.dtype]
+        need = numel * torch_dtype(task.compute).itemsize * (len(task.models) + 1)
+        if not any(p.measure for p in sweeps) or need > self.memory_limit // 2:
+            return None
+        skip_equal = (task.base is not None and all(p.zero is not None for p in sweeps if p.measure)
+                      and method.local_identity(task.g, True))
+
         def jobs():
             for a, b in blocks:
-                if pas.zero is not None and task.base is not None and self._same_as_reference(task, a, b):
+                if skip_equal and not self._changed(task, a, b):
+                    yield None
+                else:
+                    yield self._block(task, method, a, b)
+
+        return list(self._ordered(task, jobs()))
+
+    def _sweep(self, task: Task, method: M.Method, blocks: list, pas: M.Pass, stats: dict,
+               cache: list | None) -> dict:
+        def jobs():
+            for n, (a, b) in enumerate(blocks):
+                if cache is not None:
+                    blk = cache[n]
+                    yield pas.zero(b - a, stats, len(task.models)) if blk is None else (
+                        lambda blk=blk: pas.measure(blk, stats))
+                elif pas.zero is not None and task.base is not None and not self._changed(task, a, b):
                     yield pas.zero(b - a, stats, len(task.models))
                 else:
-                    build = self._block(task, a, b)
+                    build = self._block(task, method, a, b)
                     yield lambda build=build: pas.measure(build(), stats)
 
         totals: dict[str, torch.Tensor] = {}
@@ -271,11 +301,11 @@ class Executor:
             return task.copy
         numel = ref.size // ITEMSIZE[ref.dtype]
         blocks = self._blocks(task, method)
-        stats: dict = {}
-        for pas in method.passes:
-            if not pas.needed(task.p, task.g):
-                continue
-            totals = self._sweep(task, method, blocks, pas, stats) if pas.measure else {}
+        stats: dict = {"inputs": len(task.models)}
+        sweeps = [p for p in method.passes if p.needed(task.p, task.g)]
+        cache = self._cache(task, method, blocks, sweeps)
+        for pas in sweeps:
+            totals = self._sweep(task, method, blocks, pas, stats, cache) if pas.measure else {}
             pas.finish(stats, totals, task.p, task.g, numel)
         identity = method.local_identity(task.g, task.base is not None or method.base == "none")
         same_dtype = task.out == ref.dtype
@@ -283,17 +313,25 @@ class Executor:
         asm = _Assembler(self.sink, self.chunk_size)
 
         def jobs():
-            for a, b in blocks:
-                if identity and self._same_as_reference(task, a, b):
-                    self.realized.chunks_skipped += len(task.models)
+            for n, (a, b) in enumerate(blocks):
+                changed = self._changed(task, a, b)
+                if method.sparse_inputs:
+                    self.realized.chunks_skipped += len(task.models) - len(changed)
+                if identity and not changed:
+                    if not method.sparse_inputs:
+                        self.realized.chunks_skipped += len(task.models)
                     if same_dtype and a % per_chunk == 0 and (b - a == per_chunk or b == numel):
                         yield ("digest", ref.chunks[a // per_chunk], (b - a) * ITEMSIZE[ref.dtype])
                         continue
                     raw = self._read(ref, a, b, "base")
                     yield lambda raw=raw: _to_bytes(_values(raw, ref.dtype, task.compute), task.out)
                     continue
-                build = self._block(task, a, b)
-                yield lambda build=build: _to_bytes(method.combine(build(), stats), task.out)
+                blk = cache[n] if cache is not None else None
+                if blk is not None:
+                    yield lambda blk=blk: _to_bytes(method.combine(blk, stats), task.out)
+                else:
+                    build = self._block(task, method, a, b)
+                    yield lambda build=build: _to_bytes(method.combine(build(), stats), task.out)
 
         for item in self._ordered(task, jobs()):
             if isinstance(item, tuple):

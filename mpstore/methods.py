@@ -30,22 +30,32 @@ class ParamDef:
 
 @dataclass
 class Block:
-    """Elements [start, start+n) of one tensor from every input, in the compute dtype."""
+    """Elements [start, start+n) of one tensor from the inputs, in the compute dtype.
+
+    For methods with `sparse_inputs`, `models` holds only the inputs whose delta from the base is
+    not zero here (`index` maps its rows to input numbers); the others contribute nothing."""
 
     name: str
     start: int
     base: torch.Tensor | None  # [n]
-    models: torch.Tensor  # [K, n] the non-base inputs
+    models: torch.Tensor  # [k, n] the non-base inputs present in this block
     row_len: int  # length of the tensor's last axis (rows are whole within a row-local block)
-    p: list[dict]  # per-model parameters for this tensor
+    p: list[dict]  # per-model parameters of the rows of `models`
     g: dict  # global parameters for this tensor
     seed: int
+    index: list[int] = field(default_factory=list)  # input number of each row of `models`
+    weight_sum: float = 0.0  # sum of every input's weight (present here or not)
 
     def rng(self, i: int) -> torch.Generator:
-        """A generator for input i over this block: depends on (seed, tensor, input, position)
-        only, so results do not depend on thread scheduling or on which pass asks."""
-        key = xxhash.xxh3_64_intdigest(f"{self.seed}/{self.name}/{i}/{self.start}".encode())
+        """A generator for row i over this block: depends on (seed, tensor, input, position)
+        only, so results do not depend on thread scheduling, on which pass asks, or on which
+        other inputs are present."""
+        key = xxhash.xxh3_64_intdigest(f"{self.seed}/{self.name}/{self.index[i]}/{self.start}".encode())
         return torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def row(self, input_no: int) -> int | None:
+        """Row of `models` holding input `input_no`, or None if its delta is zero here."""
+        return self.index.index(input_no) if input_no in self.index else None
 
 
 Stats = dict
@@ -73,6 +83,7 @@ class Method:
     min_models: int = 1
     max_models: int | None = None
     passes: tuple[Pass, ...] = ()
+    sparse_inputs: bool = False  # inputs whose delta is zero in a block may be left out of it
     row_local: Callable[[dict], bool] = lambda g: False  # blocks must hold whole rows
     local_identity: Callable[[dict, bool], bool] = lambda g, has_base: True
     # All inputs equal over the whole tensor: is the output that tensor? (linear: only normalized)
@@ -106,11 +117,19 @@ def _magnitude_bits(d: torch.Tensor) -> torch.Tensor:
     return d.abs().to(torch.float32).view(torch.int32)
 
 
+def _zero_counts(n: int) -> torch.Tensor:
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    counts[0] = n
+    return counts
+
+
 def _radix_high(b: Block, st: Stats) -> dict[str, torch.Tensor]:
     out = {}
     d = _deltas(b)
     for i in st["ranks"]:
-        out[f"h{i}"] = torch.bincount(_magnitude_bits(d[i]) >> 16, minlength=1 << 16)
+        r = b.row(i)
+        out[f"h{i}"] = (_zero_counts(d.shape[1]) if r is None
+                        else torch.bincount(_magnitude_bits(d[r]) >> 16, minlength=1 << 16))
     return out
 
 
@@ -123,19 +142,12 @@ def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 def _radix_high_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
-    counts = torch.zeros(1 << 16, dtype=torch.int64)
-    counts[0] = n
-    return {f"h{i}": counts for i in st["ranks"]}
+    return {f"h{i}": _zero_counts(n) for i in st["ranks"]}
 
 
 def _radix_low_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, picks in st["bins"].items():
-        for j, (hi, _) in enumerate(picks):
-            counts = torch.zeros(1 << 16, dtype=torch.int64)
-            counts[0] = n if hi == 0 else 0
-            out[f"l{i}.{j}"] = counts
-    return out
+    return {f"l{i}.{j}": _zero_counts(n if hi == 0 else 0)
+            for i, picks in st["bins"].items() for j, (hi, _) in enumerate(picks)}
 
 
 def _radix_high_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
@@ -146,10 +158,13 @@ def _radix_low(b: Block, st: Stats) -> dict[str, torch.Tensor]:
     out = {}
     d = _deltas(b)
     for i, picks in st["bins"].items():
-        bits = _magnitude_bits(d[i])
+        r = b.row(i)
+        bits = _magnitude_bits(d[r]) if r is not None else None
         for j, (hi, _) in enumerate(picks):
-            low = bits[(bits >> 16) == hi] & 0xFFFF
-            out[f"l{i}.{j}"] = torch.bincount(low, minlength=1 << 16)
+            if bits is None:
+                out[f"l{i}.{j}"] = _zero_counts(d.shape[1] if hi == 0 else 0)
+            else:
+                out[f"l{i}.{j}"] = torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
     return out
 
 
@@ -184,7 +199,7 @@ def _topk_ranks(q: dict, numel: int) -> list[int]:
 
 def _topk_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
     # Entries tied exactly at the threshold are all kept (MergeKit keeps an arbitrary subset).
-    return d.abs().to(torch.float32) >= st["thresholds"][i][0]
+    return d.abs().to(torch.float32) >= st["thresholds"][b.index[i]][0]
 
 
 def _crumbs_ranks(q: dict, numel: int) -> list[int]:
@@ -198,7 +213,7 @@ def _crumbs_ranks(q: dict, numel: int) -> list[int]:
 
 
 def _crumbs_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
-    hi, lo = st["thresholds"][i]
+    hi, lo = st["thresholds"][b.index[i]]
     m = d.abs().to(torch.float32)
     return (m >= lo) & (m <= hi)
 
@@ -240,7 +255,7 @@ def _sparsified(b: Block, st: Stats, sp: Sparsifier | None) -> torch.Tensor:
         return d
     for i, q in enumerate(b.p):
         if q["density"] < 1:
-            d[i] = d[i] * sp.mask(b, st, i, d[i]).to(d.dtype)
+            d[i] = torch.where(sp.mask(b, st, i, d[i]), d[i], 0)
     return d
 
 
@@ -248,8 +263,11 @@ def _l1_pass(sp: Sparsifier | None) -> Pass:
     """`rescale`: MergeKit scales each sparsified delta so its L1 norm matches the whole delta's."""
 
     def measure(b: Block, st: Stats) -> dict[str, torch.Tensor]:
-        whole = _deltas(b).to(torch.float64).abs().sum(dim=1)
-        kept = _sparsified(b, st, sp).to(torch.float64).abs().sum(dim=1)
+        k = st["inputs"]
+        whole, kept = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        rows = torch.tensor(b.index, dtype=torch.int64)
+        whole[rows] = _deltas(b).to(torch.float64).abs().sum(dim=1)
+        kept[rows] = _sparsified(b, st, sp).to(torch.float64).abs().sum(dim=1)
         return {"whole": whole, "kept": kept}
 
     def finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
@@ -276,21 +294,22 @@ def _rank_setup(sp: Sparsifier) -> Pass:
 def _task_combine(sp: Sparsifier | None, consensus: bool) -> Callable[[Block, Stats], torch.Tensor]:
     def combine(b: Block, st: Stats) -> torch.Tensor:
         d = _sparsified(b, st, sp)
-        for i, s in enumerate(st.get("scale", ())):
-            if s != 1.0:
-                d[i] = d[i] * s
+        scale = st.get("scale")
+        if scale is not None:
+            factors = torch.tensor([scale[i] for i in b.index], dtype=d.dtype).unsqueeze(1)
+            d = d * factors
         w = torch.tensor([q["weight"] for q in b.p], dtype=d.dtype).unsqueeze(1)
         weighted = d * w
         if consensus:
-            elected = torch.where(weighted.sum(dim=0) >= 0, 1, -1).to(weighted.dtype)
-            agree = (torch.sign(weighted) == elected).to(weighted.dtype)
-            mixed = (weighted * agree).sum(dim=0)
-            divisor = (w * agree).sum(dim=0)
+            positive = weighted.sum(dim=0) >= 0
+            agree = torch.where(positive, weighted > 0, weighted < 0)
+            mixed = torch.where(agree, weighted, 0).sum(dim=0)
+            divisor = (agree.to(w.dtype) * w).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
             mixed = weighted.sum(dim=0)
-            total = float(w.sum())
-            divisor = 1.0 if abs(total) < 1e-8 else w.sum()
+            total = torch.tensor(b.weight_sum, dtype=d.dtype)  # every input's weight, as MergeKit
+            divisor = 1.0 if abs(float(total)) < 1e-8 else total
         if b.g["normalize"]:
             mixed = mixed / divisor
         if b.g["lambda"] != 1:
@@ -334,7 +353,8 @@ def _task_method(name: str, sp: Sparsifier | None, consensus: bool, normalize: b
         model_params=(WEIGHT, DENSITY, *extra),
         global_params=(ParamDef("normalize", normalize, bool), ParamDef("rescale", rescale, bool),
                        LAMBDA, ParamDef("int8_mask", False, bool)),
-        min_models=1, passes=passes, row_local=lambda g: sp is DELLA, check=_check_density,
+        min_models=1, passes=passes, sparse_inputs=True, row_local=lambda g: sp is DELLA,
+        check=_check_density,
     ))
 
 
