@@ -45,6 +45,14 @@ class Block:
     seed: int
     index: list[int] = field(default_factory=list)  # input number of each row of `models`
     weight_sum: float = 0.0  # sum of every input's weight (present here or not)
+    _deltas: torch.Tensor | None = field(default=None, repr=False)
+
+    def deltas(self) -> torch.Tensor:
+        """models - base, computed once per block (a cached block serves several passes).
+        Callers must not modify it."""
+        if self._deltas is None:
+            self._deltas = self.models - self.base
+        return self._deltas
 
     def rng(self, i: int) -> torch.Generator:
         """A generator for row i over this block: depends on (seed, tensor, input, position)
@@ -110,7 +118,7 @@ def get(name: str) -> Method:
 # largest magnitude per input (top 16 bits of the float32 pattern, then the low 16 bits).
 
 def _deltas(b: Block) -> torch.Tensor:
-    return b.models - b.base
+    return b.deltas()
 
 
 def _magnitude_bits(d: torch.Tensor) -> torch.Tensor:
@@ -253,10 +261,9 @@ def _sparsified(b: Block, st: Stats, sp: Sparsifier | None) -> torch.Tensor:
     d = _deltas(b)
     if sp is None:
         return d
-    for i, q in enumerate(b.p):
-        if q["density"] < 1:
-            d[i] = torch.where(sp.mask(b, st, i, d[i]), d[i], 0)
-    return d
+    rows = [torch.where(sp.mask(b, st, i, d[i]), d[i], 0) if q["density"] < 1 else d[i]
+            for i, q in enumerate(b.p)]
+    return torch.stack(rows) if rows else d
 
 
 def _l1_pass(sp: Sparsifier | None) -> Pass:
