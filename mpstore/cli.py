@@ -289,6 +289,7 @@ def merge(
     memory_limit: str = typer.Option("1GB", help="Bound on the memory of blocks in flight."),
 ) -> None:
     """Merge models with a MergeKit method and commit the result with its plan."""
+    _open().close()  # outside a repository, say so before paying for torch's import
     from .mergeconfig import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model  # imports torch
 
     if config is not None:
@@ -319,7 +320,7 @@ def merge(
     request.seed = seed
     with _open() as repo:
         res = repo.merge(request, branch, message=message, threads=threads,
-                         memory_limit=parse_size(memory_limit.replace("GB", "G").replace("MB", "M")),
+                         memory_limit=parse_size(memory_limit),
                          progress=_Bar())
     print(res.commit.hex())
     st = res.realized
