@@ -262,6 +262,19 @@ def branch(as_json: bool = typer.Option(False, "--json")) -> None:
         print(f"{'*' if name == current else ' '} {name:<20} {desc}")
 
 
+@app.command()
+def reflog(branch: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every move of a branch, newest first: old and new commit, time, command."""
+    with _open() as repo:
+        entries = repo.reflog(branch)
+    if as_json:
+        _emit_json([{**e, "old": e["old"].hex() if e["old"] else None, "new": e["new"].hex()} for e in entries])
+        return
+    for n, e in enumerate(reversed(entries)):
+        old = short(e["old"]) if e["old"] else "(new)"
+        print(f"{branch}@{{{n}}}  {old} -> {short(e['new'])}  {e['time']}  {e['command']}")
+
+
 _MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")
 
 

@@ -156,6 +156,13 @@ class Repo:
         with self.store.read() as r:
             return {k[len(BRANCH_PREFIX):]: v for k, v in r.refs(BRANCH_PREFIX).items()}
 
+    def reflog(self, branch: str) -> list[dict]:
+        """Every move of a branch, oldest first: old and new ids, time, command."""
+        with self.store.read() as r:
+            if r.ref(BRANCH_PREFIX + branch) is None:
+                raise UnknownRef(f"unknown branch {branch!r}")
+            return r.reflog(BRANCH_PREFIX + branch)
+
     def tags(self) -> dict[str, bytes]:
         with self.store.read() as r:
             return {k[len(TAG_PREFIX):]: v for k, v in r.refs(TAG_PREFIX).items()}
@@ -208,7 +215,7 @@ class Repo:
                 base=base_id, new_bytes=sink.new_bytes,
             )
             cid = txn.put_object(c)
-            txn.set_ref(BRANCH_PREFIX + name, cid)
+            txn.set_ref(BRANCH_PREFIX + name, cid, f"add {source}", c.time)
             txn.set_meta("HEAD", name)
             return cid
 
@@ -342,7 +349,7 @@ class Repo:
                        base=plan.base, plan=txn.put_object(plan), new_bytes=sink.new_bytes,
                        stats=result.realized.to_json())
             cid = txn.put_object(c)
-            txn.set_ref(BRANCH_PREFIX + branch, cid)
+            txn.set_ref(BRANCH_PREFIX + branch, cid, f"merge {plan.method}", c.time)
             txn.set_meta("HEAD", branch)
             return cid
 
@@ -406,7 +413,7 @@ class Repo:
                 txn.put_object(obj)
             rc = Commit(txn.put_object(new), (head_id,), msg, _author(), _now(), base=c.base)
             rid = txn.put_object(rc)
-            txn.set_ref(BRANCH_PREFIX + branch, rid)
+            txn.set_ref(BRANCH_PREFIX + branch, rid, f"revert {short(cid)}", rc.time)
             txn.set_meta("HEAD", branch)
             return rid
 

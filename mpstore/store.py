@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import lmdb
+import msgpack
 
 from .errors import CorruptData, FormatMismatch, NotARepository
 from .ids import digest
@@ -25,7 +26,7 @@ from .objects import StoredObject, decode, encode, object_id
 
 FORMAT_VERSION = 1
 CODEC_RAW = 0
-DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"catalog")
+DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"reflog", b"catalog")
 DEFAULT_MAP_SIZE = 1 << 30  # address space only: the file grows with what is written
 MAP_SLACK = 64 << 20
 MADV_DONTNEED = 4
@@ -91,8 +92,39 @@ class Txn:
         value = self._t.get(name.encode(), db=self._s.db[b"refs"], default=None)
         return None if value is None else bytes(value)
 
-    def set_ref(self, name: str, oid: bytes) -> None:
+    def set_ref(self, name: str, oid: bytes, command: str, when: str) -> None:
+        """Move a ref and append the move to its reflog (old id, new id, time, command)."""
+        old = self.ref(name)
         self._t.put(name.encode(), oid, db=self._s.db[b"refs"])
+        prefix = name.encode() + b"\0"
+        seq = 0
+        last = self._last_reflog_key(prefix)
+        if last is not None:
+            seq = int.from_bytes(last[len(prefix):], "big") + 1
+        entry = msgpack.packb({"old": old, "new": oid, "time": when, "command": command}, use_bin_type=True)
+        self._t.put(prefix + seq.to_bytes(8, "big"), entry, db=self._s.db[b"reflog"])
+
+    def _last_reflog_key(self, prefix: bytes) -> bytes | None:
+        cur = self._t.cursor(db=self._s.db[b"reflog"])
+        if not cur.set_range(prefix + b"\xff" * 8):
+            if not cur.last():
+                return None
+        elif not cur.prev():
+            return None
+        key = bytes(cur.key())
+        return key if key.startswith(prefix) and len(key) == len(prefix) + 8 else None
+
+    def reflog(self, name: str) -> list[dict]:
+        """Every move of ref `name`, oldest first."""
+        prefix = name.encode() + b"\0"
+        cur = self._t.cursor(db=self._s.db[b"reflog"])
+        out = []
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                if not bytes(k).startswith(prefix):
+                    break
+                out.append(msgpack.unpackb(v, raw=False))
+        return out
 
     def refs(self, prefix: str = "") -> dict[str, bytes]:
         cur = self._t.cursor(db=self._s.db[b"refs"])

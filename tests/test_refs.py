@@ -129,7 +129,7 @@ def test_branch_names_win_over_id_prefixes(repo, chain, tmp_path):
 
 def test_tags_prefix_names_tag_refs(repo, chain):
     """There is no tag verb yet; a tag ref written through the store resolves as `tags/NAME`."""
-    repo.store.write(lambda txn: txn.set_ref(TAG_PREFIX + "v1.0", chain[1]))
+    repo.store.write(lambda txn: txn.set_ref(TAG_PREFIX + "v1.0", chain[1], "tag", "2026-01-01T00:00:00Z"))
     assert repo.tags() == {"v1.0": chain[1]}
     assert repo.resolve("tags/v1.0") == chain[1]
     assert repo.resolve("tags/v1.0~1") == chain[0]

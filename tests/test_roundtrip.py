@@ -325,7 +325,7 @@ def _commit_snapshot(repo: Repo, files: dict[str, bytes], branch: str) -> None:
             blobs[rel] = txn.put_object(Blob(len(data), repo.chunk_size, (key,)))
         snap = txn.put_object(Snapshot({}, blobs, ()))
         cid = txn.put_object(Commit(snap, (), "crafted", "t", "2026-01-01T00:00:00Z"))
-        txn.set_ref(BRANCH_PREFIX + branch, cid)
+        txn.set_ref(BRANCH_PREFIX + branch, cid, "test", "2026-01-01T00:00:00Z")
 
     repo.store.write(write)
 
