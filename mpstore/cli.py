@@ -248,18 +248,77 @@ def diff(
           f"{n['only_b']} only in B; {_human(result.bytes_changed())} changed")
 
 
+def _default_ref(repo: Repo, ref: Optional[str]) -> str:
+    if ref is not None:
+        return ref
+    head = repo.head()
+    if head is None:
+        raise MpError("no commit to point at: give a REF")
+    return head
+
+
 @app.command()
-def branch(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List branches with their head commit."""
+def branch(
+    name: Optional[str] = typer.Argument(None, help="Branch to create (or delete with -d)."),
+    ref: Optional[str] = typer.Argument(None, help="Where it points (default: the last branch written)."),
+    delete: bool = typer.Option(False, "-d", "--delete", help="Delete branch NAME."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List branches; `mp branch NAME [REF]` creates one; `mp branch -d NAME` deletes one."""
     with _open() as repo:
+        if delete:
+            if name is None or ref is not None:
+                raise MpError("usage: mp branch -d NAME")
+            old = repo.delete_branch(name)
+            _say(f"deleted branch {name} (was {short(old)})")
+            return
+        if name is not None:
+            cid = repo.create_branch(name, _default_ref(repo, ref))
+            _say(f"branch {name} -> {repo.describe(cid)}")
+            return
         heads = repo.branches()
         current = repo.head()
-        rows = [(name, cid, repo.describe(cid)) for name, cid in sorted(heads.items())]
+        rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(heads.items())]
     if as_json:
         _emit_json([{"name": n, "id": c.hex(), "head": n == current} for n, c, _ in rows])
         return
-    for name, _, desc in rows:
-        print(f"{'*' if name == current else ' '} {name:<20} {desc}")
+    for n, _, desc in rows:
+        print(f"{'*' if n == current else ' '} {n:<20} {desc}")
+
+
+@app.command()
+def tag(
+    name: Optional[str] = typer.Argument(None, help="Tag to create (or delete with -d)."),
+    ref: Optional[str] = typer.Argument(None, help="What it names (default: the last branch written)."),
+    delete: bool = typer.Option(False, "-d", "--delete", help="Delete tag NAME."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List tags; `mp tag NAME [REF]` creates one (tags never move); `mp tag -d NAME` deletes."""
+    with _open() as repo:
+        if delete:
+            if name is None or ref is not None:
+                raise MpError("usage: mp tag -d NAME")
+            old = repo.delete_tag(name)
+            _say(f"deleted tag {name} (was {short(old)})")
+            return
+        if name is not None:
+            cid = repo.tag(name, _default_ref(repo, ref))
+            _say(f"tag {name} -> {repo.describe(cid)}")
+            return
+        rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(repo.tags().items())]
+    if as_json:
+        _emit_json([{"name": n, "id": c.hex()} for n, c, _ in rows])
+        return
+    for n, _, desc in rows:
+        print(f"  {n:<20} {desc}")
+
+
+@app.command()
+def reset(branch: str, ref: str) -> None:
+    """Move BRANCH to REF (the old head stays in the reflog)."""
+    with _open() as repo:
+        cid = repo.reset(branch, ref)
+        _say(f"{branch} -> {repo.describe(cid)}")
 
 
 @app.command()

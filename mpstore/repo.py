@@ -22,7 +22,7 @@ from .chunks import ChunkSink
 from .diff import DiffResult, diff_snapshots
 from .revert import revert as _revert
 from .dtypes import MAX_ITEMSIZE
-from .errors import BadMerge, MpError, NotARepository, RepositoryExists, UnknownRef
+from .errors import BadMerge, BadRefName, MpError, NotARepository, RepositoryExists, UnknownRef
 from .ids import short
 from .objects import Blob, Commit, Plan, Snapshot, Tensor, encode, object_id
 from .progress import Progress, Silent
@@ -166,6 +166,53 @@ class Repo:
     def tags(self) -> dict[str, bytes]:
         with self.store.read() as r:
             return {k[len(TAG_PREFIX):]: v for k, v in r.refs(TAG_PREFIX).items()}
+
+    def _move(self, ref: str, target: str | None, command: str, must_exist: bool | None) -> bytes | None:
+        """Point `ref` at `target`'s commit (None: delete it) in one transaction, with a reflog
+        entry. must_exist: True (the ref must exist), False (must not), None (either)."""
+        cid = self.resolve(target) if target is not None else None
+        kind = "tag" if ref.startswith(TAG_PREFIX) else "branch"
+        short_name = ref.split("/", 1)[1]
+
+        def move(txn: Txn) -> bytes | None:
+            old = txn.ref(ref)
+            if must_exist is True and old is None:
+                raise UnknownRef(f"unknown {kind} {short_name!r}")
+            if must_exist is False and old is not None:
+                raise BadRefName(f"{kind} {short_name!r} already exists")
+            if cid is None:
+                txn.delete_ref(ref, command, _now())
+                if kind == "branch" and txn.meta("HEAD") == short_name:
+                    txn.delete_meta("HEAD")
+            else:
+                txn.set_ref(ref, cid, command, _now())
+            return old
+
+        old = self.store.write(move)
+        self.store.sync()
+        return old
+
+    def create_branch(self, name: str, ref: str) -> bytes:
+        check_name(name)
+        self._move(BRANCH_PREFIX + name, ref, f"branch {name} {ref}", must_exist=False)
+        return self.resolve(name)
+
+    def delete_branch(self, name: str) -> bytes:
+        return self._move(BRANCH_PREFIX + name, None, f"branch -d {name}", must_exist=True)
+
+    def reset(self, branch: str, ref: str) -> bytes:
+        """Move an existing branch to `ref` (the old head stays reachable through the reflog)."""
+        self._move(BRANCH_PREFIX + branch, ref, f"reset {branch} {ref}", must_exist=True)
+        return self.resolve(branch)
+
+    def tag(self, name: str, ref: str) -> bytes:
+        """Tags never move: creating one that exists is an error."""
+        check_name(name, "tag")
+        self._move(TAG_PREFIX + name, ref, f"tag {name} {ref}", must_exist=False)
+        return self.resolve(TAG_PREFIX + name)
+
+    def delete_tag(self, name: str) -> bytes:
+        return self._move(TAG_PREFIX + name, None, f"tag -d {name}", must_exist=True)
 
     # add ----------------------------------------------------------------------------------
     def add(

@@ -96,12 +96,19 @@ class Txn:
         """Move a ref and append the move to its reflog (old id, new id, time, command)."""
         old = self.ref(name)
         self._t.put(name.encode(), oid, db=self._s.db[b"refs"])
+        self._append_reflog(name, old, oid, command, when)
+
+    def delete_ref(self, name: str, command: str, when: str) -> None:
+        """Remove a ref; its reflog keeps the removal (new id is nil), so gc still honours it."""
+        old = self.ref(name)
+        self._t.delete(name.encode(), db=self._s.db[b"refs"])
+        self._append_reflog(name, old, None, command, when)
+
+    def _append_reflog(self, name: str, old: bytes | None, new: bytes | None, command: str, when: str) -> None:
         prefix = name.encode() + b"\0"
-        seq = 0
         last = self._last_reflog_key(prefix)
-        if last is not None:
-            seq = int.from_bytes(last[len(prefix):], "big") + 1
-        entry = msgpack.packb({"old": old, "new": oid, "time": when, "command": command}, use_bin_type=True)
+        seq = 0 if last is None else int.from_bytes(last[len(prefix):], "big") + 1
+        entry = msgpack.packb({"old": old, "new": new, "time": when, "command": command}, use_bin_type=True)
         self._t.put(prefix + seq.to_bytes(8, "big"), entry, db=self._s.db[b"reflog"])
 
     def _last_reflog_key(self, prefix: bytes) -> bytes | None:
@@ -144,6 +151,9 @@ class Txn:
 
     def set_meta(self, key: str, value: str) -> None:
         self._t.put(key.encode(), value.encode(), db=self._s.db[b"meta"])
+
+    def delete_meta(self, key: str) -> None:
+        self._t.delete(key.encode(), db=self._s.db[b"meta"])
 
 
 class Store:
