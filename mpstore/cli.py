@@ -334,6 +334,60 @@ def reflog(branch: str, as_json: bool = typer.Option(False, "--json")) -> None:
         print(f"{branch}@{{{n}}}  {old} -> {short(e['new'])}  {e['time']}  {e['command']}")
 
 
+@app.command()
+def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Check every object, ref and chunk; each problem on its own line; exit 1 if any."""
+    with _open() as repo:
+        problems, counts = repo.fsck()
+    if as_json:
+        _emit_json({"ok": not problems, "problems": problems, "checked": counts})
+    else:
+        for p in problems:
+            print(p)
+        if not STATE.quiet:
+            print(f"checked {counts['refs']} refs, {counts['objects']} objects, {counts['chunks']} chunks "
+                  f"({_human(counts['chunk_bytes'])}): {len(problems)} problems", file=sys.stderr)
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    expire: str = typer.Option("30d", help="Keep what reflog entries younger than this name (e.g. 30d, now)."),
+    compact: bool = typer.Option(False, "--compact", help="Also rewrite the data file to return space to the disk."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Delete objects and chunks that no ref, tag or live reflog entry reaches."""
+    with _open() as repo:
+        freed = repo.gc(expire, compact)
+    if as_json:
+        _emit_json(freed)
+        return
+    print(f"freed {freed['objects']} objects, {freed['chunks']} chunks ({_human(freed['chunk_bytes'])}), "
+          f"{freed['reflog_entries']} expired reflog entries")
+    if compact:
+        print(f"data file: {_human(freed['file_bytes_before'])} -> {_human(freed['file_bytes_after'])}")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Branches and tags, store size, chunks and objects, and what gc could reclaim."""
+    with _open() as repo:
+        st = repo.status()
+        names = {cid: repo.describe(bytes.fromhex(cid)) for cid in {*st["branches"].values(), *st["tags"].values()}}
+    if as_json:
+        _emit_json(st)
+        return
+    for name, cid in sorted(st["branches"].items()):
+        print(f"{'*' if name == st['head'] else ' '} {name:<20} {names[cid]}")
+    for name, cid in sorted(st["tags"].items()):
+        print(f"  tags/{name:<15} {names[cid]}")
+    e, g = st["entries"], st["reclaimable"]
+    print(f"store: {_human(st['store_bytes'])} on disk ({_human(st['used_bytes'])} in use), "
+          f"{e['chunks']} chunks, {e['objects']} objects, chunk size {_human(st['chunk_size'])}")
+    print(f"reclaimable by gc: {_human(g['chunk_bytes'])} in {g['chunks']} chunks and {g['objects']} objects")
+
+
 _MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")
 
 

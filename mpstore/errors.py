@@ -52,3 +52,7 @@ class WriteFailed(MpError):
 
 class BadMerge(MpError):
     """A merge request that cannot be carried out as asked."""
+
+
+class StoreBusy(MpError):
+    """An operation that needs the repository to itself found another process using it."""

@@ -7,6 +7,7 @@ ref in one final transaction, so a reader sees the old commit or the new one, ne
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import re
@@ -88,6 +89,18 @@ def parse_size(text: str) -> int:
     if not m:
         raise MpError(f"invalid size {text!r}: use a number of bytes, e.g. 1048576 or 1MiB")
     return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2)]
+
+
+def _writes(fn):
+    """Run a command that writes chunks under the store's writer lock (see Store.writing), so a
+    concurrent gc can neither delete its chunks before its commit nor be confused by them."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self.store.writing():
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _now() -> str:
@@ -215,6 +228,7 @@ class Repo:
         return self._move(TAG_PREFIX + name, None, f"tag -d {name}", must_exist=True)
 
     # add ----------------------------------------------------------------------------------
+    @_writes
     def add(
         self,
         source: Path | str,
@@ -362,6 +376,7 @@ class Repo:
         with self.store.read() as r:
             return to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
 
+    @_writes
     def merge(
         self,
         request: "MergeRequest",
@@ -427,6 +442,7 @@ class Repo:
         )
         return ReplayResult(info.id, False, differing or ["(shard headers)"])
 
+    @_writes
     def revert(self, spec: str, branch: str | None = None, force: bool = False,
                message: str | None = None) -> bytes:
         """A new commit on `branch` (default: HEAD's) undoing `spec`'s changes tensor by tensor."""
@@ -486,3 +502,39 @@ class Repo:
                 return out
 
             return node(resolve(r, spec), 0)
+
+    # integrity and space ------------------------------------------------------------------
+    def fsck(self) -> tuple[list[str], dict]:
+        """Every problem in the store, one line each, and counts of what was checked."""
+        from .fsck import fsck
+
+        return fsck(self.store)
+
+    def gc(self, expire: str = "30d", compact: bool = False) -> dict:
+        """Delete what nothing live reaches; with `compact`, give the space back to the disk."""
+        from . import gc
+
+        freed = gc.collect(self.store, gc.parse_expire(expire)).to_json()
+        if compact:
+            freed["file_bytes_before"], freed["file_bytes_after"] = gc.compact(self.store)
+        return freed
+
+    def status(self, expire: str = "30d") -> dict:
+        """Branches, tags, store size, entry counts and what gc could reclaim."""
+        from . import gc
+
+        with self.store.read() as r:
+            counts = {db: r.entries(db.encode()) for db in ("chunks", "objects", "reflog", "catalog")}
+            info = self.store.env.info()
+            used = (info["last_pgno"] + 1) * self.store.env.stat()["psize"]
+        data = self.store.path / "data.mdb"
+        return {
+            "head": self.head(),
+            "branches": {k: v.hex() for k, v in self.branches().items()},
+            "tags": {k: v.hex() for k, v in self.tags().items()},
+            "store_bytes": os.stat(data).st_blocks * 512,
+            "used_bytes": used,
+            "entries": counts,
+            "chunk_size": self.chunk_size,
+            "reclaimable": gc.reclaimable(self.store, gc.parse_expire(expire)).to_json(),
+        }

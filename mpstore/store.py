@@ -11,6 +11,7 @@ no MapFullError reaches a caller. The store never interprets chunk bytes beyond 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import TypeVar
 import lmdb
 import msgpack
 
-from .errors import CorruptData, FormatMismatch, NotARepository
+from .errors import CorruptData, FormatMismatch, NotARepository, StoreBusy
 from .ids import digest
 from .objects import StoredObject, decode, encode, object_id
 
@@ -86,6 +87,19 @@ class Txn:
         cur = self._t.cursor(db=self._s.db[b"objects"])
         if cur.set_range(start):
             yield from map(bytes, cur.iternext(keys=True, values=False))
+
+    # whole-store iteration and deletion (fsck, gc, status) ---------------------------------
+    def iter_db(self, db: bytes):
+        """(key, value view) of every entry of a database, in key order."""
+        cur = self._t.cursor(db=self._s.db[db])
+        for k, v in cur.iternext():
+            yield bytes(k), v
+
+    def delete(self, db: bytes, key: bytes) -> bool:
+        return self._t.delete(key, db=self._s.db[db])
+
+    def entries(self, db: bytes) -> int:
+        return self._t.stat(self._s.db[db])["entries"]
 
     # refs and meta ------------------------------------------------------------------------
     def ref(self, name: str) -> bytes | None:
@@ -162,6 +176,8 @@ class Store:
     def __init__(self, path: Path, env: lmdb.Environment):
         self.path = path
         self.env = env
+        self._open_lock = open(path / "open.lock", "a+b")
+        fcntl.flock(self._open_lock, fcntl.LOCK_SH)
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod
@@ -202,6 +218,46 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        if self._open_lock is not None:
+            self._open_lock.close()
+            self._open_lock = None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held (shared) by every command that writes chunks before its commit, and taken
+        exclusively by gc: gc never deletes the unreferenced chunks of a commit in progress."""
+        with open(self.path / "gc.lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """gc's side of `writing`: waits for writers in progress, keeps new ones waiting."""
+        with open(self.path / "gc.lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """This process alone has the store open (every open holds a shared lock), or MpError."""
+        try:
+            fcntl.flock(self._open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreBusy(f"{self.path}: another process has the repository open; try again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(self._open_lock, fcntl.LOCK_SH)
+
+    def reopen(self, swap: Callable[[], None]) -> None:
+        """Close the environment, run `swap` (which replaces the data file), open it again."""
+        size = self.env.info()["map_size"]
+        self.env.close()
+        try:
+            swap()
+        finally:
+            self.env = _open_env(self.path, size)
+            self.db = {name: self.env.open_db(name, create=False) for name in DATABASES}
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
