@@ -210,8 +210,8 @@ class Executor:
         ref = task.base or task.models[0]
         numel = ref.size // ITEMSIZE[ref.dtype]
         per = ref.chunk_size // ITEMSIZE[ref.dtype]
-        if method.row_local(task.g) and len(ref.shape) >= 2:
-            row = ref.shape[-1]
+        if method.row_local(task.g) and ref.shape:
+            row = ref.shape[-1]  # a 1-D tensor is one line: one block
             per = max(1, per // row) * row
         return [(a, min(a + per, numel)) for a in range(0, numel, per)]
 
@@ -221,7 +221,7 @@ class Executor:
         raw_base = self._read(task.base, a, b, "base") if task.base else None
         raw_models = [self._read(task.models[i], a, b, "expert") for i in present]
         ref = task.base or task.models[0]
-        row = ref.shape[-1] if len(ref.shape) >= 2 else max(1, b - a)
+        row = ref.shape[-1] if ref.shape else 1
         weight_sum = sum(q.get("weight", 0.0) for q in task.p)
 
         def build() -> M.Block:
@@ -229,7 +229,7 @@ class Executor:
             rows = [_values(r, task.models[i].dtype, task.compute) for r, i in zip(raw_models, present)]
             models = torch.stack(rows) if rows else torch.zeros(0, b - a, dtype=torch_dtype(task.compute))
             return M.Block(task.name, a, base, models, row, [task.p[i] for i in present], task.g,
-                           self.seed, present, weight_sum)
+                           self.seed, present, weight_sum, len(ref.shape))
 
         return build
 
@@ -301,7 +301,7 @@ class Executor:
             return task.copy
         numel = ref.size // ITEMSIZE[ref.dtype]
         blocks = self._blocks(task, method)
-        stats: dict = {"inputs": len(task.models)}
+        stats: dict = {"inputs": len(task.models), "block_of": {a: n for n, (a, _) in enumerate(blocks)}}
         sweeps = [p for p in method.passes if p.needed(task.p, task.g)]
         cache = self._cache(task, method, blocks, sweeps)
         for pas in sweeps:

@@ -45,6 +45,7 @@ class Block:
     seed: int
     index: list[int] = field(default_factory=list)  # input number of each row of `models`
     weight_sum: float = 0.0  # sum of every input's weight (present here or not)
+    ndim: int = 1  # of the whole tensor
     _deltas: torch.Tensor | None = field(default=None, repr=False)
 
     def deltas(self) -> torch.Tensor:
@@ -177,14 +178,53 @@ def _radix_low(b: Block, st: Stats) -> dict[str, torch.Tensor]:
 
 
 def _radix_low_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
-    thresholds = {}
+    """The exact magnitude at each wanted rank, and that rank's position among the entries
+    tied at that magnitude (1 = the first of them in index order)."""
+    thresholds, within = {}, {}
     for i, picks in st["bins"].items():
-        values = []
+        values, positions = [], []
         for j, (hi, r) in enumerate(picks):
-            lo, _ = _pick(tot[f"l{i}.{j}"], r)
+            lo, position = _pick(tot[f"l{i}.{j}"], r)
             values.append(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item())
-        thresholds[i] = values
-    st["thresholds"] = thresholds
+            positions.append(position)
+        thresholds[i], within[i] = values, positions
+    st["thresholds"], st["within"] = thresholds, within
+
+
+def _ties(b: Block, st: Stats) -> dict[str, torch.Tensor]:
+    """How many entries of this block tie with each threshold, as a one-hot over blocks, so the
+    sums tell every block how many tied entries come before it."""
+    d = _deltas(b)
+    n = st["block_of"][b.start]
+    out = {}
+    for i, values in st["thresholds"].items():
+        r = b.row(i)
+        m = d[r].abs().to(torch.float32) if r is not None else None
+        for j, v in enumerate(values):
+            counts = torch.zeros(len(st["block_of"]), dtype=torch.int64)
+            if m is not None:
+                counts[n] = int((m == v).sum())
+            out[f"t{i}.{j}"] = counts
+    return out
+
+
+def _ties_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    st["tied_before"] = {k: torch.cumsum(v, 0) - v for k, v in tot.items()}
+
+
+def _ties_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
+    return {f"t{i}.{j}": torch.zeros(len(st["block_of"]), dtype=torch.int64)
+            for i, values in st["thresholds"].items() for j in range(len(values))}
+
+
+def _tied(b: Block, st: Stats, i: int, j: int, m: torch.Tensor, first: int, last: float) -> torch.Tensor:
+    """Entries equal to threshold j of input i whose position among all such entries of the
+    tensor (index order) is within [first, last]: exact top-k with a deterministic tie-break."""
+    gi = b.index[i]
+    eq = m == st["thresholds"][gi][j]
+    before = int(st["tied_before"][f"t{gi}.{j}"][st["block_of"][b.start]])
+    position = before + torch.cumsum(eq, 0)
+    return eq & (position >= first) & (position <= last)
 
 
 def _has_ranks(p: list[dict], g: dict) -> bool:
@@ -194,6 +234,7 @@ def _has_ranks(p: list[dict], g: dict) -> bool:
 RADIX = (
     Pass(_radix_high, _radix_high_finish, _has_ranks, _radix_high_zero),
     Pass(_radix_low, _radix_low_finish, _has_ranks, _radix_low_zero),
+    Pass(_ties, _ties_finish, _has_ranks, _ties_zero),
 )
 
 
@@ -206,8 +247,11 @@ def _topk_ranks(q: dict, numel: int) -> list[int]:
 
 
 def _topk_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
-    # Entries tied exactly at the threshold are all kept (MergeKit keeps an arbitrary subset).
-    return d.abs().to(torch.float32) >= st["thresholds"][b.index[i]][0]
+    """Exactly k entries: all above the threshold, and of those tied with it the first ones in
+    index order (MergeKit keeps an arbitrary subset of the tied ones)."""
+    gi = b.index[i]
+    m = d.abs().to(torch.float32)
+    return (m > st["thresholds"][gi][0]) | _tied(b, st, i, 0, m, 1, st["within"][gi][0])
 
 
 def _crumbs_ranks(q: dict, numel: int) -> list[int]:
@@ -221,9 +265,15 @@ def _crumbs_ranks(q: dict, numel: int) -> list[int]:
 
 
 def _crumbs_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
-    hi, lo = st["thresholds"][b.index[i]]
+    """Descending ranks (top, top+keep] exactly: strictly between the two cut magnitudes, plus
+    the tied entries at each cut that fall inside the range (index order breaks ties)."""
+    gi = b.index[i]
+    hi, lo = st["thresholds"][gi]
+    first, last = st["within"][gi]
     m = d.abs().to(torch.float32)
-    return (m >= lo) & (m <= hi)
+    if hi == lo:
+        return _tied(b, st, i, 0, m, first, last)
+    return ((m > lo) & (m < hi)) | _tied(b, st, i, 0, m, first, math.inf) | _tied(b, st, i, 1, m, 1, last)
 
 
 def _dare_mask(b: Block, st: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
@@ -461,7 +511,7 @@ def _nuslerp_lines(g: dict) -> str:
 
 
 def _column_gram(b: Block, st: Stats) -> dict[str, torch.Tensor]:
-    if not st.get("columns"):
+    if not st.get("columns") or b.ndim < 2:
         return {}
     u, v = (x.reshape(-1, b.row_len).to(torch.float64) for x in _nuslerp_pair(b))
     return {"uu": (u * u).sum(0), "vv": (v * v).sum(0), "uv": (u * v).sum(0)}
@@ -494,6 +544,8 @@ def _nuslerp(b: Block, st: Stats) -> torch.Tensor:
     t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
     u, v = _nuslerp_pair(b)
     lines = _nuslerp_lines(b.g)
+    if lines == "columns" and b.ndim < 2:
+        lines = "rows"  # a 1-D tensor is a single line whichever way it is read (as MergeKit)
     if lines == "tensor":
         g = st["gram"]
         out = _slerp_lines(u, v, g[0, 0], g[1, 1], g[0, 1], t)
