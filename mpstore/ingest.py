@@ -52,7 +52,10 @@ def _walk(root: Path) -> list[str]:
             rel = p.relative_to(root).as_posix()
             check_relpath(rel)
             if p.is_symlink():
-                target = p.resolve()
+                try:
+                    target = p.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    raise BadInput(f"{p}: broken or looping symlink") from None
                 if real_root not in target.parents:
                     raise BadInput(f"{p}: symlink points outside the folder")
             try:
@@ -70,8 +73,8 @@ def _check_index(root: Path, index_name: str, weights: dict[str, Header]) -> Non
     path = root / index_name
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise BadInput(f"{path}: not a valid JSON shard index: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: not a valid JSON shard index: {type(e).__name__}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -12,11 +12,23 @@ from pathlib import Path
 from .errors import BadInput
 
 
+def utf8(text: str) -> bool:
+    """False for strings holding lone surrogates: undecodable bytes of a file name, or escapes
+    in JSON. Such a name can be neither stored nor written back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_relpath(rel: str) -> str:
     """Return `rel` (a '/'-separated path) if it stays inside its folder, else raise BadInput."""
     problem = None
     if not rel:
         problem = "is empty"
+    elif not utf8(rel):
+        problem = "is not valid UTF-8"
     elif any(ord(c) < 32 or ord(c) == 127 for c in rel):
         problem = "contains a control character"
     elif rel.startswith("/") or "\\" in rel or (len(rel) > 1 and rel[1] == ":"):

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from .dtypes import ITEMSIZE
 from .errors import BadInput
+from .paths import utf8
 
 # safetensors itself refuses headers over 100 MB; a larger declared length is a broken file.
 MAX_HEADER = 100_000_000
+MAX_DIM = 1 << 63  # dimensions and offsets are u64 in the format; ours must fit a signed int64
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,14 @@ def _entry(path: Path, name: str, info: object) -> TensorEntry:
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < MAX_DIM for d in shape):
         raise _fail(path, f"tensor {name!r}: invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
+        or not all(type(o) is int and 0 <= o < MAX_DIM for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise _fail(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
@@ -121,9 +123,13 @@ def read_header(path: Path) -> Header:
         raise _fail(path, f"header is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict):
         raise _fail(path, "header is not a JSON object")
+    for key in doc:
+        if not utf8(key):
+            raise _fail(path, f"tensor name {key!r} is not valid UTF-8")
     metadata = doc.pop("__metadata__", None)
     if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        isinstance(metadata, dict)
+        and all(isinstance(v, str) and utf8(k) and utf8(v) for k, v in metadata.items())
     ):
         raise _fail(path, "__metadata__ must map strings to strings")
     tensors = sorted((_entry(path, k, v) for k, v in doc.items()), key=lambda t: (t.begin, t.end))
