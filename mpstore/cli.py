@@ -327,11 +327,13 @@ def reflog(branch: str, as_json: bool = typer.Option(False, "--json")) -> None:
     with _open() as repo:
         entries = repo.reflog(branch)
     if as_json:
-        _emit_json([{**e, "old": e["old"].hex() if e["old"] else None, "new": e["new"].hex()} for e in entries])
+        _emit_json([{**e, "old": e["old"] and e["old"].hex(), "new": e["new"] and e["new"].hex()}
+                    for e in entries])
         return
     for n, e in enumerate(reversed(entries)):
         old = short(e["old"]) if e["old"] else "(new)"
-        print(f"{branch}@{{{n}}}  {old} -> {short(e['new'])}  {e['time']}  {e['command']}")
+        new = short(e["new"]) if e["new"] else "(deleted)"
+        print(f"{branch}@{{{n}}}  {old} -> {new}  {e['time']}  {e['command']}")
 
 
 @app.command()

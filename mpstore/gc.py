@@ -2,7 +2,8 @@
 
 Marking walks from the refs and from every reflog entry younger than the expiry (as git keeps
 what its reflogs name), then unreachable objects, chunks, expired reflog entries and catalog
-entries whose chunks are gone are deleted in batches of transactions. The whole collection runs
+entries whose chunks are gone are deleted in one transaction, which first checks that no ref moved
+since the marking (else it marks again). The whole collection runs
 under the store's exclusive gc lock, which commands that write chunks hold shared while they
 work, so a commit in progress never loses its chunks. Readers are never disturbed: LMDB keeps
 every page a live read transaction can see.
@@ -21,11 +22,11 @@ from datetime import datetime, timedelta, timezone
 
 import msgpack
 
-from .errors import MpError
+from .errors import MpError, StoreBusy
 from .reach import walk
 from .store import Store, Txn
 
-DELETE_BATCH = 4096
+MAX_ATTEMPTS = 5
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -50,7 +51,7 @@ def _find(txn: Txn, cutoff: str) -> tuple[Garbage, dict[bytes, list[bytes]]]:
     expired: list[bytes] = []
     for key, value in txn.iter_db(b"reflog"):
         entry = msgpack.unpackb(value, raw=False)
-        if entry["time"] < cutoff:
+        if entry["time"] <= cutoff:
             expired.append(key)
             continue
         roots += [("reflog", x) for x in (entry["old"], entry["new"]) if x]
@@ -80,14 +81,33 @@ def reclaimable(store: Store, expire: timedelta) -> Garbage:
     return found
 
 
+def _roots(txn: Txn) -> tuple:
+    """What marking depended on: any ref move since changes it (and adds a reflog entry)."""
+    return tuple(sorted(txn.refs().items())), txn.entries(b"reflog")
+
+
 def collect(store: Store, expire: timedelta) -> Garbage:
+    """Mark in a read transaction, then sweep everything in one write transaction that first
+    checks no ref moved meanwhile (else mark again): a ref made to point at a commit during
+    the collection either keeps it whole or finds it gone, never half deleted."""
     with store.collecting():
-        with store.read() as txn:
-            found, dead = _find(txn, _cutoff(expire))
-        for db, keys in dead.items():
-            for i in range(0, len(keys), DELETE_BATCH):
-                batch = keys[i: i + DELETE_BATCH]
-                store.write(lambda t, db=db, batch=batch: [t.delete(db, k) for k in batch])
+        for _ in range(MAX_ATTEMPTS):
+            with store.read() as txn:
+                found, dead = _find(txn, _cutoff(expire))
+                marked = _roots(txn)
+
+            def sweep(t: Txn) -> bool:
+                if _roots(t) != marked:
+                    return False
+                for db, keys in dead.items():
+                    for k in keys:
+                        t.delete(db, k)
+                return True
+
+            if store.write(sweep):
+                break
+        else:
+            raise StoreBusy("refs kept moving while gc was marking; run gc again")
         store.sync()
     store.release_pages()
     return found

@@ -172,9 +172,10 @@ class Repo:
     def reflog(self, branch: str) -> list[dict]:
         """Every move of a branch, oldest first: old and new ids, time, command."""
         with self.store.read() as r:
-            if r.ref(BRANCH_PREFIX + branch) is None:
-                raise UnknownRef(f"unknown branch {branch!r}")
-            return r.reflog(BRANCH_PREFIX + branch)
+            entries = r.reflog(BRANCH_PREFIX + branch)  # kept after a delete, until gc expires it
+        if not entries:
+            raise UnknownRef(f"unknown branch {branch!r}")
+        return entries
 
     def tags(self) -> dict[str, bytes]:
         with self.store.read() as r:
@@ -193,6 +194,8 @@ class Repo:
                 raise UnknownRef(f"unknown {kind} {short_name!r}")
             if must_exist is False and old is not None:
                 raise BadRefName(f"{kind} {short_name!r} already exists")
+            if cid is not None and not txn.has_object(cid):  # gc deletes whole closures at once
+                raise UnknownRef(f"commit {cid.hex()[:12]} is gone (collected by gc)")
             if cid is None:
                 txn.delete_ref(ref, command, _now())
                 if kind == "branch" and txn.meta("HEAD") == short_name:

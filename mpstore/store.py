@@ -173,16 +173,16 @@ class Txn:
 class Store:
     """An open LMDB environment; `read()` and `write()` are the only ways in."""
 
-    def __init__(self, path: Path, env: lmdb.Environment):
+    def __init__(self, path: Path, env: lmdb.Environment, open_lock):
         self.path = path
         self.env = env
-        self._open_lock = open(path / "open.lock", "a+b")
-        fcntl.flock(self._open_lock, fcntl.LOCK_SH)
+        self._open_lock = open_lock  # held shared for as long as the store is open
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod
     def create(cls, path: Path, settings: dict[str, str], map_size: int = DEFAULT_MAP_SIZE) -> Store:
         path.mkdir(parents=True)
+        lock = _lock_open(path)
         env = _open_env(path, map_size)
         with env.begin(write=True) as txn:
             for name in DATABASES:
@@ -192,25 +192,30 @@ class Store:
             for key, value in settings.items():
                 txn.put(key.encode(), value.encode(), db=meta)
         env.sync(True)
-        return cls(path, env)
+        return cls(path, env, lock)
 
     @classmethod
     def open(cls, path: Path) -> Store:
         if not (path / "data.mdb").is_file():
             raise NotARepository(f"{path} is not an mpstore repository")
+        # The lock comes first: a compaction holds it exclusively while it swaps the data file,
+        # and an environment opened before the swap would write into the replaced file.
+        lock = _lock_open(path)
         try:
             env = _open_env(path, max(DEFAULT_MAP_SIZE, os.path.getsize(path / "data.mdb")))
         except lmdb.Error as e:
+            lock.close()
             raise NotARepository(f"{path} is not a readable mpstore repository: {e}") from None
         try:
-            store = cls(path, env)
+            store = cls(path, env, lock)
         except lmdb.Error:
             env.close()
+            lock.close()
             raise NotARepository(f"{path} is not an mpstore repository") from None
         with store.read() as r:
             found = r.meta("format")
         if found != str(FORMAT_VERSION):
-            env.close()
+            store.close()
             raise FormatMismatch(
                 f"{path} has store format {found}, this mpstore reads format {FORMAT_VERSION}"
             )
@@ -322,6 +327,13 @@ class Store:
 
     def _grow(self, size: int) -> None:
         self.env.set_mapsize(size)
+
+
+def _lock_open(path: Path):
+    """Take the shared open lock (see Store.exclusive); waits while a compaction runs."""
+    lock = open(path / "open.lock", "a+b")
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    return lock
 
 
 def _open_env(path: Path, map_size: int) -> lmdb.Environment:
