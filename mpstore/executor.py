@@ -256,7 +256,8 @@ class Executor:
         every input is the base stay None when nothing needs their values."""
         ref = task.base or task.models[0]
         numel = ref.size // ITEMSIZE[ref.dtype]
-        need = numel * torch_dtype(task.compute).itemsize * (len(task.models) + 1)
+        # inputs and their deltas (a block keeps both once a pass has asked for the deltas)
+        need = numel * torch_dtype(task.compute).itemsize * (2 * len(task.models) + 1)
         if not any(p.measure for p in sweeps) or need > self.memory_limit // 2:
             return None
         skip_equal = (task.base is not None and all(p.zero is not None for p in sweeps if p.measure)

@@ -209,6 +209,7 @@ def _ties(b: Block, st: Stats) -> dict[str, torch.Tensor]:
 
 
 def _ties_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    st["tied_here"] = tot
     st["tied_before"] = {k: torch.cumsum(v, 0) - v for k, v in tot.items()}
 
 
@@ -222,7 +223,10 @@ def _tied(b: Block, st: Stats, i: int, j: int, m: torch.Tensor, first: int, last
     tensor (index order) is within [first, last]: exact top-k with a deterministic tie-break."""
     gi = b.index[i]
     eq = m == st["thresholds"][gi][j]
-    before = int(st["tied_before"][f"t{gi}.{j}"][st["block_of"][b.start]])
+    key, n = f"t{gi}.{j}", st["block_of"][b.start]
+    before, here = int(st["tied_before"][key][n]), int(st["tied_here"][key][n])
+    if before + 1 >= first and before + here <= last:
+        return eq  # every tie in this block is kept: no need to number them
     position = before + torch.cumsum(eq, 0)
     return eq & (position >= first) & (position <= last)
 
