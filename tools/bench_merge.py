@@ -434,9 +434,11 @@ def report(args: argparse.Namespace, res: dict, params: str, experts: int, model
         table(["metric", "mp", "MergeKit / limit", "ratio", "target", "pass"], rows) + "\n",
         "## Agreement of the merged models (mp checkout vs MergeKit's output)\n",
         "\n".join(agreement_text(m, res["agree"][m]) for m in METHODS) + "\n",
-        "ties cannot agree bit for bit: mp keeps every delta tied with the top-k threshold, MergeKit an "
-        "arbitrary subset of them (docs/merge_methods.md §2.3), and deltas of bf16 weights tie heavily "
-        "(a dense expert's deltas are mostly a few bf16 ulps). task_arithmetic should agree exactly.\n",
+        "ties cannot agree bit for bit: both keep exactly k = density·n deltas per tensor, but among the "
+        "deltas tied with the k-th magnitude mp keeps the first in index order and MergeKit an arbitrary "
+        "subset (its argsort is not stable; docs/merge_methods.md §2.3), and deltas of bf16 weights tie "
+        "heavily (a dense expert's deltas are mostly a few bf16 ulps). task_arithmetic should agree "
+        "exactly.\n",
         "## Runs in detail\n",
         table(["method", "tool", "wall times (s)", "peak RSS (ru_maxrss)", "peak RssAnon (sampled)",
                "peak RssFile (sampled)"], detail) + "\n",
