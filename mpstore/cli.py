@@ -248,13 +248,23 @@ def diff(
           f"{n['only_b']} only in B; {_human(result.bytes_changed())} changed")
 
 
-def _default_ref(repo: Repo, ref: Optional[str]) -> str:
-    if ref is not None:
-        return ref
-    head = repo.head()
-    if head is None:
-        raise MpError("no commit to point at: give a REF")
-    return head
+def _change_ref(repo: Repo, kind: str, name: Optional[str], ref: Optional[str], delete: bool) -> bool:
+    """The create (NAME [REF]) and delete (-d NAME) forms shared by `mp branch` and `mp tag`;
+    False when neither was asked for (then the command lists)."""
+    create, remove = (repo.create_branch, repo.delete_branch) if kind == "branch" else (repo.tag, repo.delete_tag)
+    if delete:
+        if name is None or ref is not None:
+            raise MpError(f"usage: mp {kind} -d NAME")
+        _say(f"deleted {kind} {name} (was {short(remove(name))})")
+        return True
+    if name is None:
+        return False
+    if ref is None:
+        ref = repo.head()
+        if ref is None:
+            raise MpError("no commit to point at: give a REF")
+    _say(f"{kind} {name} -> {repo.describe(create(name, ref))}")
+    return True
 
 
 @app.command()
@@ -266,19 +276,10 @@ def branch(
 ) -> None:
     """List branches; `mp branch NAME [REF]` creates one; `mp branch -d NAME` deletes one."""
     with _open() as repo:
-        if delete:
-            if name is None or ref is not None:
-                raise MpError("usage: mp branch -d NAME")
-            old = repo.delete_branch(name)
-            _say(f"deleted branch {name} (was {short(old)})")
+        if _change_ref(repo, "branch", name, ref, delete):
             return
-        if name is not None:
-            cid = repo.create_branch(name, _default_ref(repo, ref))
-            _say(f"branch {name} -> {repo.describe(cid)}")
-            return
-        heads = repo.branches()
         current = repo.head()
-        rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(heads.items())]
+        rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(repo.branches().items())]
     if as_json:
         _emit_json([{"name": n, "id": c.hex(), "head": n == current} for n, c, _ in rows])
         return
@@ -295,15 +296,7 @@ def tag(
 ) -> None:
     """List tags; `mp tag NAME [REF]` creates one (tags never move); `mp tag -d NAME` deletes."""
     with _open() as repo:
-        if delete:
-            if name is None or ref is not None:
-                raise MpError("usage: mp tag -d NAME")
-            old = repo.delete_tag(name)
-            _say(f"deleted tag {name} (was {short(old)})")
-            return
-        if name is not None:
-            cid = repo.tag(name, _default_ref(repo, ref))
-            _say(f"tag {name} -> {repo.describe(cid)}")
+        if _change_ref(repo, "tag", name, ref, delete):
             return
         rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(repo.tags().items())]
     if as_json:
