@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job end to end on a small generated family: init -> add -> log/show/ls -> diff -> checkout.
+# The main job end to end on a small generated family: init -> add -> log/show/ls -> diff ->
+# checkout -> merge -> replay -> checkout -> status/fsck.
 # Run through `make demo`, which builds the venv first. Everything lands in ./demo (recreated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +23,15 @@ step "$BIN/mp" diff base expert-2 --plot diff-base-expert-2.png
 step "$BIN/mp" diff base expert-3
 step "$BIN/mp" checkout expert-2 -o out/expert-2
 step diff -r out/expert-2 family/expert-2
+step "$BIN/mp" merge --method ties --base base expert-1 expert-2 expert-3 --weight 0.4 --density 0.5 \
+  --out-dtype bfloat16 -b merged -m "ties of three experts"
+step "$BIN/mp" show merged
+step "$BIN/mp" replay merged
+step "$BIN/mp" log --graph merged
+step "$BIN/mp" diff base merged
+step "$BIN/mp" checkout merged -o out/merged
+step "$BIN/mp" status
+step "$BIN/mp" fsck
 echo
-echo "demo ok: checkout of expert-2 is byte-identical to family/expert-2; heatmap in demo/diff-base-expert-2.png"
+echo "demo ok: expert-2 checked out byte-identical; a ties merge committed, replayed identical and"
+echo "checked out to demo/out/merged; heatmap in demo/diff-base-expert-2.png"
