@@ -24,7 +24,6 @@ from . import methods as M
 from . import params as P
 from .chunks import ChunkSink
 from .dtypes import ITEMSIZE, torch_dtype
-from .errors import MpError
 from .ids import short
 from .objects import Blob, Plan, Shard, Snapshot, Tensor, encode, object_id
 from .progress import Progress

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import methods as M
+from .errors import BadMerge
 from . import params as P
 from .objects import Plan
 
@@ -40,7 +41,7 @@ def dtype_name(text: str | None, what: str) -> str | None:
         return None
     key = str(text).lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise M.BadMerge(f"unknown {what} {text!r} (use float32, bfloat16, float16 or float64)")
+        raise BadMerge(f"unknown {what} {text!r} (use float32, bfloat16, float16 or float64)")
     return DTYPES[key]
 
 
@@ -60,7 +61,7 @@ def split_per_model(text: str, n: int, name: str) -> list[object]:
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise M.BadMerge(f"--{name} has {len(values)} values for {n} models")
+        raise BadMerge(f"--{name} has {len(values)} values for {n} models")
     return values
 
 
@@ -68,26 +69,26 @@ def from_yaml(path: Path) -> MergeRequest:
     try:
         import yaml
     except ImportError:
-        raise M.BadMerge("--config needs PyYAML: pip install 'mpstore[yaml]'") from None
+        raise BadMerge("--config needs PyYAML: pip install 'mpstore[yaml]'") from None
     try:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise M.BadMerge(f"{path}: cannot read: {e.strerror}") from None
+        raise BadMerge(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise M.BadMerge(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise BadMerge(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict):
-        raise M.BadMerge(f"{path}: a merge config is a mapping with merge_method, models, ...")
+        raise BadMerge(f"{path}: a merge config is a mapping with merge_method, models, ...")
     for key in doc:
         if key in UNSUPPORTED:
-            raise M.BadMerge(f"{path}: key {key!r} is not supported by mpstore (use `models:`)")
+            raise BadMerge(f"{path}: key {key!r} is not supported by mpstore (use `models:`)")
         if key not in YAML_KEYS:
-            raise M.BadMerge(f"{path}: unknown key {key!r}")
+            raise BadMerge(f"{path}: unknown key {key!r}")
     if "merge_method" not in doc or "models" not in doc:
-        raise M.BadMerge(f"{path}: needs merge_method and models")
+        raise BadMerge(f"{path}: needs merge_method and models")
     models, model_params = [], []
     for i, entry in enumerate(doc["models"] or []):
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
-            raise M.BadMerge(f"{path}: models[{i}] must be {{model: REF, parameters: {{...}}}}")
+            raise BadMerge(f"{path}: models[{i}] must be {{model: REF, parameters: {{...}}}}")
         models.append(str(entry["model"]))
         model_params.append(dict(entry.get("parameters") or {}))
     return MergeRequest(
@@ -107,7 +108,7 @@ def to_plan(req: MergeRequest, resolve, chunk_size: int, engine: int) -> Plan:
     ]:
         for name, spec in given.items():
             if name not in known:
-                raise M.BadMerge(f"{req.method} has no parameter {name!r} ({where})")
+                raise BadMerge(f"{req.method} has no parameter {name!r} ({where})")
             P.check_spec(spec, f"{name} ({where})")
     models, params = list(req.models), list(per_model)
     if req.base is not None and req.base in models and method.base != "none":
@@ -117,11 +118,11 @@ def to_plan(req: MergeRequest, resolve, chunk_size: int, engine: int) -> Plan:
         models.append(req.base)  # linear: a base is one more input and needs a weight
         params.append({})
     if method.base == "required" and req.base is None:
-        raise M.BadMerge(f"{req.method} needs a base model (--base / base_model)")
+        raise BadMerge(f"{req.method} needs a base model (--base / base_model)")
     if len(models) < method.min_models or (method.max_models and len(models) > method.max_models):
         want = (f"exactly {method.min_models}" if method.max_models == method.min_models
                 else f"at least {method.min_models}")
-        raise M.BadMerge(f"{req.method} takes {want} model(s) besides the base, got {len(models)}")
+        raise BadMerge(f"{req.method} takes {want} model(s) besides the base, got {len(models)}")
     chains = []
     for q in params:
         chains.append({d.name: [s for s in (q.get(d.name), req.global_params.get(d.name), d.default)
@@ -130,11 +131,11 @@ def to_plan(req: MergeRequest, resolve, chunk_size: int, engine: int) -> Plan:
                 for d in method.global_params}
     for name, chain in globals_.items():
         if not chain:
-            raise M.BadMerge(f"{req.method} needs parameter {name!r}")
+            raise BadMerge(f"{req.method} needs parameter {name!r}")
     for m, chain in zip(models, chains):
         for name, c in chain.items():
             if not c:
-                raise M.BadMerge(f"{req.method} needs parameter {name!r} for model {m!r}")
+                raise BadMerge(f"{req.method} needs parameter {name!r} for model {m!r}")
     return Plan(
         method.name,
         resolve(req.base) if req.base is not None else None,
