@@ -20,7 +20,6 @@ from .paths import check_relpath, inside
 from .progress import Progress
 from .store import Store, Txn
 
-RELEASE_EVERY = 64 << 20  # bytes read between releases of mapped store pages
 
 
 def chunk_views(txn: Txn, obj: Chunked, what: str) -> Iterator[memoryview]:
@@ -68,16 +67,12 @@ class _Writer:
 
     def __init__(self, store: Store, txn: Txn, progress: Progress):
         self.store, self.txn, self.progress = store, txn, progress
-        self._since_release = 0
 
     def write(self, f, obj: Chunked, what: str) -> None:
         for view in chunk_views(self.txn, obj, what):
             f.write(view)
             self.progress.advance(len(view))
-            self._since_release += len(view)
-            if self._since_release >= RELEASE_EVERY:
-                self.store.release_pages()
-                self._since_release = 0
+            self.store.touched(len(view))
 
 
 def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress: Progress) -> None:

@@ -7,17 +7,19 @@ a crash leaves only unreferenced chunks. A dry sink only computes digests (for r
 
 from __future__ import annotations
 
+import io
 from typing import BinaryIO
 
 from .errors import BadInput
 from .ids import digest
+from .objects import Blob
 from .progress import Progress
 from .store import CODEC_RAW, Store, Txn
 
 BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
-# A presence check maps the page cache folio around the chunk's first page (up to 2 MiB with large
-# folios), so mapped store pages are dropped after this many checks to keep resident memory bounded.
-RELEASE_EVERY_CHECKS = 32
+# A presence check maps the page cache folio around the chunk's first page: up to 2 MiB with
+# large folios, which is what it counts as touched.
+FOLIO_BYTES = 2 << 20
 
 
 class ChunkSink:
@@ -32,7 +34,6 @@ class ChunkSink:
         self._pending: list[tuple[bytes, bytearray]] = []
         self._pending_bytes = 0
         self._queued: set[bytes] = set()
-        self._checks = 0
 
     def consume(self, f: BinaryIO, size: int, where: str) -> tuple[bytes, ...]:
         """Read `size` bytes from `f` as chunks; return their digests in order."""
@@ -54,6 +55,10 @@ class ChunkSink:
             self.progress.advance(n)
         return tuple(digests)
 
+    def blob(self, data: bytes, where: str) -> Blob:
+        """Bytes held in memory (a header, a rewritten config) as a blob."""
+        return Blob(len(data), self.chunk_size, self.consume(io.BytesIO(data), len(data), where))
+
     def offer(self, buf: bytearray) -> tuple[bytes, bool]:
         """Take a chunk laid out as [codec byte][payload]; returns its digest and whether the
         sink kept `buf` (then the caller must not reuse it)."""
@@ -69,9 +74,7 @@ class ChunkSink:
         return key, True
 
     def _stored(self, key: bytes) -> bool:
-        self._checks += 1
-        if self._checks % RELEASE_EVERY_CHECKS == 0:
-            self.store.release_pages()
+        self.store.touched(FOLIO_BYTES)
         with self.store.read() as r:
             return r.has_chunk(key)
 

@@ -14,7 +14,6 @@ from .dtypes import torch_dtype
 from .objects import Snapshot, Tensor
 from .store import Store, Txn
 
-RELEASE_EVERY = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -61,16 +60,13 @@ class _Reader:
     """Turns chunks into float32 tensors, releasing mapped pages as it goes."""
 
     def __init__(self, store: Store, txn: Txn):
-        self.store, self.txn, self._since = store, txn, 0
+        self.store, self.txn = store, txn
 
     def values(self, key: bytes, dtype: str):
         import torch
 
         view = self.txn.chunk(key)
-        self._since += len(view)
-        if self._since >= RELEASE_EVERY:
-            self._since = 0
-            self.store.release_pages()
+        self.store.touched(len(view))
         if not len(view):
             return torch.zeros(0)
         return torch.frombuffer(bytearray(view), dtype=torch_dtype(dtype)).to(torch.float32)

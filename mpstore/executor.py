@@ -11,7 +11,6 @@ The executor never moves refs; `Repo.merge` commits what it returns.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import torch
 
 from . import methods as M
 from . import params as P
+from .checkout import chunk_views
 from .chunks import ChunkSink
 from .dtypes import ITEMSIZE, torch_dtype
 from .ids import short
@@ -34,7 +34,6 @@ ENGINE_VERSION = 1
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 TIED = ("lm_head.weight", "model.embed_tokens.weight")  # an untied head may come from a tied model
 BLOCK_OVERHEAD = 6  # working copies of a block's inputs a method may hold at once
-RELEASE_EVERY = 64 << 20  # bytes read between releases of mapped store pages
 
 
 @dataclass
@@ -169,7 +168,6 @@ class Executor:
     def __init__(self, store: Store, txn: Txn, sink: ChunkSink, threads: int, memory_limit: int,
                  plan: Plan, progress: Progress):
         self.store, self.txn, self.sink = store, txn, sink
-        self._since_release = 0
         self.chunk_size, seed = plan.chunk_size, plan.seed
         self.threads, self.memory_limit, self.seed = threads, memory_limit, seed
         self.progress = progress
@@ -188,10 +186,7 @@ class Executor:
             lo, hi = max(a, c * per) - c * per, min(b, (c + 1) * per) - c * per
             out[pos: pos + (hi - lo) * isz] = view[lo * isz: hi * isz]
             pos += (hi - lo) * isz
-        self._since_release += len(out)
-        if self._since_release >= RELEASE_EVERY:
-            self.store.release_pages()
-            self._since_release = 0
+        self.store.touched(len(out))
         if source == "base":
             self.realized.base_bytes += len(out)
         else:
@@ -214,9 +209,11 @@ class Executor:
             per = max(1, per // row) * row
         return [(a, min(a + per, numel)) for a in range(0, numel, per)]
 
-    def _block(self, task: Task, method: M.Method, a: int, b: int) -> Callable[[], M.Block]:
-        """Read a block's inputs now; build the tensors later, in a worker."""
-        present = self._changed(task, a, b) if method.sparse_inputs else list(range(len(task.models)))
+    def _block(self, task: Task, method: M.Method, a: int, b: int, changed: list[int]) -> Callable[[], M.Block]:
+        """Read a block's inputs now; build the tensors later, in a worker. `changed`: the
+        inputs whose chunks differ from the base's here (only those are read for methods with
+        sparse inputs)."""
+        present = changed if method.sparse_inputs else list(range(len(task.models)))
         raw_base = self._read(task.base, a, b, "base") if task.base else None
         raw_models = [self._read(task.models[i], a, b, "expert") for i in present]
         ref = task.base or task.models[0]
@@ -249,7 +246,8 @@ class Executor:
         while pending:
             yield _result(pending.popleft())
 
-    def _cache(self, task: Task, method: M.Method, blocks: list, sweeps: list[M.Pass]) -> list | None:
+    def _cache(self, task: Task, method: M.Method, blocks: list, changed: list[list[int]],
+               sweeps: list[M.Pass]) -> list | None:
         """Build every block once when the whole tensor fits in half the memory limit, so the
         passes and the combine reuse them instead of reading and decoding again. Blocks where
         every input is the base stay None when nothing needs their values."""
@@ -263,26 +261,23 @@ class Executor:
                       and method.local_identity(task.g, True))
 
         def jobs():
-            for a, b in blocks:
-                if skip_equal and not self._changed(task, a, b):
-                    yield None
-                else:
-                    yield self._block(task, method, a, b)
+            for (a, b), ch in zip(blocks, changed):
+                yield None if skip_equal and not ch else self._block(task, method, a, b, ch)
 
         return list(self._ordered(task, jobs()))
 
-    def _sweep(self, task: Task, method: M.Method, blocks: list, pas: M.Pass, stats: dict,
-               cache: list | None) -> dict:
+    def _sweep(self, task: Task, method: M.Method, blocks: list, changed: list[list[int]],
+               pas: M.Pass, stats: dict, cache: list | None) -> dict:
         def jobs():
             for n, (a, b) in enumerate(blocks):
                 if cache is not None:
                     blk = cache[n]
                     yield pas.zero(b - a, stats, len(task.models)) if blk is None else (
                         lambda blk=blk: pas.measure(blk, stats))
-                elif pas.zero is not None and task.base is not None and not self._changed(task, a, b):
+                elif pas.zero is not None and task.base is not None and not changed[n]:
                     yield pas.zero(b - a, stats, len(task.models))
                 else:
-                    build = self._block(task, method, a, b)
+                    build = self._block(task, method, a, b, changed[n])
                     yield lambda build=build: pas.measure(build(), stats)
 
         totals: dict[str, torch.Tensor] = {}
@@ -302,10 +297,11 @@ class Executor:
         numel = ref.size // ITEMSIZE[ref.dtype]
         blocks = self._blocks(task, method)
         stats: dict = {"inputs": len(task.models), "block_of": {a: n for n, (a, _) in enumerate(blocks)}}
+        changed = [self._changed(task, a, b) for a, b in blocks]
         sweeps = [p for p in method.passes if p.needed(task.p, task.g)]
-        cache = self._cache(task, method, blocks, sweeps)
+        cache = self._cache(task, method, blocks, changed, sweeps)
         for pas in sweeps:
-            totals = self._sweep(task, method, blocks, pas, stats, cache) if pas.measure else {}
+            totals = self._sweep(task, method, blocks, changed, pas, stats, cache) if pas.measure else {}
             pas.finish(stats, totals, task.p, task.g, numel)
         identity = method.local_identity(task.g, task.base is not None or method.base == "none")
         same_dtype = task.out == ref.dtype
@@ -314,10 +310,9 @@ class Executor:
 
         def jobs():
             for n, (a, b) in enumerate(blocks):
-                changed = self._changed(task, a, b)
                 if method.sparse_inputs:
-                    self.realized.chunks_skipped += len(task.models) - len(changed)
-                if identity and not changed:
+                    self.realized.chunks_skipped += len(task.models) - len(changed[n])
+                if identity and not changed[n]:
                     if not method.sparse_inputs:
                         self.realized.chunks_skipped += len(task.models)
                     if same_dtype and a % per_chunk == 0 and (b - a == per_chunk or b == numel):
@@ -330,7 +325,7 @@ class Executor:
                 if blk is not None:
                     yield lambda blk=blk: _to_bytes(method.combine(blk, stats), task.out)
                 else:
-                    build = self._block(task, method, a, b)
+                    build = self._block(task, method, a, b, changed[n])
                     yield lambda build=build: _to_bytes(method.combine(build(), stats), task.out)
 
         for item in self._ordered(task, jobs()):
@@ -355,10 +350,10 @@ def _files(txn: Txn, template: Snapshot, tensors: dict[str, Tensor], out_dtype: 
     blobs: list[Blob] = []
     for rel, bid in template.files.items():
         blob: Blob = txn.object(bid)
-        data = b"".join(bytes(txn.chunk(c)) for c in blob.chunks)
+        data = b"".join(chunk_views(txn, blob, rel))
         new = _rewrite(rel, data, tensors, out_dtype)
         if new is not None and new != data:
-            blob = Blob(len(new), sink.chunk_size, sink.consume(io.BytesIO(new), len(new), rel))
+            blob = sink.blob(new, rel)
             blobs.append(blob)
         files[rel] = object_id(encode(blob))
     return files, blobs
@@ -413,8 +408,7 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
         shards = []
         for shard in template.shards:
             entries = [(n, outputs[n].dtype, outputs[n].shape, outputs[n].size) for n in shard.tensors]
-            raw = build_header(entries, shard.metadata)
-            hblob = Blob(len(raw), sink.chunk_size, sink.consume(io.BytesIO(raw), len(raw), "header"))
+            hblob = sink.blob(build_header(entries, shard.metadata), "header")
             objects.append(hblob)
             shards.append(Shard(shard.file, object_id(encode(hblob)), shard.tensors, shard.metadata))
         files, blobs = _files(txn, template, outputs, plan.out_dtype, sink)

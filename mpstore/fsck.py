@@ -13,7 +13,6 @@ from .errors import CorruptData
 from .reach import walk
 from .store import CODEC_RAW, Store
 
-RELEASE_EVERY = 64 << 20
 
 
 def fsck(store: Store) -> tuple[list[str], dict]:
@@ -45,7 +44,6 @@ def fsck(store: Store) -> tuple[list[str], dict]:
         reach = walk(txn, roots, name_users=True)
         problems.extend(reach.problems)
         stored: set[bytes] = set()
-        since = 0
         for key, value in txn.iter_db(b"chunks"):
             counts["chunks"] += 1
             counts["chunk_bytes"] += len(value) - 1
@@ -60,10 +58,7 @@ def fsck(store: Store) -> tuple[list[str], dict]:
             elif key in reach.sizes and reach.sizes[key] != len(view) - 1:
                 problems.append(f"chunk {key.hex()}: {len(view) - 1} bytes, expected "
                                 f"{reach.sizes[key]}{where}")
-            since += len(view)
-            if since >= RELEASE_EVERY:
-                store.release_pages()
-                since = 0
+            store.touched(len(view))
         for key in sorted(reach.chunks - stored):
             problems.append(f"chunk {key.hex()} is missing (used by {reach.users.get(key, '?')})")
     store.release_pages()

@@ -9,7 +9,6 @@ that transaction leaves only unreferenced chunks, which the branch never points 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
@@ -136,11 +135,6 @@ def read_weights(sink: ChunkSink, path: Path, header: Header) -> dict[str, Tenso
             tensors[t.name] = Tensor(size, sink.chunk_size, chunks, t.dtype, t.shape)
     return tensors
 
-
-def header_blob(sink: ChunkSink, header: Header) -> Blob:
-    """The raw header bytes (length prefix excluded) as a blob, so checkout rewrites them exactly."""
-    chunks = sink.consume(io.BytesIO(header.raw), len(header.raw), "header")
-    return Blob(len(header.raw), sink.chunk_size, chunks)
 
 
 def total_bytes(source: Source) -> int:

@@ -8,9 +8,11 @@ so fsck can name every problem in one run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .dtypes import ITEMSIZE
 from .errors import CorruptData
 from .objects import Blob, Chunked, Commit, Plan, Snapshot, Tensor
 from .store import Txn
@@ -90,10 +92,5 @@ def _check_cover(obj: Chunked, what: str, out: Reach) -> None:
     if len(obj.chunks) != expected:
         out.problems.append(f"{what}: {len(obj.chunks)} chunks for {obj.size} bytes (expected {expected})")
     if isinstance(obj, Tensor):
-        from .dtypes import ITEMSIZE
-
-        n = 1
-        for d in obj.shape:
-            n *= d
-        if obj.dtype not in ITEMSIZE or n * ITEMSIZE[obj.dtype] != obj.size:
+        if obj.dtype not in ITEMSIZE or math.prod(obj.shape) * ITEMSIZE[obj.dtype] != obj.size:
             out.problems.append(f"{what}: {obj.dtype}{list(obj.shape)} does not fill {obj.size} bytes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import math
 import os
 import re
 from collections import Counter
@@ -253,7 +254,7 @@ class Repo:
             tensors: dict[str, bytes] = {}
             shards = []
             for file, header in src.weights.items():
-                hblob = ingest.header_blob(sink, header)
+                hblob = sink.blob(header.raw, "header")  # the raw header: checkout rewrites it exactly
                 objects.append(hblob)
                 shards.append(ingest.shard_record(file, header, object_id(encode(hblob))))
                 for tname, tensor in ingest.read_weights(sink, src.root / file, header).items():
@@ -325,10 +326,7 @@ class Repo:
         rows = self.ls(info.id.hex())
         params: Counter[str] = Counter()
         for row in rows:
-            n = 1
-            for d in row["shape"]:
-                n *= d
-            params[row["dtype"]] += n
+            params[row["dtype"]] += math.prod(row["shape"])
         with self.store.read() as r:
             snap: Snapshot = r.object(info.commit.snapshot)
             size = _checkout.snapshot_size(r, snap)

@@ -8,10 +8,9 @@ shards keep their exact bytes.
 
 from __future__ import annotations
 
-import io
 
 from .chunks import ChunkSink
-from .objects import Blob, Shard, Snapshot, Tensor, encode, object_id
+from .objects import Shard, Snapshot, Tensor, encode, object_id
 from .safetensors_header import build_header
 from .store import Txn
 
@@ -57,8 +56,7 @@ def revert(txn: Txn, sink: ChunkSink, parent: Snapshot, commit: Snapshot, head: 
             for n in names:
                 t: Tensor = txn.object(tensors[n])
                 entries.append((n, t.dtype, t.shape, t.size))
-            raw = build_header(entries, shard.metadata)
-            blob = Blob(len(raw), sink.chunk_size, sink.consume(io.BytesIO(raw), len(raw), "header"))
+            blob = sink.blob(build_header(entries, shard.metadata), "header")
             objects.append(blob)
             header_id = object_id(encode(blob))
         out_shards.append(Shard(shard.file, header_id, names, shard.metadata))

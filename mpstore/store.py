@@ -31,6 +31,7 @@ DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"reflog", b"catalog")
 DEFAULT_MAP_SIZE = 1 << 30  # address space only: the file grows with what is written
 MAP_SLACK = 64 << 20
 MADV_DONTNEED = 4
+RELEASE_EVERY = 64 << 20  # bytes of the map touched between releases of this process's mapping
 
 T = TypeVar("T")
 
@@ -177,6 +178,7 @@ class Store:
         self.path = path
         self.env = env
         self._open_lock = open_lock  # held shared for as long as the store is open
+        self._touched = 0
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod
@@ -296,6 +298,14 @@ class Store:
         """Make every committed transaction durable (data pages are synced at each commit; this
         flushes the meta page too)."""
         self.env.sync(True)
+
+    def touched(self, nbytes: int) -> None:
+        """Account for `nbytes` of the map just read or written; every RELEASE_EVERY bytes the
+        mapping is released, which is what keeps long operations' resident memory bounded."""
+        self._touched += nbytes
+        if self._touched >= RELEASE_EVERY:
+            self._touched = 0
+            self.release_pages()
 
     def release_pages(self) -> None:
         """Drop this process's mapping of store pages it has touched, so a long read or write
