@@ -8,6 +8,7 @@ a crash leaves only unreferenced chunks. A dry sink only computes digests (for r
 from __future__ import annotations
 
 import io
+import time
 from typing import BinaryIO
 
 from .errors import BadInput
@@ -31,6 +32,7 @@ class ChunkSink:
         self.progress = progress
         self.dry = dry
         self.new_bytes = 0
+        self.write_seconds = 0.0
         self._pending: list[tuple[bytes, bytearray]] = []
         self._pending_bytes = 0
         self._queued: set[bytes] = set()
@@ -87,8 +89,10 @@ class ChunkSink:
         def put_all(txn: Txn) -> int:
             return sum(len(value) - 1 for key, value in pending if txn.put_chunk(key, value))
 
+        began = time.perf_counter()
         self.new_bytes += self.store.write(put_all, reserve=self._pending_bytes)
         self._pending, self._pending_bytes = [], 0
         self.store.release_pages()
+        self.write_seconds += time.perf_counter() - began
 
 

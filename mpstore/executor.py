@@ -12,6 +12,7 @@ The executor never moves refs; `Repo.merge` commits what it returns.
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import catalog
 from . import methods as M
 from . import params as P
 from .checkout import chunk_views
@@ -26,7 +28,7 @@ from .chunks import ChunkSink
 from .dtypes import ITEMSIZE, torch_dtype
 from .ids import short
 from .objects import Blob, Plan, Shard, Snapshot, Tensor, encode, object_id
-from .progress import Progress
+from .progress import Progress, Silent
 from .safetensors_header import build_header
 from .store import Store, Txn
 
@@ -48,19 +50,53 @@ class Task:
     compute: str
     out: str
     copy: Tensor | None = None  # output is this stored tensor as it is
+    stored: list[Tensor] = field(default_factory=list)  # the inputs as stored (before omission)
+    omitted: list[frozenset[int]] = field(default_factory=list)  # per input: chunks read as the base's
 
 
 @dataclass
 class Realized:
     """What a merge really did, for `mp show` and the benchmarks."""
 
-    base_bytes: int = 0
-    expert_bytes: int = 0
+    base_bytes: int = 0  # distinct base chunks read, in bytes
+    expert_bytes: int = 0  # distinct expert chunks read (never the base's), in bytes
+    read_bytes: int = 0  # every read, passes reading a block again included
+    output_bytes: int = 0  # output computed (chunks reused from the base are not)
     chunks_skipped: int = 0
+    chunks_omitted: int = 0  # expert chunks a budget left out
     tensors_copied: int = 0
+    seconds: dict = field(default_factory=dict)  # time per phase
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+
+class Reads:
+    """Accounts for reads by source, counting each distinct chunk once: what a budget bounds.
+    The executor and the planner's estimate use the same account, so they agree."""
+
+    def __init__(self, realized: Realized):
+        self.realized = realized
+        self.seen: set[bytes] = set()
+
+    def read(self, task: Task, t: Tensor, a: int, b: int) -> list[tuple[int, int, int]]:
+        """Account for elements [a, b) of input tensor t; returns (chunk, lo, hi) element spans."""
+        isz = ITEMSIZE[t.dtype]
+        per = t.chunk_size // isz
+        spans = []
+        for c in range(a // per, (b - 1) // per + 1 if b > a else a // per):
+            lo, hi = max(a, c * per) - c * per, min(b, (c + 1) * per) - c * per
+            spans.append((c, lo, hi))
+            key = t.chunks[c]
+            if key not in self.seen:
+                self.seen.add(key)
+                n = min(t.chunk_size, t.size - c * t.chunk_size)
+                if task.base is None or task.base.chunks[c] != key:
+                    self.realized.expert_bytes += n
+                else:
+                    self.realized.base_bytes += n
+        self.realized.read_bytes += (b - a) * isz
+        return spans
 
 
 @dataclass
@@ -77,9 +113,48 @@ def _tensor_of(snap: Snapshot, txn: Txn, name: str) -> Tensor | None:
     return None if tid is None else txn.object(tid)
 
 
+def tasks(txn: Txn, plan: Plan, method: M.Method) -> list[Task]:
+    """Validate every tensor and resolve every parameter before anything is computed; inputs
+    carry the plan's omissions (an omitted chunk's digest becomes the base's)."""
+    found = _tasks(txn, plan, method, *_snapshots(txn, plan, method))
+    return [omit(t, (plan.omit or {}).get(t.name)) for t in found]
+
+
+def _snapshots(txn: Txn, plan: Plan, method: M.Method) -> tuple[Snapshot, Snapshot | None, list[Snapshot]]:
+    """The output's template (the base's layout, else the first input's), the base, the inputs."""
+    base = txn.object(txn.object(plan.base).snapshot) if plan.base and method.base != "none" else None
+    models = [txn.object(txn.object(m).snapshot) for m in plan.models]
+    template = base or (txn.object(txn.object(plan.base).snapshot) if plan.base else models[0])
+    return template, base, models
+
+
+def omit(task: Task, bitmaps: list[bytes | None] | None) -> Task:
+    """`task` with each input's chunks named in its bitmap read as the base's chunks."""
+    task.stored = list(task.models)
+    task.omitted = [frozenset() for _ in task.models]
+    if not bitmaps:
+        return task
+    if task.base is None or len(bitmaps) != len(task.models) or task.copy is not None:
+        raise M.BadMerge(f"the plan's omissions do not fit tensor {task.name!r}")
+    for i, bits in enumerate(bitmaps):
+        if bits:
+            t = task.models[i]
+            gone = frozenset(c for c in range(len(t.chunks)) if bits[c >> 3] >> (c & 7) & 1)
+            chunks = tuple(task.base.chunks[c] if c in gone else d for c, d in enumerate(t.chunks))
+            task.models[i] = Tensor(t.size, t.chunk_size, chunks, t.dtype, t.shape)
+            task.omitted[i] = gone
+    return task
+
+
+def bitmap(chunks: set[int] | frozenset[int], n: int) -> bytes:
+    out = bytearray((n + 7) // 8)
+    for c in chunks:
+        out[c >> 3] |= 1 << (c & 7)
+    return bytes(out)
+
+
 def _tasks(txn: Txn, plan: Plan, method: M.Method, template: Snapshot,
            base: Snapshot | None, models: list[Snapshot]) -> list[Task]:
-    """Validate every tensor and resolve every parameter before anything is computed."""
     names = [n for s in template.shards for n in s.tensors]
     layers = {i for n in names if (i := P.layer_index(n)) is not None}
     num_layers = max(layers) + 1 if layers else 0
@@ -164,6 +239,24 @@ def _to_bytes(values: torch.Tensor, dtype: str) -> bytes:
     return out.view(torch.uint8).numpy().tobytes() if out.numel() else b""
 
 
+@dataclass
+class Outline:
+    """What decides every read of one tensor's merge: `Executor.run` follows it and
+    `Executor.account` counts it, so the planner's estimate is what execution does."""
+
+    blocks: list[tuple[int, int]]
+    changed: list[list[int]]  # per block: inputs whose chunks differ from the base's there
+    needed: list[M.Pass]  # passes this tensor needs, in order
+    swept: list[M.Pass]  # of them, those that sweep the blocks (the others: no measure, or catalog)
+    hist: dict[int, torch.Tensor] | None  # per input: catalog histogram of |delta| over the tensor
+    cached: bool  # every block is read once and kept for the passes and the combine
+    skip_equal: bool  # with a cache, blocks where every input is the base are not even read
+    identity: bool  # a block where every input is the base is the base
+
+    def present(self, method: M.Method, task: Task, n: int) -> list[int]:
+        return self.changed[n] if method.sparse_inputs else list(range(len(task.models)))
+
+
 class Executor:
     def __init__(self, store: Store, txn: Txn, sink: ChunkSink, threads: int, memory_limit: int,
                  plan: Plan, progress: Progress):
@@ -172,25 +265,23 @@ class Executor:
         self.threads, self.memory_limit, self.seed = threads, memory_limit, seed
         self.progress = progress
         self.realized = Realized()
+        self.reads = Reads(self.realized)
+        self.read_seconds = 0.0
         self.pool: ThreadPoolExecutor | None = None
 
     # reading -----------------------------------------------------------------------------
-    def _read(self, t: Tensor, a: int, b: int, source: str) -> bytearray:
+    def _read(self, task: Task, t: Tensor, a: int, b: int) -> bytearray:
         """Elements [a, b) of a stored tensor as raw bytes (chunks hash-checked)."""
+        began = time.perf_counter()
         isz = ITEMSIZE[t.dtype]
-        per = t.chunk_size // isz
         out = bytearray((b - a) * isz)
         pos = 0
-        for c in range(a // per, (b - 1) // per + 1 if b > a else a // per):
+        for c, lo, hi in self.reads.read(task, t, a, b):
             view = self.txn.chunk(t.chunks[c])
-            lo, hi = max(a, c * per) - c * per, min(b, (c + 1) * per) - c * per
             out[pos: pos + (hi - lo) * isz] = view[lo * isz: hi * isz]
             pos += (hi - lo) * isz
         self.store.touched(len(out))
-        if source == "base":
-            self.realized.base_bytes += len(out)
-        else:
-            self.realized.expert_bytes += len(out)
+        self.read_seconds += time.perf_counter() - began
         return out
 
     def _changed(self, task: Task, a: int, b: int) -> list[int]:
@@ -209,13 +300,56 @@ class Executor:
             per = max(1, per // row) * row
         return [(a, min(a + per, numel)) for a in range(0, numel, per)]
 
-    def _block(self, task: Task, method: M.Method, a: int, b: int, changed: list[int]) -> Callable[[], M.Block]:
-        """Read a block's inputs now; build the tensors later, in a worker. `changed`: the
-        inputs whose chunks differ from the base's here (only those are read for methods with
-        sparse inputs)."""
-        present = changed if method.sparse_inputs else list(range(len(task.models)))
-        raw_base = self._read(task.base, a, b, "base") if task.base else None
-        raw_models = [self._read(task.models[i], a, b, "expert") for i in present]
+    def _histograms(self, task: Task) -> dict[int, torch.Tensor] | None:
+        """Each input's histogram of |delta| bits over the whole stored tensor, from the catalog.
+        None when an entry is missing, or when the catalog's float32 deltas are not exactly the
+        compute dtype's (then the exact merge sweeps) — unless chunks are omitted: a budgeted
+        merge places its thresholds over the whole delta from the catalog in any dtype."""
+        ref = task.base
+        if ref is None:
+            return None
+        exact = ITEMSIZE[task.compute] >= 4 and ITEMSIZE[ref.dtype] <= 4
+        if not exact and not any(task.omitted):
+            return None
+        hists = {}
+        for i, t in enumerate(task.stored):
+            h = catalog.tensor_histogram(self.txn, t, ref)
+            if h is None:
+                if task.omitted[i]:
+                    raise M.BadMerge(f"tensor {task.name!r}: input {i + 1} has chunks left out by the "
+                                     "budget but no catalog entries (run `mp analyze`)")
+                return None
+            hists[i] = torch.from_numpy(h)
+        return hists
+
+    def outline(self, task: Task, method: M.Method) -> Outline:
+        blocks = self._blocks(task, method)
+        changed = [self._changed(task, a, b) for a, b in blocks]
+        needed = [p for p in method.passes if p.needed(task.p, task.g)]
+        hist = self._histograms(task) if any(p.from_catalog for p in needed if p.measure) else None
+        swept = [p for p in needed if p.measure and not (p.from_catalog and hist is not None)]
+        ref = task.base or task.models[0]
+        numel = ref.size // ITEMSIZE[ref.dtype]
+        # inputs and their deltas (a block keeps both once a pass has asked for the deltas)
+        need = numel * torch_dtype(task.compute).itemsize * (2 * len(task.models) + 1)
+        cached = bool(swept) and need <= self.memory_limit // 2
+        skip_equal = (task.base is not None and all(p.zero is not None for p in swept)
+                      and method.local_identity(task.g, True))
+        identity = method.local_identity(task.g, task.base is not None or method.base == "none")
+        return Outline(blocks, changed, needed, swept, hist, cached, skip_equal, identity)
+
+    def _reusable(self, task: Task, a: int, b: int) -> bool:
+        """An unchanged block that is a whole chunk of the output dtype: its digest is reused."""
+        ref = task.base or task.models[0]
+        per_chunk = ref.chunk_size // ITEMSIZE[ref.dtype]
+        numel = ref.size // ITEMSIZE[ref.dtype]
+        return task.out == ref.dtype and a % per_chunk == 0 and (b - a == per_chunk or b == numel)
+
+    def _block(self, task: Task, method: M.Method, a: int, b: int, present: list[int]) -> Callable[[], M.Block]:
+        """Read a block's inputs now; build the tensors later, in a worker. `present`: the
+        inputs to read (for methods with sparse inputs, those whose delta is not zero here)."""
+        raw_base = self._read(task, task.base, a, b) if task.base else None
+        raw_models = [self._read(task, task.models[i], a, b) for i in present]
         ref = task.base or task.models[0]
         row = ref.shape[-1] if ref.shape else 1
         weight_sum = sum(q.get("weight", 0.0) for q in task.p)
@@ -228,6 +362,39 @@ class Executor:
                            self.seed, present, weight_sum, len(ref.shape))
 
         return build
+
+    # counting (the planner's estimate) -----------------------------------------------------
+    def account(self, task: Task, method: M.Method) -> None:
+        """Count the reads and output `run` would make for `task`, reading no chunk."""
+        if task.copy is not None:
+            self.realized.tensors_copied += 1
+            return
+        o = self.outline(task, method)
+        ref = task.base or task.models[0]
+
+        def block(n: int) -> None:
+            a, b = o.blocks[n]
+            for t in ([task.base] if task.base else []) + [task.models[i] for i in o.present(method, task, n)]:
+                self.reads.read(task, t, a, b)
+
+        if o.cached:
+            for n in range(len(o.blocks)):
+                if not (o.skip_equal and not o.changed[n]):
+                    block(n)
+        else:
+            for pas in o.swept:
+                for n in range(len(o.blocks)):
+                    if not (pas.zero is not None and task.base is not None and not o.changed[n]):
+                        block(n)
+        for n, (a, b) in enumerate(o.blocks):
+            if o.identity and not o.changed[n]:
+                if self._reusable(task, a, b):
+                    continue
+                self.reads.read(task, ref, a, b)
+            elif not o.cached:
+                block(n)
+            self.realized.output_bytes += (b - a) * ITEMSIZE[task.out]
+        self.realized.chunks_omitted += sum(len(g) for g in task.omitted)
 
     # streaming ----------------------------------------------------------------------------
     def _window(self, task: Task) -> int:
@@ -246,38 +413,32 @@ class Executor:
         while pending:
             yield _result(pending.popleft())
 
-    def _cache(self, task: Task, method: M.Method, blocks: list, changed: list[list[int]],
-               sweeps: list[M.Pass]) -> list | None:
+    def _cache(self, task: Task, method: M.Method, o: Outline) -> list | None:
         """Build every block once when the whole tensor fits in half the memory limit, so the
         passes and the combine reuse them instead of reading and decoding again. Blocks where
         every input is the base stay None when nothing needs their values."""
-        ref = task.base or task.models[0]
-        numel = ref.size // ITEMSIZE[ref.dtype]
-        # inputs and their deltas (a block keeps both once a pass has asked for the deltas)
-        need = numel * torch_dtype(task.compute).itemsize * (2 * len(task.models) + 1)
-        if not any(p.measure for p in sweeps) or need > self.memory_limit // 2:
+        if not o.cached:
             return None
-        skip_equal = (task.base is not None and all(p.zero is not None for p in sweeps if p.measure)
-                      and method.local_identity(task.g, True))
 
         def jobs():
-            for (a, b), ch in zip(blocks, changed):
-                yield None if skip_equal and not ch else self._block(task, method, a, b, ch)
+            for n, (a, b) in enumerate(o.blocks):
+                skip = o.skip_equal and not o.changed[n]
+                yield None if skip else self._block(task, method, a, b, o.present(method, task, n))
 
         return list(self._ordered(task, jobs()))
 
-    def _sweep(self, task: Task, method: M.Method, blocks: list, changed: list[list[int]],
-               pas: M.Pass, stats: dict, cache: list | None) -> dict:
+    def _sweep(self, task: Task, method: M.Method, o: Outline, pas: M.Pass, stats: dict,
+               cache: list | None) -> dict:
         def jobs():
-            for n, (a, b) in enumerate(blocks):
+            for n, (a, b) in enumerate(o.blocks):
                 if cache is not None:
                     blk = cache[n]
                     yield pas.zero(b - a, stats, len(task.models)) if blk is None else (
                         lambda blk=blk: pas.measure(blk, stats))
-                elif pas.zero is not None and task.base is not None and not changed[n]:
+                elif pas.zero is not None and task.base is not None and not o.changed[n]:
                     yield pas.zero(b - a, stats, len(task.models))
                 else:
-                    build = self._block(task, method, a, b, changed[n])
+                    build = self._block(task, method, a, b, o.present(method, task, n))
                     yield lambda build=build: pas.measure(build(), stats)
 
         totals: dict[str, torch.Tensor] = {}
@@ -295,37 +456,43 @@ class Executor:
             self.progress.advance(task.copy.size)
             return task.copy
         numel = ref.size // ITEMSIZE[ref.dtype]
-        blocks = self._blocks(task, method)
-        stats: dict = {"inputs": len(task.models), "block_of": {a: n for n, (a, _) in enumerate(blocks)}}
-        changed = [self._changed(task, a, b) for a, b in blocks]
-        sweeps = [p for p in method.passes if p.needed(task.p, task.g)]
-        cache = self._cache(task, method, blocks, changed, sweeps)
-        for pas in sweeps:
-            totals = self._sweep(task, method, blocks, changed, pas, stats, cache) if pas.measure else {}
+        o = self.outline(task, method)
+        self.realized.chunks_omitted += sum(len(g) for g in task.omitted)
+        stats: dict = {"inputs": len(task.models), "block_of": {a: n for n, (a, _) in enumerate(o.blocks)}}
+        if any(task.omitted):
+            stats["omitted_hist"] = {i: catalog.tensor_histogram(self.txn, task.stored[i], task.base, g)
+                                     for i, g in enumerate(task.omitted) if g}  # present: checked above
+        cache = self._cache(task, method, o)
+        for pas in o.needed:
+            if pas in o.swept:
+                totals = self._sweep(task, method, o, pas, stats, cache)
+            elif pas.measure is not None:
+                totals = pas.from_catalog(stats, o.hist.get)
+            else:
+                totals = {}
             pas.finish(stats, totals, task.p, task.g, numel)
-        identity = method.local_identity(task.g, task.base is not None or method.base == "none")
-        same_dtype = task.out == ref.dtype
-        per_chunk = ref.chunk_size // ITEMSIZE[ref.dtype]
         asm = _Assembler(self.sink, self.chunk_size)
 
         def jobs():
-            for n, (a, b) in enumerate(blocks):
+            for n, (a, b) in enumerate(o.blocks):
+                present = o.present(method, task, n)
                 if method.sparse_inputs:
-                    self.realized.chunks_skipped += len(task.models) - len(changed[n])
-                if identity and not changed[n]:
+                    self.realized.chunks_skipped += len(task.models) - len(present)
+                if o.identity and not o.changed[n]:
                     if not method.sparse_inputs:
                         self.realized.chunks_skipped += len(task.models)
-                    if same_dtype and a % per_chunk == 0 and (b - a == per_chunk or b == numel):
-                        yield ("digest", ref.chunks[a // per_chunk], (b - a) * ITEMSIZE[ref.dtype])
+                    if self._reusable(task, a, b):
+                        yield ("digest", ref.chunks[a // (ref.chunk_size // ITEMSIZE[ref.dtype])],
+                               (b - a) * ITEMSIZE[ref.dtype])
                         continue
-                    raw = self._read(ref, a, b, "base")
+                    raw = self._read(task, ref, a, b)
                     yield lambda raw=raw: _to_bytes(_values(raw, ref.dtype, task.compute), task.out)
                     continue
                 blk = cache[n] if cache is not None else None
                 if blk is not None:
                     yield lambda blk=blk: _to_bytes(method.combine(blk, stats), task.out)
                 else:
-                    build = self._block(task, method, a, b, changed[n])
+                    build = self._block(task, method, a, b, present)
                     yield lambda build=build: _to_bytes(method.combine(build(), stats), task.out)
 
         for item in self._ordered(task, jobs()):
@@ -334,6 +501,7 @@ class Executor:
                 self.progress.advance(item[2])
             else:
                 asm.data(item)
+                self.realized.output_bytes += len(item)
                 self.progress.advance(len(item))
         chunks = asm.finish()
         return Tensor(asm.size, self.chunk_size, chunks, task.out, shape)
@@ -388,19 +556,18 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
             memory_limit: int) -> Result:
     """Compute the merged snapshot of `plan`; chunks go through `sink`, nothing else is written."""
     method = M.get(plan.method)
+    began = time.perf_counter()
     with store.read() as txn:
-        base = txn.object(txn.object(plan.base).snapshot) if plan.base and method.base != "none" else None
-        models = [txn.object(txn.object(m).snapshot) for m in plan.models]
-        template = base or (txn.object(txn.object(plan.base).snapshot) if plan.base else models[0])
-        tasks = _tasks(txn, plan, method, template, base, models)
+        template = _snapshots(txn, plan, method)[0]
+        todo = tasks(txn, plan, method)
         ex = Executor(store, txn, sink, threads, memory_limit, plan, progress)
-        progress.start(f"merge {plan.method}", sum(_out_size(t) for t in tasks))
+        progress.start(f"merge {plan.method}", sum(_out_size(t) for t in todo))
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 ex.pool = pool
-                outputs = {t.name: ex.run(t, method) for t in tasks}
+                outputs = {t.name: ex.run(t, method) for t in todo}
         finally:
             torch.set_num_threads(old_threads)
             progress.finish()
@@ -415,7 +582,18 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
         objects.extend(blobs)
     sink.flush()
     snapshot = Snapshot({n: object_id(encode(t)) for n, t in outputs.items()}, files, tuple(shards))
+    ex.realized.seconds = {"execute": round(time.perf_counter() - began, 3),
+                           "read": round(ex.read_seconds, 3), "write": round(sink.write_seconds, 3)}
     return Result(snapshot, objects, ex.realized)
+
+
+def account(txn: Txn, plan: Plan, memory_limit: int) -> Realized:
+    """What executing `plan` would read and compute, counted without reading a chunk."""
+    method = M.get(plan.method)
+    ex = Executor(None, txn, None, 1, memory_limit, plan, Silent())
+    for task in tasks(txn, plan, method):
+        ex.account(task, method)
+    return ex.realized
 
 
 def _out_size(task: Task) -> int:

@@ -80,6 +80,10 @@ class Pass:
     # What `measure` would return for a block of n elements where every input equals the base
     # (all deltas zero), so such blocks are accounted for without reading them. None: read them.
     zero: Callable[[int, Stats, int], dict[str, torch.Tensor]] | None = None
+    # The sums `measure` would give, from the delta catalog instead of a sweep: called with a
+    # function giving input i's histogram of float32 |delta| high bits over the whole tensor (or
+    # None when the catalog cannot say); returns None to sweep after all.
+    from_catalog: Callable[[Stats, Callable[[int], torch.Tensor | None]], dict | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class Method:
     # All inputs equal over the whole tensor: is the output that tensor? (linear: only normalized)
     equal_identity: Callable[[dict], bool] = lambda g: True
     check: Callable[[list[dict], dict, str, int], None] = lambda p, g, name, numel: None
+    # The output is base + a fixed linear combination of the deltas, so leaving a chunk's delta
+    # out moves it by at most that delta's weighted norm: the planner can bound the omission.
+    additive: bool = False
 
 
 REGISTRY: dict[str, Method] = {}
@@ -160,7 +167,18 @@ def _radix_low_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
 
 
 def _radix_high_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
+    st["high"] = tot
     st["bins"] = {i: [_pick(tot[f"h{i}"], r) for r in ranks] for i, ranks in st["ranks"].items()}
+
+
+def _radix_high_known(st: Stats, hist: Callable[[int], torch.Tensor | None]) -> dict | None:
+    out = {}
+    for i in st["ranks"]:
+        h = hist(i)
+        if h is None:
+            return None
+        out[f"h{i}"] = h
+    return out
 
 
 def _radix_low(b: Block, st: Stats) -> dict[str, torch.Tensor]:
@@ -181,14 +199,29 @@ def _radix_low_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) 
     """The exact magnitude at each wanted rank, and that rank's position among the entries
     tied at that magnitude (1 = the first of them in index order)."""
     thresholds, within = {}, {}
+    omitted = st.get("omitted_hist", {})
     for i, picks in st["bins"].items():
         values, positions = [], []
         for j, (hi, r) in enumerate(picks):
+            if i in omitted and hi > 0:
+                r = _rank_among_read(r, int(st["high"][f"h{i}"][hi]), int(omitted[i][hi]))
+                if r == 0:  # no read entry in the threshold's bin: cut at the bin's floor
+                    values.append(torch.tensor([hi << 16], dtype=torch.int32).view(torch.float32).item())
+                    positions.append(1)
+                    continue
             lo, position = _pick(tot[f"l{i}.{j}"], r)
             values.append(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item())
             positions.append(position)
         thresholds[i], within[i] = values, positions
     st["thresholds"], st["within"] = thresholds, within
+
+
+def _rank_among_read(rank: int, in_bin: int, unread: int) -> int:
+    """A budgeted merge leaves chunks unread: the threshold's bin (from the catalog, over the
+    whole delta) holds `in_bin` entries of which `unread` were not read. The same fraction of the
+    read ones is kept, so read chunks keep what the exact merge would keep, to within the bin."""
+    read = in_bin - unread
+    return 0 if read <= 0 else max(1, min(read, math.ceil(rank * read / in_bin)))
 
 
 def _ties(b: Block, st: Stats) -> dict[str, torch.Tensor]:
@@ -236,7 +269,7 @@ def _has_ranks(p: list[dict], g: dict) -> bool:
 
 
 RADIX = (
-    Pass(_radix_high, _radix_high_finish, _has_ranks, _radix_high_zero),
+    Pass(_radix_high, _radix_high_finish, _has_ranks, _radix_high_zero, _radix_high_known),
     Pass(_radix_low, _radix_low_finish, _has_ranks, _radix_low_zero),
     Pass(_ties, _ties_finish, _has_ranks, _ties_zero),
 )
@@ -415,7 +448,7 @@ def _task_method(name: str, sp: Sparsifier | None, consensus: bool, normalize: b
         global_params=(ParamDef("normalize", normalize, bool), ParamDef("rescale", rescale, bool),
                        LAMBDA, ParamDef("int8_mask", False, bool)),
         min_models=1, passes=passes, sparse_inputs=True, row_local=lambda g: sp is DELLA,
-        check=_check_density,
+        check=_check_density, additive=sp is None and not consensus,
     ))
 
 

@@ -162,8 +162,15 @@ class Plan:
     out_dtype: str | None  # None: the compute dtype
     chunk_size: int
     engine: int  # executor version: a replay under another engine may legitimately differ
+    # A budgeted merge: {tensor: [bitmap of the input's omitted chunks, or None, per input]};
+    # omitted chunks are read as the base's (zero delta). None: every chunk is read.
+    omit: dict | None = None
+    budget: dict | None = None  # {"spec", "bytes", "select"} as the user asked
+    estimate: dict | None = None  # the planner's prediction: bytes by source, error bound, time
 
     def fields(self) -> dict:
+        optional = {k: v for k, v in (("omit", None if self.omit is None else dict(sorted(self.omit.items()))), ("budget", self.budget),
+                                      ("estimate", self.estimate)) if v is not None}
         return {
             "method": self.method,
             "base": self.base,
@@ -175,6 +182,7 @@ class Plan:
             "out_dtype": self.out_dtype,
             "chunk_size": self.chunk_size,
             "engine": self.engine,
+            **optional,  # absent when unset, so plans that predate them keep their ids
         }
 
     @classmethod
@@ -182,6 +190,7 @@ class Plan:
         return cls(
             d["method"], d["base"], tuple(d["models"]), tuple(d["model_params"]), d["global_params"],
             d["seed"], d["compute_dtype"], d["out_dtype"], d["chunk_size"], d["engine"],
+            d.get("omit"), d.get("budget"), d.get("estimate"),
         )
 
 

@@ -11,7 +11,7 @@ import functools
 import getpass
 import math
 import os
-import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +36,8 @@ from .store import DEFAULT_MAP_SIZE, Store, Txn
 
 if TYPE_CHECKING:
     from .mergeconfig import MergeRequest
+    from .catalog import AnalyzeResult
+    from .planner import Selector
 
 STORE_DIR = ".mp"
 DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/architecture.md, "Chunk size", for the measurement
@@ -48,6 +50,13 @@ class AddResult:
     commit: bytes
     new_bytes: int
     total_bytes: int
+    analyzed: "AnalyzeResult | None" = None  # the delta catalog work, with --base
+
+
+def _pairs(r: Txn, tensors: dict[str, bytes], base: Snapshot, known: dict[bytes, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """(expert tensor, base tensor) by name; `known`: tensors not stored yet (an add in progress)."""
+    return [(known.get(tid) or r.object(tid), r.object(base.tensors[n]))
+            for n, tid in tensors.items() if n in base.tensors]
 
 
 @dataclass(frozen=True)
@@ -82,14 +91,6 @@ class CommitInfo:
             "new_bytes": c.new_bytes,
             "stats": c.stats,
         }
-
-
-def parse_size(text: str) -> int:
-    """'1MiB', '512k', '4096' -> bytes (binary multiples, as chunk sizes are)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text.lower())
-    if not m:
-        raise MpError(f"invalid size {text!r}: use a number of bytes, e.g. 1048576 or 1MiB")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2)]
 
 
 def _writes(fn):
@@ -270,6 +271,14 @@ class Repo:
             progress.finish()
         snapshot = Snapshot(tensors, files, tuple(shards))
         msg = message if message is not None else f"add {Path(source).name}"
+        analyzed = None
+        if base_id is not None:  # the catalog of this expert's deltas: a one-time cost per model
+            from .catalog import analyze
+
+            with self.store.read() as r:
+                new = {object_id(encode(o)): o for o in objects if isinstance(o, Tensor)}
+                pairs = _pairs(r, tensors, r.object(r.object(base_id).snapshot), new)
+            analyzed = analyze(self.store, pairs, progress, os.cpu_count() or 1)
 
         def commit(txn: Txn) -> bytes:
             for obj in objects:
@@ -286,7 +295,7 @@ class Repo:
 
         cid = self.store.write(commit, reserve=sum(len(encode(o)) for o in objects) + (1 << 20))
         self.store.sync()
-        return AddResult(cid, sink.new_bytes, total)
+        return AddResult(cid, sink.new_bytes, total, analyzed)
 
     # reading ------------------------------------------------------------------------------
     def commit(self, spec: str) -> CommitInfo:
@@ -369,13 +378,31 @@ class Repo:
             return f"{short(cid)} {r.object(cid).message}"
 
     # merging ------------------------------------------------------------------------------
-    def plan(self, request: "MergeRequest") -> Plan:
-        """The plan a merge request resolves to; validates refs, method and parameters."""
+    def plan(self, request: "MergeRequest", budget: str | None = None, select: "str | Selector" = "greedy",
+             memory_limit: int = 1 << 30) -> Plan:
+        """The plan a merge request resolves to, with the reads a budget allows ('10%' of the
+        experts' differing bytes, or a size) and the estimate of what executing it will cost.
+        Validates refs, method, parameters and every tensor; reads no chunk."""
         from .executor import ENGINE_VERSION
         from .mergeconfig import to_plan
+        from .planner import parse_budget, plan as make_plan
 
         with self.store.read() as r:
-            return to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
+            resolved = to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
+            return make_plan(r, resolved, parse_budget(budget) if budget is not None else None,
+                             select, memory_limit)
+
+    def analyze(self, spec: str, base: str, threads: int | None = None,
+                progress: Progress | None = None) -> AnalyzeResult:
+        """Record the delta catalog of `spec` against `base` (what `add --base` does at add time)."""
+        with self.store.read() as r:
+            expert = r.object(r.object(resolve(r, spec)).snapshot)
+            base_snap = r.object(r.object(resolve(r, base)).snapshot)
+            pairs = _pairs(r, expert.tensors, base_snap, {})
+        from .catalog import analyze
+
+        with self.store.writing():
+            return analyze(self.store, pairs, progress or Silent(), threads or os.cpu_count() or 1)
 
     @_writes
     def merge(
@@ -386,6 +413,8 @@ class Repo:
         threads: int | None = None,
         memory_limit: int = 1 << 30,
         progress: Progress | None = None,
+        budget: str | None = None,
+        select: "str | Selector" = "greedy",
     ) -> MergeResult:
         """Execute a merge and commit it, with its plan, on `branch` in one transaction.
 
@@ -394,10 +423,13 @@ class Repo:
         from .executor import execute
 
         check_name(branch)
-        plan = self.plan(request)
+        began = time.perf_counter()
+        plan = self.plan(request, budget, select, memory_limit)
+        planned = time.perf_counter() - began
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
         result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
                          memory_limit)
+        result.realized.seconds = {"plan": round(planned, 3), **result.realized.seconds}
         msg = message if message is not None else f"merge {plan.method} of {len(plan.models)} models"
 
         def commit(txn: Txn) -> bytes:
@@ -416,9 +448,11 @@ class Repo:
             txn.set_meta("HEAD", branch)
             return cid
 
+        began = time.perf_counter()
         cid = self.store.write(commit, reserve=sum(len(encode(o)) for o in result.objects) + (1 << 20))
         self.store.sync()
-        return MergeResult(cid, plan, result.realized.to_json())
+        return MergeResult(cid, plan, {**result.realized.to_json(),
+                                       "commit_seconds": round(time.perf_counter() - began, 3)})
 
     def replay(self, spec: str, threads: int | None = None, memory_limit: int = 1 << 30,
                progress: Progress | None = None) -> ReplayResult:

@@ -67,6 +67,14 @@ class Txn:
             raise CorruptData(f"chunk {key.hex()} does not match its digest")
         return payload
 
+    # catalog ------------------------------------------------------------------------------
+    def catalog(self, key: bytes) -> memoryview | None:
+        value = self._t.get(key, db=self._s.db[b"catalog"], default=None)
+        return None if value is None else memoryview(value)
+
+    def put_catalog(self, key: bytes, value: bytes) -> bool:
+        return self._t.put(key, value, db=self._s.db[b"catalog"], overwrite=False)
+
     # objects ------------------------------------------------------------------------------
     def put_object(self, obj: StoredObject) -> bytes:
         data = encode(obj)

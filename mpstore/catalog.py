@@ -1,0 +1,205 @@
+"""The delta catalog: statistics of each expert chunk's difference from its base chunk.
+
+A budgeted merge must decide which expert chunks to read without reading them, and a method
+with a tensor-global step (a top-k magnitude threshold) must know that quantity over chunks it
+leaves unread. So at add time (or `mp analyze`) every chunk whose digest differs from the base's
+chunk at the same position is measured once, in float32: its delta's L2 norm, largest
+magnitude, number of changed elements, the base chunk's largest magnitude (what bounds output
+rounding), and a histogram of |delta| over the top 16 bits of the float32 pattern — exactly the
+first radix pass of the executor's top-k selection, so summed histograms place a threshold.
+Entries are keyed by (expert chunk digest, base chunk digest): any model or merge that meets the
+same pair shares them, and gc drops them with their chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from .dtypes import ITEMSIZE
+from .errors import CorruptData
+from .objects import Tensor
+from .progress import Progress
+from .store import Store, Txn
+
+FORMAT = 1
+FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+BINS = 1 << 16
+WRITE_BATCH = 2048  # entries per write transaction
+WINDOW = 16  # chunk pairs in flight per worker thread
+
+
+@dataclass(frozen=True)
+class DeltaStats:
+    l2: float  # ||expert - base||_2 over the chunk (float32 differences, float64 sum)
+    max_abs: float  # largest |expert - base|
+    changed: int  # elements whose delta is not zero
+    base_max: float  # largest |base| in the chunk
+    bins: bytes  # uint16: high 16 bits of float32 |delta| that occur, ascending
+    counts: bytes  # uint32: how many elements fall in each of those bins
+
+    def encode(self) -> bytes:
+        return msgpack.packb([FORMAT, self.l2, self.max_abs, self.changed, self.base_max,
+                              self.bins, self.counts], use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview, key: bytes) -> DeltaStats:
+        try:
+            fmt, l2, mx, changed, base_max, bins, counts = msgpack.unpackb(data, raw=False)
+            if fmt != FORMAT or len(bins) * 2 != len(counts):
+                raise ValueError("unexpected layout")
+            return cls(float(l2), float(mx), int(changed), float(base_max), bytes(bins), bytes(counts))
+        except Exception as e:  # stored bytes that are not what we wrote
+            raise CorruptData(f"catalog entry {key.hex()} does not decode: {e}") from None
+
+
+def key(expert_chunk: bytes, base_chunk: bytes) -> bytes:
+    return expert_chunk + base_chunk
+
+
+def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes) -> DeltaStats | None:
+    k = key(expert_chunk, base_chunk)
+    value = txn.catalog(k)
+    return None if value is None else DeltaStats.decode(value, k)
+
+
+def _float32(raw: bytes | bytearray, dtype: str) -> np.ndarray:
+    """Chunk bytes as float32 values (numpy: `mp add` need not import torch)."""
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype in NUMPY:
+        return np.frombuffer(raw, dtype=NUMPY[dtype]).astype(np.float32)
+    import torch  # float8: only torch knows the encodings
+
+    from .dtypes import torch_dtype
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype)).to(torch.float32).numpy()
+
+
+def measure(expert: bytes | bytearray, base: bytes | bytearray, dtype: str) -> DeltaStats:
+    """The statistics of one chunk pair's delta, computed in float32 like the executor's passes."""
+    b = _float32(base, dtype)
+    mag = np.abs(_float32(expert, dtype) - b)
+    hist = np.bincount(mag.view(np.int32) >> 16, minlength=BINS)
+    used = np.flatnonzero(hist)
+    return DeltaStats(
+        l2=float(np.sqrt(np.square(mag, dtype=np.float64).sum())),
+        max_abs=float(mag.max()) if mag.size else 0.0,
+        changed=int(np.count_nonzero(mag)),
+        base_max=float(np.abs(b).max()) if b.size else 0.0,
+        bins=used.astype(np.uint16).tobytes(),
+        counts=hist[used].astype(np.uint32).tobytes(),
+    )
+
+
+def comparable(expert: Tensor, base: Tensor | None) -> bool:
+    """Chunks line up element for element and the values are numbers with a delta."""
+    return (base is not None and expert.dtype == base.dtype and expert.shape == base.shape
+            and expert.chunk_size == base.chunk_size and expert.dtype in FLOATS)
+
+
+@dataclass
+class AnalyzeResult:
+    pairs: int = 0  # differing (expert chunk, base chunk) pairs seen
+    measured: int = 0  # of them, newly measured and stored
+    bytes_read: int = 0  # expert and base chunk bytes read to measure them
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def differing(tensors: Iterable[tuple[Tensor, Tensor]]) -> Iterable[tuple[bytes, bytes, str]]:
+    """(expert chunk, base chunk, dtype) for every position where the digests differ."""
+    for t, b in tensors:
+        if comparable(t, b) and t.chunks != b.chunks:
+            for e, c in zip(t.chunks, b.chunks):
+                if e != c:
+                    yield e, c, t.dtype
+
+
+def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress,
+            threads: int) -> AnalyzeResult:
+    """Measure every differing chunk pair the catalog lacks, and store the entries.
+
+    The main thread reads (LMDB stays on one thread) and workers measure; entries are written in
+    batches of their own transactions: an entry only describes two chunks, so one written before
+    the commit that needs it (or by a process that dies) is harmless, and gc removes it with them."""
+    start = time.perf_counter()
+    result = AnalyzeResult()
+    todo = list(dict.fromkeys(differing(pairs)))
+    result.pairs = len(todo)
+    progress.start("analyze", len(todo))
+    done: list[tuple[bytes, bytes]] = []
+
+    def write() -> None:
+        batch = list(done)
+        done.clear()
+        store.write(lambda txn: sum(txn.put_catalog(k, v) for k, v in batch),
+                    reserve=sum(len(v) + 64 for _, v in batch))
+
+    def collect() -> None:
+        k, fut = pending.popleft()
+        done.append((k, fut.result().encode()))
+        result.measured += 1
+        progress.advance(1)
+
+    pending: deque[tuple[bytes, Future]] = deque()
+    try:
+        with store.read() as txn, ThreadPoolExecutor(max_workers=threads) as pool:
+            for e, b, dtype in todo:
+                k = key(e, b)
+                if txn.catalog(k) is not None:
+                    progress.advance(1)
+                    continue
+                ev, bv = txn.chunk(e), txn.chunk(b)
+                ebytes, bbytes = bytearray(ev), bytearray(bv)
+                result.bytes_read += len(ebytes) + len(bbytes)
+                store.touched(len(ebytes) + len(bbytes))
+                pending.append((k, pool.submit(measure, ebytes, bbytes, dtype)))
+                while len(pending) >= WINDOW * threads:
+                    collect()
+                if len(done) >= WRITE_BATCH:
+                    write()
+            while pending:
+                collect()
+        if done:
+            write()
+    finally:
+        progress.finish()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def item_bytes(t: Tensor, c: int) -> int:
+    """Bytes of chunk c of tensor t (the last one may be short)."""
+    return min(t.chunk_size, t.size - c * t.chunk_size)
+
+
+def elements(t: Tensor, c: int) -> int:
+    return item_bytes(t, c) // ITEMSIZE[t.dtype]
+
+
+def tensor_histogram(txn: Txn, expert: Tensor, base: Tensor,
+                     only: frozenset[int] | None = None) -> np.ndarray | None:
+    """Sum of the catalog histograms of `expert`'s chunks that differ from `base`'s (of those
+    in `only`, if given); unchanged chunks count as zeros (bin 0) unless `only` is given.
+    None when an entry is missing."""
+    hist = np.zeros(BINS, dtype=np.int64)
+    for c, (e, b) in enumerate(zip(expert.chunks, base.chunks)):
+        if only is not None and c not in only:
+            continue
+        if e == b:
+            hist[0] += elements(expert, c)
+            continue
+        st = lookup(txn, e, b)
+        if st is None:
+            return None
+        np.add.at(hist, np.frombuffer(st.bins, dtype=np.uint16), np.frombuffer(st.counts, dtype=np.uint32))
+    return hist

@@ -1,0 +1,229 @@
+"""The planner: which expert chunks a budgeted merge reads, what the merge will cost, and how far
+its result can be from the exact merge.
+
+With K experts, expert reads dominate a merge. The planner decides them from the delta catalog
+alone: every (expert, chunk) whose digest differs from the base's is a candidate read carrying
+|weight|·||delta|| of update; chunks equal to the base are never candidates. A selector spends the
+budget (greedy: most weighted delta per byte first); chunks left out are read as the base's, i.e.
+a zero delta. The counts come from `executor.account`, which walks the same outline the
+executor follows, so the estimate is what execution then does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import xxhash
+
+from . import catalog
+from . import executor as X
+from . import methods as M
+from .dtypes import ITEMSIZE
+from .errors import BadMerge
+from .objects import Plan
+from .store import Txn
+from .units import parse_size
+
+# Rough throughput of the executor on the 2-core reference machine (docs/benchmarks.md,
+# tools/bench_budget.py calibrates them): seconds per byte read from the store and per byte of
+# output computed. Only `mp plan`'s time estimate uses them.
+SECONDS_PER_READ_BYTE = 1.0 / 900e6
+SECONDS_PER_OUTPUT_BYTE = 1.0 / 120e6
+MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
+
+
+@dataclass(frozen=True)
+class Budget:
+    spec: str  # as the user wrote it
+    fraction: float | None  # of the experts' differing bytes
+    nbytes: int | None
+
+
+def parse_budget(text: str) -> Budget:
+    """'10%' (of the experts' bytes that differ from the base) or a size: '2GB', '512MiB'."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
+    if m:
+        fraction = float(m.group(1)) / 100
+        if not 0 <= fraction <= 1:
+            raise BadMerge(f"budget {text!r} is outside 0%..100%")
+        return Budget(text.strip(), fraction, None)
+    return Budget(text.strip(), None, parse_size(text))
+
+
+@dataclass(frozen=True)
+class Read:
+    """One candidate read: chunk `chunk` of input `input` of tensor `tensor`."""
+
+    tensor: str
+    input: int
+    chunk: int
+    digest: bytes
+    nbytes: int
+    value: float  # |weight| * ||delta||: the update it carries
+
+
+Selector = Callable[[list[Read], int], set[int]]
+
+
+def _take(reads: list[Read], order: list[int], limit: int) -> set[int]:
+    """Candidates in `order` while they fit in `limit` bytes; a chunk already taken (the same
+    digest in another expert) costs nothing more."""
+    chosen, digests, spent = set(), set(), 0
+    for k in order:
+        r = reads[k]
+        if r.digest in digests:
+            chosen.add(k)
+        elif spent + r.nbytes <= limit:
+            chosen.add(k)
+            digests.add(r.digest)
+            spent += r.nbytes
+    return chosen
+
+
+def greedy(reads: list[Read], limit: int) -> set[int]:
+    """Most weighted delta per byte first: optimal for additive methods up to the last chunk."""
+    return _take(reads, sorted(range(len(reads)), key=lambda k: -reads[k].value / reads[k].nbytes), limit)
+
+
+def position_hash(reads: list[Read], limit: int) -> set[int]:
+    """Uniform random selection, as the seed paper's code does it: chunks are picked by a hash
+    of their position (the same positions in every expert), blind to what they hold."""
+    def h(r: Read) -> int:
+        return xxhash.xxh3_64_intdigest(f"{r.tensor}/{r.chunk}".encode())
+
+    return _take(reads, sorted(range(len(reads)), key=lambda k: h(reads[k])), limit)
+
+
+SELECTORS: dict[str, Selector] = {"greedy": greedy, "random": position_hash}
+
+
+def candidates(txn: Txn, tasks: list[X.Task], need_catalog: bool) -> tuple[list[Read], dict]:
+    """Every expert chunk that differs from the base's, with its catalog entry (if any)."""
+    reads: list[Read] = []
+    stats: dict[tuple[str, int, int], catalog.DeltaStats] = {}
+    for task in tasks:
+        if task.copy is not None or task.base is None:
+            continue
+        for i, t in enumerate(task.stored):
+            if t.chunks == task.base.chunks:
+                continue
+            for c, (e, b) in enumerate(zip(t.chunks, task.base.chunks)):
+                if e == b:
+                    continue
+                st = catalog.lookup(txn, e, b)
+                if st is None and need_catalog:
+                    raise BadMerge(
+                        f"input {i + 1} has no delta catalog entries against the base for {task.name!r}: "
+                        "run `mp analyze REF --base BASE` (or add it with --base)")
+                stats[(task.name, i, c)] = st
+                value = abs(task.p[i].get("weight", 1.0)) * st.l2 if st is not None else 0.0
+                reads.append(Read(task.name, i, c, e, catalog.item_bytes(t, c), value))
+    return reads, stats
+
+
+def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selector,
+         memory_limit: int) -> Plan:
+    """`base_plan` with the reads a budget allows and the estimate of what execution will do."""
+    method = M.get(base_plan.method)
+    tasks = X.tasks(txn, base_plan, method)
+    if budget is not None and (not method.sparse_inputs or base_plan.base is None):
+        raise BadMerge(f"--budget needs a method that merges deltas from a base (task_arithmetic, "
+                       f"ties, dare_*, breadcrumbs*, della*); {method.name} reads whole models")
+    reads, stats = candidates(txn, tasks, budget is not None)
+    total = sum({r.digest: r.nbytes for r in reads}.values())
+    chosen = set(range(len(reads)))
+    p = base_plan
+    if budget is not None:
+        limit = budget.nbytes if budget.nbytes is not None else math.floor(budget.fraction * total)
+        name = select if isinstance(select, str) else getattr(select, "__name__", "custom")
+        selector = SELECTORS.get(select) if isinstance(select, str) else select
+        if selector is None:
+            raise BadMerge(f"unknown chunk selection {select!r} (known: {', '.join(SELECTORS)})")
+        chosen = selector(reads, limit)
+        left: dict[str, dict[int, set[int]]] = {}
+        for k, r in enumerate(reads):
+            if k not in chosen:
+                left.setdefault(r.tensor, {}).setdefault(r.input, set()).add(r.chunk)
+        omit = {}
+        for task in tasks:
+            if task.name in left:
+                omit[task.name] = [X.bitmap(left[task.name][i], len(t.chunks)) if i in left[task.name] else None
+                                   for i, t in enumerate(task.stored)]
+        p = replace(p, omit=omit or None, budget={"spec": budget.spec, "bytes": limit, "select": name})
+    counted = X.account(txn, p, memory_limit)
+    touched: dict[str, list[int]] = {}
+    for k, r in enumerate(reads):
+        row = touched.setdefault(r.tensor, [0, 0])
+        row[0] += r.nbytes if k in chosen else 0
+        row[1] += r.nbytes
+    bound, exact = _bound(method, tasks, reads, chosen, stats) if method.additive else (None, None)
+    estimate = {
+        "base_bytes": counted.base_bytes,
+        "bound": bound,
+        "bound_covers": _covers(method, p),
+        "bound_exact": exact,
+        "chunks_omitted": counted.chunks_omitted,
+        "expert_bytes": counted.expert_bytes,
+        "expert_total": total,
+        "output_bytes": counted.output_bytes,
+        "read_bytes": counted.read_bytes,
+        "seconds": round(counted.read_bytes * SECONDS_PER_READ_BYTE
+                         + counted.output_bytes * SECONDS_PER_OUTPUT_BYTE, 2),
+        "tensors": dict(sorted(touched.items())),
+    }
+    return replace(p, estimate=estimate)
+
+
+def _ulp(x: float, dtype: str) -> float:
+    """The spacing of `dtype` at magnitude x (at least its smallest normal spacing)."""
+    e = math.frexp(max(x, 2.0 ** -126))[1] - 1
+    return 2.0 ** (e - MANTISSA.get(dtype, 23))
+
+
+def _bound(method: M.Method, tasks: list[X.Task], reads: list[Read], chosen: set[int],
+           stats: dict) -> tuple[float, float]:
+    """An upper bound on ||budgeted - exact|| over all tensors, and the part of it that is the
+    merge arithmetic alone (without output rounding).
+
+    For an additive method the difference at a chunk is scale * sum of the omitted weighted
+    deltas there (scale = |lambda| / the normalising weight sum), so by the triangle inequality
+    its norm is at most a_c = scale * sum |w_i| ||delta_ic||; chunks are disjoint, so norms add in
+    squares across chunks. Both results are then rounded to the output dtype (and, with a 16-bit
+    compute dtype, at every step): each element can differ by one more spacing of the coarser
+    dtype at the largest magnitude the output can take there, r_c = sqrt(n_c) * ulp(M_c)."""
+    by_task = {t.name: t for t in tasks}
+    at: dict[tuple[str, int], list[int]] = {}
+    for k, r in enumerate(reads):
+        at.setdefault((r.tensor, r.chunk), []).append(k)
+    total, arith = 0.0, 0.0
+    for (name, c), ks in at.items():
+        if all(k in chosen for k in ks):
+            continue
+        task = by_task[name]
+        wsum = sum(q.get("weight", 0.0) for q in task.p)
+        div = abs(wsum) if task.g.get("normalize") and abs(wsum) >= 1e-8 else 1.0
+        scale = abs(task.g.get("lambda", 1.0)) / div
+        a = scale * sum(abs(task.p[reads[k].input]["weight"]) * stats[(name, reads[k].input, c)].l2
+                        for k in ks if k not in chosen)
+        first = stats[(name, reads[ks[0]].input, c)]
+        peak = first.base_max + scale * sum(abs(task.p[reads[k].input]["weight"])
+                                            * stats[(name, reads[k].input, c)].max_abs for k in ks)
+        coarse = min((task.compute, task.out), key=lambda d: MANTISSA.get(d, 23))
+        steps = 1 if ITEMSIZE[task.compute] >= 4 else len(task.models) + 2
+        r = math.sqrt(catalog.elements(task.base, c)) * _ulp(peak, coarse) * steps
+        total += (a + r) ** 2
+        arith += a ** 2
+    return math.sqrt(total), math.sqrt(arith)
+
+
+def _covers(method: M.Method, p: Plan) -> str:
+    if not p.omit:
+        return "everything: no chunk is left out, the result is the exact merge"
+    if method.additive:
+        return "the whole difference from the exact merge, output rounding included"
+    return (f"nothing: {method.name} sparsifies or elects signs over whole tensors, so leaving "
+            "chunks out also changes what the read chunks contribute")
+
