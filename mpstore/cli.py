@@ -12,7 +12,8 @@ import typer
 
 from .errors import MpError
 from .ids import short
-from .repo import DEFAULT_CHUNK_SIZE, Repo, parse_size
+from .repo import DEFAULT_CHUNK_SIZE, Repo
+from .units import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mpstore: a versioned model store for merging LLMs.")
@@ -99,11 +100,29 @@ def add(
     """Store a model as a new commit on branch NAME; prints the commit id."""
     with _open() as repo:
         res = repo.add(path, name, base=base, message=message, progress=_Bar())
+    print(res.commit.hex())
     if not STATE.quiet:
-        print(res.commit.hex())
         print(f"{_human(res.total_bytes)} added, {_human(res.new_bytes)} new", file=sys.stderr)
-    else:
-        print(res.commit.hex())
+        if res.analyzed is not None:
+            _say_analyzed(res.analyzed)
+
+
+def _say_analyzed(a) -> None:
+    print(f"catalog: {a.pairs} chunks differ from the base, {a.measured} newly measured "
+          f"in {a.seconds:.2f} s", file=sys.stderr)
+
+
+@app.command()
+def analyze(
+    ref: str,
+    base: str = typer.Option(..., "--base", help="The model REF was fine-tuned from."),
+    threads: Optional[int] = typer.Option(None, help="Worker threads (default: all cores)."),
+) -> None:
+    """Record the delta catalog of REF against BASE (what `add --base` does), for budgeted merges."""
+    with _open() as repo:
+        res = repo.analyze(ref, base, threads=threads, progress=_Bar())
+    print(f"{res.pairs} chunks differ from the base; {res.measured} measured "
+          f"({_human(res.bytes_read)} read) in {res.seconds:.2f} s")
 
 
 @app.command()
@@ -188,10 +207,11 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         shown = ", ".join(f"{k}={v[0]}" for k, v in plan["global_params"].items() if v)
         if shown:
             print(f"  global  {shown}")
+        if plan.get("budget"):
+            b = plan["budget"]
+            print(f"  budget  {b['spec']} = {_human(b['bytes'])} of expert reads ({b['select']})")
     if info.get("stats"):
-        st = info["stats"]
-        print(f"realized  read {_human(st['expert_bytes'])} of experts, {_human(st['base_bytes'])} of base; "
-              f"{st['chunks_skipped']} expert chunks skipped, {st['tensors_copied']} tensors unchanged")
+        _print_io((plan or {}).get("estimate") or {}, info["stats"])
     print()
     print(f"    {info['message']}")
 
@@ -386,13 +406,13 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
 _MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")
 
 
-@app.command()
 def merge(
+    ctx: typer.Context,
     models: list[str] = typer.Argument(None, help="Refs of the models to merge (not the base)."),
     method: Optional[str] = typer.Option(None, "--method", help="linear, task_arithmetic, ties, dare_ties, ..."),
     base: Optional[str] = typer.Option(None, "--base", help="The base model's ref."),
     config: Optional[Path] = typer.Option(None, "--config", help="A MergeKit YAML file (models are refs)."),
-    branch: str = typer.Option(..., "-b", "--branch", help="Branch to commit the merge on."),
+    branch: Optional[str] = typer.Option(None, "-b", "--branch", help="Branch to commit the merge on (merge)."),
     message: Optional[str] = typer.Option(None, "-m", "--message"),
     weight: Optional[str] = typer.Option(None, help="One value, or one per model: 0.5,0.3,0.2"),
     density: Optional[str] = typer.Option(None, help="One value, or one per model."),
@@ -406,10 +426,17 @@ def merge(
     seed: int = typer.Option(0, help="Seed of the random methods (dare_*, della*)."),
     dtype: Optional[str] = typer.Option(None, help="Compute dtype (default float32; YAML: as MergeKit)."),
     out_dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the compute dtype)."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="Bound on expert bytes read: '10%' of the bytes that differ from the base, or '2GB'."),
+    select: str = typer.Option("greedy", "--select", help="How a budget picks chunks: greedy or random."),
     threads: Optional[int] = typer.Option(None, help="Worker threads (default: all cores)."),
     memory_limit: str = typer.Option("1GB", help="Bound on the memory of blocks in flight."),
+    as_json: bool = typer.Option(False, "--json", help="plan: print the plan as JSON."),
 ) -> None:
     """Merge models with a MergeKit method and commit the result with its plan."""
+    planning = ctx.info_name == "plan"
+    if not planning and branch is None:
+        raise MpError("merge needs -b BRANCH: the branch to commit the merge on")
     _open().close()  # outside a repository, say so before paying for torch's import
     from .mergeconfig import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model  # imports torch
 
@@ -440,14 +467,67 @@ def merge(
                                dtype_name(dtype or "float32", "dtype"), dtype_name(out_dtype, "out_dtype"))
     request.seed = seed
     with _open() as repo:
+        if planning:
+            plan = repo.plan(request, budget=budget, select=select, memory_limit=parse_size(memory_limit))
+            _print_plan(repo.plan_json(plan), as_json)
+            return
         res = repo.merge(request, branch, message=message, threads=threads,
-                         memory_limit=parse_size(memory_limit),
-                         progress=_Bar())
+                         memory_limit=parse_size(memory_limit), progress=_Bar(), budget=budget, select=select)
     print(res.commit.hex())
     st = res.realized
     if not STATE.quiet:
         print(f"read {_human(st['expert_bytes'])} of experts and {_human(st['base_bytes'])} of base; "
-              f"{st['chunks_skipped']} expert chunks skipped", file=sys.stderr)
+              f"{st['chunks_skipped']} expert chunks skipped, {st['chunks_omitted']} left out by the budget",
+              file=sys.stderr)
+
+
+app.command("merge")(merge)
+app.command("plan", help="Print the plan `mp merge` would run with the same arguments: reads, "
+                         "bytes by source, error bound, time; executes nothing.")(merge)
+
+
+def _print_io(est: dict, st: dict) -> None:
+    """What the planner predicted beside what the merge did."""
+    print(f"{'':<10}{'estimated':>14}{'realized':>14}")
+    for label, key in (("experts", "expert_bytes"), ("base", "base_bytes"), ("all reads", "read_bytes"),
+                       ("output", "output_bytes")):
+        shown = [_human(d[key]) if key in d else "-" for d in (est, st)]
+        print(f"{label:<10}{shown[0]:>14}{shown[1]:>14}")
+    print(f"{'left out':<10}{est.get('chunks_omitted', '-'):>14}{st.get('chunks_omitted', '-'):>14}  chunks")
+    sec = st.get("seconds") or {}
+    phases = ", ".join(f"{k} {v:.2f} s" for k, v in sec.items())
+    print(f"{'time':<10}{(str(est['seconds']) + ' s') if 'seconds' in est else '-':>14}  {phases or '-'}")
+    if est:
+        bound = "none" if est["bound"] is None else f"{est['bound']:.6g}"
+        print(f"bound     {bound}: covers {est['bound_covers']}")
+    print(f"skipped   {st['chunks_skipped']} expert chunks equal to the base, "
+          f"{st['tensors_copied']} tensors unchanged")
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "-"
+
+
+def _print_plan(p: dict, as_json: bool) -> None:
+    if as_json:
+        _emit_json(p)
+        return
+    e = p["estimate"]
+    print(f"plan      {p['method']} of {len(p['models'])} models, base {(p['base'] or '-')[:12]}")
+    if p.get("budget"):
+        b = p["budget"]
+        print(f"budget    {b['spec']} = {_human(b['bytes'])} of expert reads ({b['select']})")
+    print("tensor                                              expert bytes read / differing")
+    for name, (read, differing) in e["tensors"].items():
+        print(f"  {name:<50} {_human(read):>10} / {_human(differing):<10} {_ratio(read, differing):>6}")
+    print(f"experts   {_human(e['expert_bytes'])} of {_human(e['expert_total'])} that differ from the base "
+          f"({_ratio(e['expert_bytes'], e['expert_total'])}); {e['chunks_omitted']} chunks left out")
+    print(f"base      {_human(e['base_bytes'])} read")
+    print(f"reads     {_human(e['read_bytes'])} in all (passes that read a block again included)")
+    print(f"output    {_human(e['output_bytes'])} computed")
+    bound = "none" if e["bound"] is None else f"{e['bound']:.6g} (L2 over all tensors)"
+    print(f"bound     {bound}; covers {e['bound_covers']}")
+    print(f"time      ~{e['seconds']:.1f} s")
 
 
 @app.command()

@@ -22,7 +22,7 @@ from . import catalog
 from . import executor as X
 from . import methods as M
 from .dtypes import ITEMSIZE
-from .errors import BadMerge
+from .errors import BadMerge, MpError
 from .objects import Plan
 from .store import Txn
 from .units import parse_size
@@ -50,7 +50,11 @@ def parse_budget(text: str) -> Budget:
         if not 0 <= fraction <= 1:
             raise BadMerge(f"budget {text!r} is outside 0%..100%")
         return Budget(text.strip(), fraction, None)
-    return Budget(text.strip(), None, parse_size(text))
+    try:
+        return Budget(text.strip(), None, parse_size(text))
+    except MpError:
+        raise BadMerge(f"invalid budget {text!r}: use a share of the differing expert bytes (10%) "
+                       "or a size (2GB)") from None
 
 
 @dataclass(frozen=True)

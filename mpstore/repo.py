@@ -348,16 +348,25 @@ class Repo:
             "parameters": sum(params.values()),
             "dtypes": dict(params),
             "files": sorted([*snap.files, *(s.file for s in snap.shards)]),
-            "merge_plan": self._plan_json(info.commit.plan),
+            "merge_plan": self._stored_plan(info.commit.plan),
         }
 
-    def _plan_json(self, plan_id: bytes | None) -> dict | None:
+    def _stored_plan(self, plan_id: bytes | None) -> dict | None:
         if plan_id is None:
             return None
         with self.store.read() as r:
-            fields = r.object(plan_id).fields()
+            return self.plan_json(r.object(plan_id))
+
+    @staticmethod
+    def plan_json(plan: Plan) -> dict:
+        """A plan as JSON: ids in hex, omission bitmaps as the omitted chunk numbers."""
+        fields = plan.fields()
         fields["base"] = fields["base"].hex() if fields["base"] else None
         fields["models"] = [m.hex() for m in fields["models"]]
+        if plan.omit:
+            fields["omit"] = {name: [None if bits is None else
+                                     [c for c in range(len(bits) * 8) if bits[c >> 3] >> (c & 7) & 1]
+                                     for bits in per_input] for name, per_input in plan.omit.items()}
         return fields
 
     def checkout(self, spec: str, out: Path | str, force: bool = False, progress: Progress | None = None) -> bytes:
