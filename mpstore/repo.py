@@ -63,7 +63,8 @@ def _pairs(r: Txn, tensors: dict[str, bytes], base: Snapshot, known: dict[bytes,
 class MergeResult:
     commit: bytes
     plan: Plan
-    realized: dict
+    realized: dict  # as stored in the commit's stats
+    commit_seconds: float = 0.0  # the commit transaction and sync, after the stats were written
 
 
 @dataclass(frozen=True)
@@ -460,8 +461,7 @@ class Repo:
         began = time.perf_counter()
         cid = self.store.write(commit, reserve=sum(len(encode(o)) for o in result.objects) + (1 << 20))
         self.store.sync()
-        return MergeResult(cid, plan, {**result.realized.to_json(),
-                                       "commit_seconds": round(time.perf_counter() - began, 3)})
+        return MergeResult(cid, plan, result.realized.to_json(), round(time.perf_counter() - began, 3))
 
     def replay(self, spec: str, threads: int | None = None, memory_limit: int = 1 << 30,
                progress: Progress | None = None) -> ReplayResult:

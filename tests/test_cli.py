@@ -42,7 +42,8 @@ def test_init_and_add_report_what_they_did(tour, family):
         if name == "init":
             continue
         assert HEX32.fullmatch(ok(proc).strip()), proc.stdout  # stdout is the commit id alone
-        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB) added, [\d.]+ (B|KiB|MiB) new\n", proc.stderr)
+        catalog = "" if name == "base" else r"catalog: \d+ chunks differ from the base, \d+ newly measured in [\d.]+ s\n"
+        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB) added, [\d.]+ (B|KiB|MiB) new\n" + catalog, proc.stderr)
     with Repo.open(root) as repo:
         assert {n: c.hex() for n, c in repo.branches().items()} == ids
 
