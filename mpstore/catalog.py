@@ -38,6 +38,7 @@ WINDOW = 16  # chunk pairs in flight per worker thread
 
 @dataclass(frozen=True)
 class DeltaStats:
+    dtype: str  # of both chunks: the statistics depend on how their bytes are read
     l2: float  # ||expert - base||_2 over the chunk (float32 differences, float64 sum)
     max_abs: float  # largest |expert - base|
     changed: int  # elements whose delta is not zero
@@ -46,22 +47,40 @@ class DeltaStats:
     counts: bytes  # uint32: how many elements fall in each of those bins
 
     def encode(self) -> bytes:
-        return msgpack.packb([FORMAT, self.l2, self.max_abs, self.changed, self.base_max,
+        return msgpack.packb([FORMAT, self.dtype, self.l2, self.max_abs, self.changed, self.base_max,
                               self.bins, self.counts], use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes | memoryview, key: bytes) -> DeltaStats:
         try:
-            fmt, l2, mx, changed, base_max, bins, counts = msgpack.unpackb(data, raw=False)
-            if fmt != FORMAT or len(bins) * 2 != len(counts):
+            fmt, dtype, l2, mx, changed, base_max, bins, counts = msgpack.unpackb(data, raw=False)
+            if fmt != FORMAT or dtype not in FLOATS or len(bins) * 2 != len(counts):
                 raise ValueError("unexpected layout")
-            return cls(float(l2), float(mx), int(changed), float(base_max), bytes(bins), bytes(counts))
+            return cls(dtype, float(l2), float(mx), int(changed), float(base_max), bytes(bins), bytes(counts))
         except Exception as e:  # stored bytes that are not what we wrote
             raise CorruptData(f"catalog entry {key.hex()} does not decode: {e}") from None
 
 
 def key(expert_chunk: bytes, base_chunk: bytes) -> bytes:
     return expert_chunk + base_chunk
+
+
+def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
+    """What is wrong with a stored entry, or None: it must decode and equal a fresh measurement
+    of its two chunks (an entry whose chunks are gone is stale, not wrong: gc removes it)."""
+    if len(k) != 32:
+        return f"catalog key {k.hex()} is not two chunk digests"
+    try:
+        st = DeltaStats.decode(value, k)
+    except CorruptData as e:
+        return str(e)
+    if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:])):
+        return None
+    try:
+        again = measure(bytearray(txn.chunk(k[:16])), bytearray(txn.chunk(k[16:])), st.dtype)
+    except (CorruptData, ValueError):
+        return None  # a damaged chunk is reported by the chunk check
+    return None if again == st else f"catalog entry {k.hex()} does not match its chunks"
 
 
 def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes) -> DeltaStats | None:
@@ -89,6 +108,7 @@ def measure(expert: bytes | bytearray, base: bytes | bytearray, dtype: str) -> D
     hist = np.bincount(mag.view(np.int32) >> 16, minlength=BINS)
     used = np.flatnonzero(hist)
     return DeltaStats(
+        dtype=dtype,
         l2=float(np.sqrt(np.square(mag, dtype=np.float64).sum())),
         max_abs=float(mag.max()) if mag.size else 0.0,
         changed=int(np.count_nonzero(mag)),

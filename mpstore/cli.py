@@ -361,7 +361,8 @@ def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
             print(p)
         if not STATE.quiet:
             print(f"checked {counts['refs']} refs, {counts['objects']} objects, {counts['chunks']} chunks "
-                  f"({_human(counts['chunk_bytes'])}): {len(problems)} problems", file=sys.stderr)
+                  f"({_human(counts['chunk_bytes'])}), {counts['catalog']} catalog entries: "
+                  f"{len(problems)} problems", file=sys.stderr)
     if problems:
         raise typer.Exit(1)
 

@@ -1,12 +1,15 @@
 """Checking a store end to end (`mp fsck`): every problem named on its own line.
 
 Every object must decode and hash to its key, every ref must name a commit, everything reachable
-must exist with chunks that cover it, and every chunk's bytes must hash to its key. A damaged
+must exist with chunks that cover it, every chunk's bytes must hash to its key, and every delta
+catalog entry must be what measuring its two chunks gives (a wrong entry would silently steer
+budgeted merges). A damaged
 chunk is reported with a tensor or file that uses it, so the user knows which model is hurt.
 """
 
 from __future__ import annotations
 
+from . import catalog
 from .ids import digest
 from .objects import Commit, decode
 from .errors import CorruptData
@@ -18,7 +21,7 @@ from .store import CODEC_RAW, Store
 def fsck(store: Store) -> tuple[list[str], dict]:
     """(problems, counts of what was checked)."""
     problems: list[str] = []
-    counts = {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0}
+    counts = {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0, "catalog": 0}
     with store.read() as txn:
         for oid, data in txn.iter_db(b"objects"):
             counts["objects"] += 1
@@ -61,5 +64,11 @@ def fsck(store: Store) -> tuple[list[str], dict]:
             store.touched(len(view))
         for key in sorted(reach.chunks - stored):
             problems.append(f"chunk {key.hex()} is missing (used by {reach.users.get(key, '?')})")
+        for key, value in txn.iter_db(b"catalog"):
+            counts["catalog"] += 1
+            problem = catalog.verify(txn, key, value)
+            if problem:
+                problems.append(problem)
+            store.touched(2 << 20)
     store.release_pages()
     return problems, counts

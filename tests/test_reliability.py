@@ -343,14 +343,15 @@ def test_gc_compact_gives_space_back_and_everything_still_checks_out(tmp_path, m
 def test_fsck_is_clean_on_a_healthy_store(tmp_path, models):
     root = new_repo(tmp_path / "repo")
     empty = fsck_clean(root)
-    assert empty["checked"] == {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0}
+    assert empty["checked"] == {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0, "catalog": 0}
     for i in range(3):
         add(root, models[f"m{i}"], f"b{i}")
     mp_ok("-C", root, "tag", "t", "b0")
     report = fsck_clean(root)
     raw = store_fingerprint(root)
     assert report["checked"] == {"refs": 4, "objects": len(raw[b"objects"]), "chunks": len(raw[b"chunks"]),
-                                 "chunk_bytes": sum(len(v) - 1 for v in raw[b"chunks"].values())}
+                                 "chunk_bytes": sum(len(v) - 1 for v in raw[b"chunks"].values()),
+                                 "catalog": len(raw[b"catalog"])}
     proc = run_mp("-C", root, "fsck")
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr.strip().endswith(": 0 problems")
 
@@ -790,3 +791,25 @@ def test_a_branch_made_while_gc_runs_names_a_whole_commit(tmp_path, models):
     assert resolve(root, "rescue") == cid
     fsck_clean(root)
     checks_out_as(root, "rescue", junk, tmp_path)
+
+
+def test_fsck_catches_a_catalog_entry_that_does_not_match_its_chunks(tmp_path, family):
+    """A wrong catalog entry would silently steer budgeted merges: fsck re-measures each one."""
+    import msgpack
+
+    root = new_repo(tmp_path / "repo")
+    add(root, family["base"], "base")
+    add(root, family["expert-1"], "e1", base="base")
+    report = fsck_clean(root)
+    entries = store_fingerprint(root)[b"catalog"]
+    assert report["checked"]["catalog"] == len(entries) > 0
+    key, value = sorted(entries.items())[len(entries) // 2]
+    fields = msgpack.unpackb(value)
+    fields[2] *= 1.5  # the L2 norm
+
+    raw_edit(root, b"catalog", lambda txn, db: txn.put(key, msgpack.packb(fields, use_bin_type=True), db=db))
+    proc = run_mp("-C", root, "fsck")
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [f"catalog entry {key.hex()} does not match its chunks"]
+    raw_edit(root, b"catalog", lambda txn, db: txn.put(key, b"\x93garbage", db=db))
+    proc = run_mp("-C", root, "fsck")
+    assert proc.returncode == 1 and proc.stdout.startswith(f"catalog entry {key.hex()} does not decode")

@@ -434,6 +434,8 @@ class MergeScenario(Scenario):
         args += ["--weight", f"{w},0.5"] if method == "linear" else ["--base", "base", "--weight", w]
         if method in ("ties", "dare_ties"):
             args += ["--density", "0.5"]
+        if method != "linear" and self.rng.random() < 0.5:  # a budgeted merge (catalog from setup)
+            args += ["--budget", f"{self.rng.randrange(5, 95)}%"]
         old = self.head("m")
         chunks_before = self.chunk_count()
         run = run_and_kill(child(self.root, *args), self.trigger, delay=delay)
