@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on a small generated family: init -> add -> log/show/ls -> diff ->
-# checkout -> merge -> replay -> checkout -> status/fsck.
+# checkout -> merge -> replay -> plan/merge within an I/O budget -> checkout -> status/fsck.
 # Run through `make demo`, which builds the venv first. Everything lands in ./demo (recreated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,12 @@ step "$BIN/mp" merge --method ties --base base expert-1 expert-2 expert-3 --weig
   --out-dtype bfloat16 -b merged -m "ties of three experts"
 step "$BIN/mp" show merged
 step "$BIN/mp" replay merged
+step "$BIN/mp" plan --method task_arithmetic --base base expert-1 expert-2 expert-3 --weight 0.4 \
+  --out-dtype bfloat16 --budget 25%
+step "$BIN/mp" merge --method task_arithmetic --base base expert-1 expert-2 expert-3 --weight 0.4 \
+  --out-dtype bfloat16 --budget 25% -b budgeted -m "task arithmetic within a quarter of the expert reads"
+step "$BIN/mp" show budgeted
+step "$BIN/mp" replay budgeted
 step "$BIN/mp" log --graph merged
 step "$BIN/mp" diff base merged
 step "$BIN/mp" checkout merged -o out/merged
@@ -34,4 +40,5 @@ step "$BIN/mp" status
 step "$BIN/mp" fsck
 echo
 echo "demo ok: expert-2 checked out byte-identical; a ties merge committed, replayed identical and"
-echo "checked out to demo/out/merged; heatmap in demo/diff-base-expert-2.png"
+echo "checked out to demo/out/merged; a merge within 25% of the expert reads planned, committed and"
+echo "replayed identical; heatmap in demo/diff-base-expert-2.png"
