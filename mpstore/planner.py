@@ -105,13 +105,17 @@ SELECTORS: dict[str, Selector] = {"greedy": greedy, "random": position_hash}
 
 
 def candidates(txn: Txn, tasks: list[X.Task], need_catalog: bool) -> tuple[list[Read], dict]:
-    """Every expert chunk that differs from the base's, with its catalog entry (if any)."""
+    """Every expert chunk that differs from the base's, with its catalog entry (if any); without
+    a base, every input chunk."""
     reads: list[Read] = []
     stats: dict[tuple[str, int, int], catalog.DeltaStats] = {}
     for task in tasks:
-        if task.copy is not None or task.base is None:
+        if task.copy is not None:
             continue
         for i, t in enumerate(task.stored):
+            if task.base is None:  # no base (linear): every chunk of every input is read
+                reads.extend(Read(task.name, i, c, e, catalog.item_bytes(t, c), 0.0) for c, e in enumerate(t.chunks))
+                continue
             if t.chunks == task.base.chunks:
                 continue
             for c, (e, b) in enumerate(zip(t.chunks, task.base.chunks)):
@@ -163,7 +167,10 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
         row = touched.setdefault(r.tensor, [0, 0])
         row[0] += r.nbytes if k in chosen else 0
         row[1] += r.nbytes
-    bound, exact = _bound(method, tasks, reads, chosen, stats) if method.additive else (None, None)
+    if not p.omit:
+        bound, exact = 0.0, 0.0  # nothing left out: the exact merge
+    else:
+        bound, exact = _bound(method, tasks, reads, chosen, stats) if method.additive else (None, None)
     estimate = {
         "base_bytes": counted.base_bytes,
         "bound": bound,
