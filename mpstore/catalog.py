@@ -7,8 +7,8 @@ chunk at the same position is measured once, in float32: its delta's L2 norm, la
 magnitude, number of changed elements, the base chunk's largest magnitude (what bounds output
 rounding), and a histogram of |delta| over the top 16 bits of the float32 pattern — exactly the
 first radix pass of the executor's top-k selection, so summed histograms place a threshold.
-Entries are keyed by (expert chunk digest, base chunk digest): any model or merge that meets the
-same pair shares them, and gc drops them with their chunks.
+Entries are keyed by (expert chunk digest, base chunk digest, dtype): any model or merge that
+meets the same pair shares them, and gc drops them with their chunks.
 """
 
 from __future__ import annotations
@@ -61,19 +61,21 @@ class DeltaStats:
             raise CorruptData(f"catalog entry {key.hex()} does not decode: {e}") from None
 
 
-def key(expert_chunk: bytes, base_chunk: bytes) -> bytes:
-    return expert_chunk + base_chunk
+def key(expert_chunk: bytes, base_chunk: bytes, dtype: str) -> bytes:
+    """The two digests, then the dtype's name: the same bytes read as another dtype are another
+    delta, so they get their own entry."""
+    return expert_chunk + base_chunk + dtype.encode()
 
 
 def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
     """What is wrong with a stored entry, or None: it must decode and equal a fresh measurement
     of its two chunks (an entry whose chunks are gone is stale, not wrong: gc removes it)."""
-    if len(k) != 32:
-        return f"catalog key {k.hex()} is not two chunk digests"
     try:
         st = DeltaStats.decode(value, k)
     except CorruptData as e:
         return str(e)
+    if k[32:] != st.dtype.encode():
+        return f"catalog key {k.hex()} does not name its entry's dtype {st.dtype}"
     if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:])):
         return None
     try:
@@ -83,8 +85,8 @@ def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
     return None if again == st else f"catalog entry {k.hex()} does not match its chunks"
 
 
-def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes) -> DeltaStats | None:
-    k = key(expert_chunk, base_chunk)
+def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes, dtype: str) -> DeltaStats | None:
+    k = key(expert_chunk, base_chunk, dtype)
     value = txn.catalog(k)
     return None if value is None else DeltaStats.decode(value, k)
 
@@ -153,7 +155,7 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
     the commit that needs it (or by a process that dies) is harmless, and gc removes it with them."""
     start = time.perf_counter()
     result = AnalyzeResult()
-    todo = list(dict.fromkeys(differing(pairs)))
+    todo = list(dict.fromkeys(differing(pairs)))  # (expert, base, dtype), each once
     result.pairs = len(todo)
     progress.start("analyze", len(todo))
     done: list[tuple[bytes, bytes]] = []
@@ -174,7 +176,7 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
     try:
         with store.read() as txn, ThreadPoolExecutor(max_workers=threads) as pool:
             for e, b, dtype in todo:
-                k = key(e, b)
+                k = key(e, b, dtype)
                 if txn.catalog(k) is not None:
                     progress.advance(1)
                     continue
@@ -218,7 +220,7 @@ def tensor_histogram(txn: Txn, expert: Tensor, base: Tensor,
         if e == b:
             hist[0] += elements(expert, c)
             continue
-        st = lookup(txn, e, b)
+        st = lookup(txn, e, b, expert.dtype)
         if st is None:
             return None
         np.add.at(hist, np.frombuffer(st.bins, dtype=np.uint16), np.frombuffer(st.counts, dtype=np.uint32))

@@ -117,6 +117,9 @@ def tasks(txn: Txn, plan: Plan, method: M.Method) -> list[Task]:
     """Validate every tensor and resolve every parameter before anything is computed; inputs
     carry the plan's omissions (an omitted chunk's digest becomes the base's)."""
     found = _tasks(txn, plan, method, *_snapshots(txn, plan, method))
+    unknown = set(plan.omit or {}) - {t.name for t in found}
+    if unknown:
+        raise M.BadMerge(f"the plan leaves out chunks of tensors it does not merge: {sorted(unknown)[:3]}")
     return [omit(t, (plan.omit or {}).get(t.name)) for t in found]
 
 
@@ -139,6 +142,8 @@ def omit(task: Task, bitmaps: list[bytes | None] | None) -> Task:
     for i, bits in enumerate(bitmaps):
         if bits:
             t = task.models[i]
+            if len(bits) != (len(t.chunks) + 7) // 8:
+                raise M.BadMerge(f"the plan's omissions do not fit tensor {task.name!r}")
             gone = frozenset(c for c in range(len(t.chunks)) if bits[c >> 3] >> (c & 7) & 1)
             chunks = tuple(task.base.chunks[c] if c in gone else d for c, d in enumerate(t.chunks))
             task.models[i] = Tensor(t.size, t.chunk_size, chunks, t.dtype, t.shape)

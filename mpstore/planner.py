@@ -121,7 +121,7 @@ def candidates(txn: Txn, tasks: list[X.Task], need_catalog: bool) -> tuple[list[
             for c, (e, b) in enumerate(zip(t.chunks, task.base.chunks)):
                 if e == b:
                     continue
-                st = catalog.lookup(txn, e, b)
+                st = catalog.lookup(txn, e, b, t.dtype)
                 if st is None and need_catalog:
                     raise BadMerge(
                         f"input {i + 1} has no delta catalog entries against the base for {task.name!r}: "
@@ -144,13 +144,13 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
     total = sum({r.digest: r.nbytes for r in reads}.values())
     chosen = set(range(len(reads)))
     p = base_plan
+    selector = SELECTORS.get(select) if isinstance(select, str) else select
+    if selector is None:
+        raise BadMerge(f"unknown chunk selection {select!r} (known: {', '.join(SELECTORS)})")
     if budget is not None:
         limit = budget.nbytes if budget.nbytes is not None else math.floor(budget.fraction * total)
         name = select if isinstance(select, str) else getattr(select, "__name__", "custom")
-        selector = SELECTORS.get(select) if isinstance(select, str) else select
-        if selector is None:
-            raise BadMerge(f"unknown chunk selection {select!r} (known: {', '.join(SELECTORS)})")
-        chosen = selector(reads, limit)
+        chosen = _checked(selector(reads, limit), reads, limit)
         left: dict[str, dict[int, set[int]]] = {}
         for k, r in enumerate(reads):
             if k not in chosen:
@@ -186,6 +186,16 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
         "tensors": dict(sorted(touched.items())),
     }
     return replace(p, estimate=estimate)
+
+
+def _checked(chosen: set[int], reads: list[Read], limit: int) -> set[int]:
+    """A selector's choice must name candidates and fit the budget: the budget is a promise."""
+    if any(not 0 <= k < len(reads) for k in chosen):
+        raise BadMerge("the chunk selector chose reads that are not candidates")
+    spent = sum({reads[k].digest: reads[k].nbytes for k in chosen}.values())
+    if spent > limit:
+        raise BadMerge(f"the chunk selector chose {spent} bytes of reads for a budget of {limit}")
+    return chosen
 
 
 def _ulp(x: float, dtype: str) -> float:
