@@ -76,10 +76,10 @@ def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
         return str(e)
     if k[32:] != st.dtype.encode():
         return f"catalog key {k.hex()} does not name its entry's dtype {st.dtype}"
-    if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:])):
+    if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:32])):
         return None
     try:
-        again = measure(bytearray(txn.chunk(k[:16])), bytearray(txn.chunk(k[16:])), st.dtype)
+        again = measure(bytearray(txn.chunk(k[:16])), bytearray(txn.chunk(k[16:32])), st.dtype)
     except (CorruptData, ValueError):
         return None  # a damaged chunk is reported by the chunk check
     return None if again == st else f"catalog entry {k.hex()} does not match its chunks"

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import shlex
 import statistics
 import subprocess
@@ -270,6 +271,25 @@ def run_io(cmd: list[str]) -> IoRun:
                  last.get("wchar", 0), usage.ru_maxrss * 1024)
 
 
+def self_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, _, v in (line.partition(": ") for line in f.read().splitlines())}
+
+
+def run_self_io(fn) -> IoRun:
+    """Call fn() in this process: its block I/O (every thread's) from getrusage, rchar/wchar from
+    /proc/self/io, both as differences."""
+    import resource
+
+    ru0, io0 = resource.getrusage(resource.RUSAGE_SELF), self_io()
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    ru1, io1 = resource.getrusage(resource.RUSAGE_SELF), self_io()
+    return IoRun(seconds, (ru1.ru_inblock - ru0.ru_inblock) * 512, (ru1.ru_oublock - ru0.ru_oublock) * 512,
+                 io1["rchar"] - io0["rchar"], io1["wchar"] - io0["wchar"], ru1.ru_maxrss * 1024)
+
+
 def files_under(paths: list[Path]) -> list[Path]:
     out = []
     for root in paths:
@@ -333,6 +353,16 @@ class Case:
         return 100.0 if self.budget is None else float(self.budget.rstrip("%"))
 
 
+def mpstore_state() -> str:
+    """HEAD and a digest of the uncommitted changes under mpstore/: what `mp` would run now."""
+    import hashlib
+
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    diff = subprocess.run([*git, "diff", "HEAD", "--", "mpstore"], capture_output=True).stdout
+    return head + (f"+{hashlib.sha1(diff).hexdigest()[:8]}" if diff else "")
+
+
 def spearman(xs: list[float], ys: list[float]) -> float:
     def ranks(v: list[float]) -> list[float]:
         order = sorted(range(len(v)), key=lambda i: v[i])
@@ -371,6 +401,7 @@ class Bench:
         self.io: dict[str, object] = {}
         self.gc_seconds: list[float] = []
         self.oracle: Oracle | None = None
+        self.code: list[str] = []  # mpstore's state (HEAD + uncommitted digest) at start and end
 
     # setup ------------------------------------------------------------------------------
     def time_adds(self) -> None:
@@ -427,7 +458,7 @@ class Bench:
         """Repo.merge, timed; with e_dir, the deviation of its output from that exact merge;
         with keep_out, its output is checked out there and kept."""
         req = request(method, k)
-        sel = self.oracle.selector(weights(req)) if select == "offline" else select
+        sel = self.oracle.selector(weights(req)) if select == "offline" else (select if budget else "greedy")
         c = Case(method, k, budget, select)
         label = f"{method} K={k} {budget or 'exact'} {select if budget else ''}".rstrip()
         for i in range(repeat):
@@ -492,48 +523,48 @@ class Bench:
 
     # OS-level I/O -----------------------------------------------------------------------
     def cold_io(self) -> None:
-        """One mp merge (exact and budgeted) and one MergeKit merge with their inputs dropped from
-        the page cache first, read and write bytes as the kernel counts them."""
-        cfg = self.tmp / "cfg"
-        cfg.mkdir(exist_ok=True)
+        """mp merges (exact and budgeted) and one MergeKit merge with their inputs dropped from the
+        page cache first: read and write bytes as the kernel counts them. mp runs in this process
+        (the code loaded at start; its block I/O from getrusage before and after), reopening the
+        repository after the drop so that no page of the store is mapped; MergeKit as a command."""
+        from mpstore import Repo
+
         experts = self.models[1:]
         method = self.args.io_method
-        self.repo.close()
-        self.repo = None
         data = self.repo_dir / ".mp" / "data.mdb"
-        mp_cfg = cfg / f"{method}-mp.yml"
-        mp_cfg.write_text(bm.config(method, "base", [e.name for e in experts], bm.DENSITY))
-        bs.run([MP, "--help"])
-        resident = drop_cache([data])
-        log(f"cold mp plan {method} {K_BUDGET} (control: metadata and catalog only)")
-        r = run_io([MP, "-C", str(self.repo_dir), "--quiet", "plan", "--config", str(mp_cfg), "--budget", K_BUDGET])
-        self.io["mp plan"] = {"run": r, "resident": resident}
-        log(f"  {r.seconds:.1f} s, storage read {b(r.storage_read)}")
+        req = request(method, self.K)
+
+        def cold(label: str, fn) -> None:
+            self.repo.close()
+            self.repo = None
+            resident = drop_cache([data])
+            log(f"cold {label} (store resident after drop: {'?' if resident is None else b(resident)})")
+
+            def run() -> None:
+                self.repo = Repo.open(self.repo_dir)
+                fn()
+
+            r = run_self_io(run)
+            self.io[label] = {"run": r, "resident": resident}
+            log(f"  {r.seconds:.1f} s, storage read {b(r.storage_read)}")
+
+        cold("mp plan", lambda: self.repo.plan(req, budget=K_BUDGET))
         for budget in (None, K_BUDGET):
             branch = f"cold-{SHORT[method]}-{(budget or 'exact').rstrip('%')}"
-            resident = drop_cache([data])
-            cmd = [MP, "-C", str(self.repo_dir), "--quiet", "merge", "--config", str(mp_cfg), "-b", branch]
-            if budget:
-                cmd += ["--budget", budget]
-            log(f"cold mp merge {method} {budget or 'exact'} (store resident after drop: "
-                f"{'?' if resident is None else b(resident)})")
-            r = run_io(cmd)
-            import json
-
-            stats = json.loads(bs.mp(self.repo_dir, "show", "--json", branch, sample=False).stdout)["stats"]
-            self.io[f"mp {budget or 'exact'}"] = {"run": r, "stats": stats, "resident": resident}
-            log(f"  {r.seconds:.1f} s, storage read {b(r.storage_read)}, realized base+experts "
-                f"{b(stats['base_bytes'] + stats['expert_bytes'])}")
+            label = f"mp {budget or 'exact'}"
+            cold(label, lambda: self.repo.merge(req, branch, budget=budget))
+            self.io[label]["stats"] = self.repo.commit(branch).commit.stats
+            self.free(branch)
         if self.mergekit:
-            mk_cfg = cfg / f"{method}-mk.yml"
-            mk_cfg.write_text(bm.config(method, str(self.base), [str(e) for e in experts], bm.DENSITY))
+            cfg = self.tmp / f"{method}-mk.yml"
+            cfg.write_text(bm.config(method, str(self.base), [str(e) for e in experts], bm.DENSITY))
             out = self.tmp / "mk-out"
             rm(out)
             bs.run([self.mergekit, "--help"])  # its imports warm: only the models are cold
             resident = drop_cache(self.models)
             log(f"cold MergeKit {method} K={self.K} (family resident after drop: "
                 f"{'?' if resident is None else b(resident)})")
-            r = run_io([self.mergekit, str(mk_cfg), str(out), "--no-copy-tokenizer", "--no-write-model-card",
+            r = run_io([self.mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--no-write-model-card",
                         "--quiet"])
             self.io["mergekit"] = {"run": r, "out_bytes": bs.folder_bytes(out), "resident": resident}
             log(f"  {r.seconds:.1f} s, storage read {b(r.storage_read)}, rchar {b(r.rchar)}")
@@ -542,7 +573,17 @@ class Bench:
 
     # the run ----------------------------------------------------------------------------
     def go(self) -> None:
-        from mpstore import executor  # noqa: F401  (torch's import, outside every timing)
+        # Every mpstore module the run uses, imported now: the merges run the code loaded at start
+        # even if the working tree changes meanwhile (and torch's import is outside every timing).
+        import mpstore.catalog  # noqa: F401
+        import mpstore.checkout  # noqa: F401
+        import mpstore.executor  # noqa: F401
+        import mpstore.gc  # noqa: F401
+        import mpstore.mergeconfig  # noqa: F401
+        import mpstore.planner  # noqa: F401
+        import mpstore.repo  # noqa: F401
+
+        self.code = [mpstore_state()]
 
         rm(self.tmp)
         self.tmp.mkdir(parents=True)
@@ -563,6 +604,7 @@ class Bench:
         self.k_sweep()
         if not self.args.no_io:
             self.cold_io()
+        self.code.append(mpstore_state())
 
 
 # ------------------------------------------------------------------------------ report
@@ -709,17 +751,22 @@ def io_rows(bench: Bench) -> list[tuple[str, int, int, int]]:
     return rows
 
 
-def report(args: argparse.Namespace, bench: Bench, params: str, took: float, load: tuple[str, str],
-           written: list[str]) -> str:
+def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str]) -> str:
     K = bench.K
     budgets = [f"{x:g}%" for x in args.budgets]
     size = bs.folder_bytes(bench.base)
     md: list[str] = []
     kinds = ", ".join(f"{m.name}={bs.model_kind(m)}" for m in bench.models[1:])
-    repro = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *sys.argv[1:]])
+    params, took, load = meta["params"], meta["took"], meta["load"]
     md += [
         "# mpstore budgeted-merge benchmark\n",
-        f"Reproduce: `cd {shlex.quote(os.getcwd())} && {repro}`\n",
+        f"Reproduce: `{meta['repro']}`\n",
+        (f"mpstore: {bench.code[0]} (HEAD, + digest of uncommitted changes under mpstore/, if any) for every "
+         "in-process merge." if bench.code and bench.code[0] == bench.code[-1] else
+         f"**mpstore changed during the run**: {bench.code[0]} at start, {bench.code[-1]} at the end (HEAD + "
+         "digest of uncommitted changes). Every merge, plan and checkout ran in this process with the code "
+         "loaded at start; only the CLI add timings ran `mp` from the working tree as it was then.")
+        + "\n",
         f"Family: `tools/make_family.py --params {params} --experts {K} --dtype bf16` ({kinds}); base folder "
         f"{b(size)}. Merges: experts 1..{K} onto the base, weight 1/K each, ties density {bm.DENSITY}, compute "
         f"float32, out bfloat16; in-process `Repo.merge` (default threads {os.cpu_count()}, memory limit 1 GiB) "
@@ -817,13 +864,14 @@ def report(args: argparse.Namespace, bench: Bench, params: str, took: float, loa
                     ", ".join(f"{w:.2f}" for w in c.wall), f"{c.seconds / exs:.2f}",
                     rel(c.dev["rel"]),
                     "-" if bound is None else rel(bound / c.dev["norm"]),
+                    "-" if c.est.get("bound_exact") is None else rel(c.est["bound_exact"] / c.dev["norm"]),
                     "-" if bound is None or not c.dev["abs"] else f"{bound / c.dev['abs']:.2f}",
                     "-" if not (o and o.dev["rel"]) else f"{c.dev['rel'] / o.dev['rel']:.4f}",
                     "-" if not (g and g.dev["rel"]) or sel != "random" else f"{c.dev['rel'] / g.dev['rel']:.1f}",
                     rel(c.dev.get("rescaled_rel")), agree(c),
                 ])
         md.append(table(["budget", "select", "limit", "expert bytes read", "of differing", "wall (s)",
-                         "wall / exact", "deviation", "bound (rel)", "bound / measured", "dev / offline's",
+                         "wall / exact", "deviation", "bound (rel)", "bound w/o rounding (rel)", "bound / measured", "dev / offline's",
                          "random / greedy", "random rescaled 1/keep", "estimate vs realized"], rows) + "\n")
         detail = []
         for c in [ex[0]] + [find(bench.cases, method, bud, "greedy") for bud in budgets] + [ex[1]]:
@@ -894,13 +942,16 @@ def report(args: argparse.Namespace, bench: Bench, params: str, took: float, loa
                               b(st["output_bytes"]), f"{r.seconds:.1f}"])
         md.append("Measured by the OS, one cold run each: the inputs' pages dropped from the page cache first "
                   "(`posix_fadvise(DONTNEED)` after `sync`: the family's files for MergeKit, the store's data.mdb "
-                  "for mp; `resident` is what `fincore` still saw), then block reads and dirtied pages from "
-                  "wait4's ru_inblock / ru_oublock (mmap page faults and readahead included; the interpreters' "
-                  "own files were warm), rchar from /proc/PID/io (read() calls only: both tools mmap their "
-                  f"inputs). `expected` = (K+1) × weights file for MergeKit, the realized base + expert bytes for "
-                  "mp; the `mp plan` row reads only the store's metadata and catalog. The store is opened with "
+                  "for mp; `resident` is what `fincore` still saw). mp runs in this process (the repository "
+                  "closed before the drop and opened again inside the measurement; `Repo.plan` / `Repo.merge` "
+                  "as above): block reads and dirtied pages are getrusage(RUSAGE_SELF) ru_inblock / ru_oublock "
+                  "differences. MergeKit runs as `mergekit-yaml` (its imports warmed by a `--help` run first): "
+                  "wait4's ru_inblock / ru_oublock. Both count mmap page faults and readahead; rchar (from "
+                  "/proc/PID/io) counts read() calls only, and both tools mmap their inputs. `expected` = (K+1) "
+                  "× weights file for MergeKit, the realized base + expert bytes for mp; the `mp plan` row "
+                  "reads only the store's metadata and catalog. The store is opened with "
                   "LMDB's readahead on, so a page fault in its mmap reads the device's read-ahead window around "
-                  f"it: {readahead_kb(bench.work)} KiB here (`/sys/dev/block/…/queue/read_ahead_kb`). Wall times "
+                  f"it: {meta['readahead_kb']} KiB here (`/sys/dev/block/…/queue/read_ahead_kb`). Wall times "
                   "of cold runs are not comparable with the rest.\n")
         md.append(table(["run", "resident after drop", "storage read", "rchar", "expected", "read / expected",
                          "storage written", "output", "wall (s)"], orows) + "\n")
@@ -971,6 +1022,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="bench/store", help="work folder: family and scratch repos (default ./bench/store)")
     ap.add_argument("--out", help="also write the markdown (plus machine facts) here")
     ap.add_argument("--plot-prefix", help="write PREFIX_deviation.png, PREFIX_k.png, PREFIX_io.png")
+    ap.add_argument("--results", help="also pickle the raw results here (for --from-results)")
+    ap.add_argument("--from-results", metavar="FILE", help="measure nothing: report and plot the results pickled "
+                                                          "by an earlier run's --results")
     ap.add_argument("--params", default="250M", help="family size (make_family --params)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="budgets in %% (comma-separated)")
@@ -983,6 +1037,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mergekit", help="mergekit-yaml to run (default: .venv-mergekit/bin, else /tmp/mkvenv/bin)")
     ap.add_argument("--keep", action="store_true", help="keep WORK/tmp-budget")
     args = ap.parse_args(argv)
+    if args.from_results:
+        with open(args.from_results, "rb") as f:
+            saved = pickle.load(f)
+        bench, meta = saved["bench"], saved["meta"]
+    else:
+        bench, meta = measure(args)
+        if args.results:
+            with open(args.results, "wb") as f:
+                pickle.dump({"bench": bench, "meta": meta}, f)
+            log(f"wrote {args.results}")
+    written = []
+    if args.plot_prefix:
+        written = plots(bench, args.plot_prefix, f"budgeted merges, {meta['params']} bf16 family, K={bench.K}, "
+                                                 "f32 compute, bf16 out")
+        log(f"wrote {', '.join(written)}")
+    md = report(bench.args, bench, meta, written) + "\n" + meta["facts"] + "\n"
+    print(md)
+    if args.out:
+        Path(args.out).write_text(md)
+        log(f"wrote {args.out}")
+
+
+def measure(args: argparse.Namespace) -> tuple[Bench, dict]:
     if not Path(MP).exists():
         raise SystemExit(f"{MP} not found: run with the venv's python (pip install -e . first)")
     params, experts = ("20M", 3) if args.quick else (args.params, args.experts)
@@ -1005,25 +1082,18 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if bench.repo is not None:
             bench.repo.close()
+            bench.repo = None
         if not args.keep:
             rm(bench.tmp)
     took = time.perf_counter() - t0
     load1 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     log(f"benchmark took {took:.0f} s")
-    written = []
-    if args.plot_prefix:
-        written = plots(bench, args.plot_prefix, f"budgeted merges, {params} bf16 family, K={bench.K}, "
-                                                 "f32 compute, bf16 out")
-        log(f"wrote {', '.join(written)}")
-    md = report(args, bench, params, took, (load0, load1), written)
     facts = bs.machine_facts(work).rstrip("\n")
     if mergekit:
-        facts += "\n" + "\n".join(f"- {k}: {v}" for k, v in bm.versions(mergekit)) + "\n"
-    md += "\n" + facts + "\n"
-    print(md)
-    if args.out:
-        Path(args.out).write_text(md)
-        log(f"wrote {args.out}")
+        facts += "\n" + "\n".join(f"- {k}: {v}" for k, v in bm.versions(mergekit))
+    repro = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *sys.argv[1:]])
+    return bench, {"params": params, "took": took, "load": (load0, load1), "facts": facts,
+                   "repro": f"cd {shlex.quote(os.getcwd())} && {repro}", "readahead_kb": readahead_kb(work)}
 
 
 if __name__ == "__main__":
