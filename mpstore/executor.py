@@ -273,6 +273,7 @@ class Executor:
         self.realized = Realized()
         self.reads = Reads(self.realized)
         self.read_seconds = 0.0
+        self.work = 0  # elements x inputs x sweeps to compute (counted by `account` only)
         self.pool: ThreadPoolExecutor | None = None
 
     # reading -----------------------------------------------------------------------------
@@ -397,8 +398,10 @@ class Executor:
                 if self._reusable(task, a, b):
                     continue
                 self.reads.read(task, ref, a, b)
-            elif not o.cached:
-                block(n)
+            else:
+                if not o.cached:
+                    block(n)
+                self.work += (b - a) * (1 + len(o.present(method, task, n))) * (1 + len(o.swept))
             self.realized.output_bytes += (b - a) * ITEMSIZE[task.out]
         self.realized.chunks_omitted += sum(len(g) for g in task.omitted)
 
@@ -594,13 +597,14 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     return Result(snapshot, objects, ex.realized)
 
 
-def account(txn: Txn, plan: Plan, memory_limit: int) -> Realized:
-    """What executing `plan` would read and compute, counted without reading a chunk."""
+def account(txn: Txn, plan: Plan, memory_limit: int) -> tuple[Realized, int]:
+    """What executing `plan` would read, write and compute (elements x inputs x sweeps),
+    counted without reading a chunk."""
     method = M.get(plan.method)
     ex = Executor(None, txn, None, 1, memory_limit, plan, Silent())
     for task in tasks(txn, plan, method):
         ex.account(task, method)
-    return ex.realized
+    return ex.realized, ex.work
 
 
 def _out_size(task: Task) -> int:

@@ -12,6 +12,7 @@ executor follows, so the estimate is what execution then does.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,11 +28,11 @@ from .objects import Plan
 from .store import Txn
 from .units import parse_size
 
-# Rough throughput of the executor on the 2-core reference machine (docs/benchmarks.md,
-# tools/bench_budget.py calibrates them): seconds per byte read from the store and per byte of
-# output computed. Only `mp plan`'s time estimate uses them.
+# Rough costs of the executor on the 2-core reference machine, fitted to merges of the 250M
+# family (docs/benchmarks.md): seconds per byte read from the store, and per element x input x
+# sweep computed on one core. Only the plan's time estimate uses them.
 SECONDS_PER_READ_BYTE = 1.0 / 900e6
-SECONDS_PER_OUTPUT_BYTE = 1.0 / 120e6
+SECONDS_PER_ELEMENT = {"task_arithmetic": 4e-9, "ties": 6e-9, "": 6e-9}
 MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
 
 
@@ -161,7 +162,7 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
                 omit[task.name] = [X.bitmap(left[task.name][i], len(t.chunks)) if i in left[task.name] else None
                                    for i, t in enumerate(task.stored)]
         p = replace(p, omit=omit or None, budget={"spec": budget.spec, "bytes": limit, "select": name})
-    counted = X.account(txn, p, memory_limit)
+    counted, work = X.account(txn, p, memory_limit)
     touched: dict[str, list[int]] = {}
     for k, r in enumerate(reads):
         row = touched.setdefault(r.tensor, [0, 0])
@@ -182,7 +183,8 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
         "output_bytes": counted.output_bytes,
         "read_bytes": counted.read_bytes,
         "seconds": round(counted.read_bytes * SECONDS_PER_READ_BYTE
-                         + counted.output_bytes * SECONDS_PER_OUTPUT_BYTE, 2),
+                         + work * SECONDS_PER_ELEMENT.get(method.name, SECONDS_PER_ELEMENT[""])
+                         / (os.cpu_count() or 1), 2),
         "tensors": dict(sorted(touched.items())),
     }
     return replace(p, estimate=estimate)
