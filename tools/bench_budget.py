@@ -6,18 +6,18 @@ every expert, ties density 0.5; float32 compute, bfloat16 out, as tools/bench_me
 
   * for each method, budget (2, 5, 10, 20, 50, 100 % of the expert bytes that differ from the
     base) and chunk selector:
-      greedy   the planner's: most |w|·||delta|| per byte first, from the delta catalog;
+      greedy   the planner's: most |w|·‖delta‖ per byte first, from the delta catalog;
       random   the planner's uniform selection: chunks ordered by a hash of their position, as
                the seed paper's code does (no rescaling in mp; see the rescaled column below);
       offline  an oracle computed here, not by mpstore: the base and every expert are read in
-               full from their safetensors files, ||delta|| in float32 is summed per (expert,
+               full from their safetensors files, ‖delta‖ in float32 is summed per (expert,
                chunk) (chunk = the repository's chunk size of one tensor's bytes), and chunks
-               are taken by |w|·||delta|| per byte, a chunk shared by experts counted once
+               are taken by |w|·‖delta‖ per byte, a chunk shared by experts counted once
                (mpstore.planner._take), i.e. the best chunk-level greedy choice at those bytes;
     the expert bytes read (the plan's estimate and the realized count), the wall time of
     Repo.merge (plan + execute + commit), and the deviation of the budgeted merge A from the
-    exact merge E, ||A−E|| / ||E−base|| over all tensors in float32 (A, E from `checkout`), beside
-    the L2 bound on ||A−E|| that the plan printed (additive methods only);
+    exact merge E, ‖A−E‖ / ‖E−base‖ over all tensors in float32 (A, E from `checkout`), beside
+    the L2 bound on ‖A−E‖ that the plan printed (additive methods only);
   * the exact merge (no budget) of each method, at the start and the end of its sweep: the
     baseline of wall time and the E of every deviation;
   * expert bytes vs K = 2..K at a fixed budget (10 %): the planner's estimates for every K (mp
@@ -64,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_merge as bm  # noqa: E402  (same folder: MergeKit configs and lookup, tensor maps)
 import bench_store as bs  # noqa: E402  (run(), family(), compare(), machine facts, formatting)
-from bench_store import MIB, MP, ROOT, b, log, rm, table, warm  # noqa: E402
+from bench_store import MP, ROOT, b, log, rm, table, warm  # noqa: E402
 
 GIB = 1 << 30
 METHODS = ("task_arithmetic", "ties")
@@ -113,7 +113,7 @@ def per_chunk(x, per: int, op: str) -> list:
 
 
 class Oracle:
-    """||delta|| of every (expert, tensor, chunk), measured from the safetensors files in full.
+    """‖delta‖ of every (expert, tensor, chunk), measured from the safetensors files in full.
 
     The deltas are formed in float32 (expert − base, both widened from their stored dtype) and
     their squares summed in float64, per chunk of `chunk_size` bytes of the tensor's data: the
@@ -122,7 +122,8 @@ class Oracle:
 
     def __init__(self, base: Path, experts: list[Path], chunk_size: int):
         self.base, self.experts, self.chunk_size = base, experts, chunk_size
-        self.l2: dict[tuple[int, str, int], float] = {}  # (expert index from 0, tensor, chunk) -> ||delta||
+        self.l2: dict[tuple[int, str, int], float] = {}  # (expert index from 0, tensor, chunk) -> ‖delta‖
+        self.nbytes: dict[tuple[int, str, int], int] = {}  # the same keys: the chunk's bytes
         self.differ = [0] * len(experts)  # per expert: bytes of chunks whose bytes differ from the base's
         self.bytes_read = 0
         self.seconds = 0.0
@@ -162,12 +163,14 @@ class Oracle:
                     differs = per_chunk(et.view(ints[isz]) != bbits, per, "any")
                     for c, (s, d) in enumerate(zip(sums, differs)):
                         if d:
+                            n = min(self.chunk_size, bt.numel() * isz - c * self.chunk_size)
                             self.l2[(i, name, c)] = math.sqrt(s)
-                            self.differ[i] += min(self.chunk_size, bt.numel() * isz - c * self.chunk_size)
+                            self.nbytes[(i, name, c)] = n
+                            self.differ[i] += n
         self.seconds = time.perf_counter() - t0
 
     def selector(self, ws: list[float]):
-        """A planner selector: most |w|·||delta|| per byte first, by this oracle's own values."""
+        """A planner selector: most |w|·‖delta‖ per byte first, by this oracle's own values."""
         from mpstore.planner import _take
 
         def offline(reads, limit: int) -> set[int]:
@@ -192,8 +195,8 @@ class Oracle:
 
 
 def deviation(a_dir: Path, e_dir: Path, base_dir: Path, keep: float | None = None) -> dict:
-    """||A−E|| and ||E−base|| over all tensors, in float32 (squares summed in float64), tensor by
-    tensor. With `keep`, also ||base + (A−base)/keep − E||: A's delta rescaled by one keep ratio,
+    """‖A−E‖ and ‖E−base‖ over all tensors, in float32 (squares summed in float64), tensor by
+    tensor. With `keep`, also ‖base + (A−base)/keep − E‖: A's delta rescaled by one keep ratio,
     as the seed paper's random selection does (computed from A's bf16 output)."""
     import torch
     from safetensors import safe_open
@@ -358,8 +361,9 @@ def mpstore_state() -> str:
     import hashlib
 
     git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    diff = subprocess.run([*git, "diff", "HEAD", "--", "mpstore"], capture_output=True).stdout
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    diff = subprocess.run([*git, "diff", "HEAD", "--", "mpstore"], capture_output=True, check=False).stdout
     return head + (f"+{hashlib.sha1(diff).hexdigest()[:8]}" if diff else "")
 
 
@@ -552,7 +556,7 @@ class Bench:
         for budget in (None, K_BUDGET):
             branch = f"cold-{SHORT[method]}-{(budget or 'exact').rstrip('%')}"
             label = f"mp {budget or 'exact'}"
-            cold(label, lambda: self.repo.merge(req, branch, budget=budget))
+            cold(label, lambda branch=branch, budget=budget: self.repo.merge(req, branch, budget=budget))
             self.io[label]["stats"] = self.repo.commit(branch).commit.stats
             self.free(branch)
         if self.mergekit:
@@ -644,11 +648,16 @@ def plots(bench: Bench, prefix: str, title: str) -> list[str]:
         ax = axes[0][col]
         for sel in SELECTS:
             cs = [c for c in bench.cases if c.method == method and c.select == sel and c.dev and c.dev["rel"] > 0]
+            hollow = {"markerfacecolor": "none", "markersize": 10} if sel == "offline" else {}
             ax.plot([c.realized["expert_bytes"] / GIB for c in cs], [c.dev["rel"] for c in cs], marks[sel],
-                    color=colors[sel], label=f"{sel}: measured ||A−E|| / ||E−base||")
+                    color=colors[sel], label=f"{sel}: measured ‖A−E‖ / ‖E−base‖", **hollow)
             if method == "task_arithmetic":
                 ax.plot([c.realized["expert_bytes"] / GIB for c in cs], [c.est["bound"] / c.dev["norm"] for c in cs],
-                        marks[sel][0] + "-", color=colors[sel], alpha=0.35, label=f"{sel}: plan's bound / ||E−base||")
+                        marks[sel][0] + "-", color=colors[sel], alpha=0.35, label=f"{sel}: plan's bound / ‖E−base‖")
+            if sel == "random" and cs:
+                ax.plot([c.realized["expert_bytes"] / GIB for c in cs],
+                        [math.sqrt(1 - c.realized["expert_bytes"] / c.est["expert_total"]) for c in cs], "-",
+                        color="tab:gray", alpha=0.6, label="selection blind to values: expected √(1 − share)")
             rs = [c for c in cs if c.dev.get("rescaled_rel") is not None]
             if rs:
                 ax.plot([c.realized["expert_bytes"] / GIB for c in rs], [c.dev["rescaled_rel"] for c in rs], "x:",
@@ -761,24 +770,24 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
     md += [
         "# mpstore budgeted-merge benchmark\n",
         f"Reproduce: `{meta['repro']}`\n",
-        (f"mpstore: {bench.code[0]} (HEAD, + digest of uncommitted changes under mpstore/, if any) for every "
+        ((f"mpstore: {bench.code[0]} (HEAD, + digest of uncommitted changes under mpstore/, if any) for every "
          "in-process merge." if bench.code and bench.code[0] == bench.code[-1] else
          f"**mpstore changed during the run**: {bench.code[0]} at start, {bench.code[-1]} at the end (HEAD + "
          "digest of uncommitted changes). Every merge, plan and checkout ran in this process with the code "
          "loaded at start; only the CLI add timings ran `mp` from the working tree as it was then.")
-        + "\n",
-        f"Family: `tools/make_family.py --params {params} --experts {K} --dtype bf16` ({kinds}); base folder "
+        + "\n"),
+        (f"Family: `tools/make_family.py --params {params} --experts {K} --dtype bf16` ({kinds}); base folder "
         f"{b(size)}. Merges: experts 1..{K} onto the base, weight 1/K each, ties density {bm.DENSITY}, compute "
         f"float32, out bfloat16; in-process `Repo.merge` (default threads {os.cpu_count()}, memory limit 1 GiB) "
         f"on one repository holding every model (experts added with base `base`, so their delta catalog exists); "
         "after each merge its branch is deleted and `gc` (expire now) frees its chunks. Wall time: the "
         f"`Repo.merge` call (plan + execute + commit with fsync){', median of ' + str(args.repeat) + ' runs for greedy and exact' if args.repeat > 1 else ', one run each'}. "
-        "Deviation: ||A−E|| / ||E−base|| over all tensors, A the budgeted merge and E the exact one, both checked "
+        "Deviation: ‖A−E‖ / ‖E−base‖ over all tensors, A the budgeted merge and E the exact one, both checked "
         "out and compared tensor by tensor in float32 (squares summed in float64). Bound: the plan's "
-        "`estimate.bound` (absolute L2 on ||A−E||; additive methods only), shown relative to ||E−base||. "
+        "`estimate.bound` (absolute L2 on ‖A−E‖; additive methods only), shown relative to ‖E−base‖. "
         f"Budgets are shares of the expert bytes that differ from the base. Load average at start {load[0]}, "
-        f"at end {load[1]}; another agent was running tests meanwhile, so times are noisy. The whole benchmark "
-        f"took {took:.0f} s.\n",
+        f"at end {load[1]} (other processes may have been running: timings are noisy). The whole benchmark "
+        f"took {took:.0f} s.\n"),
     ]
     # targets ---------------------------------------------------------------------------------
     trows = []
@@ -813,7 +822,7 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
                 viol.append(f"{c.budget} {c.select}: bound {c.est['bound']:.4g} < {c.dev['abs']:.4g}")
             elif c.dev["abs"] > 0:
                 tight.append(c.est["bound"] / c.dev["abs"])
-    trows.append(["task_arithmetic: the plan's bound ≥ measured ||A−E||, every budget and selector",
+    trows.append(["task_arithmetic: the plan's bound ≥ measured ‖A−E‖, every budget and selector",
                   f"{checked - len(viol)} of {checked} hold; bound / measured {min(tight):.2f}–{max(tight):.2f}"
                   if tight else f"{checked - len(viol)} of {checked} hold",
                   "met" if not viol else "NOT met: " + "; ".join(viol)])
@@ -847,7 +856,7 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
         md.append(f"Exact merge: {b(e0.realized['expert_bytes'])} of experts ({b(e0.est['expert_total'])} differ "
                   f"from the base), {b(e0.realized['base_bytes'])} of base, wall "
                   f"{', '.join(f'{c.seconds:.2f}' for c in ex)} s (start, end; the baseline {exs:.2f} s); "
-                  f"||E−base|| = {bench.exact[method][1].dev['norm']:.6g}.\n" if ex[1].dev else "\n")
+                  f"‖E−base‖ = {bench.exact[method][1].dev['norm']:.6g}.\n" if ex[1].dev else "\n")
         rows = []
         for bud in budgets:
             for sel in SELECTS:
@@ -885,6 +894,9 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
         md.append("Greedy merges in detail (realized counts; `est. s` is the plan's rough time estimate):\n")
         md.append(table(["budget", "base read", "experts read", "all reads", "output computed", "output new in store",
                          "chunks left out", "chunks skipped", "est. s", "wall s", "phases (s)"], detail) + "\n")
+    conc = concentration(bench, budgets)
+    if conc:
+        md.append(conc)
     # calibration ------------------------------------------------------------------------------
     md.append(calibration(bench))
     # K sweep ---------------------------------------------------------------------------------
@@ -900,7 +912,7 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
                       gib(ti[k]["budget"]["expert_bytes"]),
                       f"{ta[k]['budget']['expert_bytes'] / (k * weights_bytes):.3f}"])
     md.append(f"## Expert bytes read vs K (budget {K_BUDGET}, greedy)\n")
-    md.append(f"Planner estimates (`Repo.plan`) for experts 1..K; `differing (files)` is computed here from the "
+    md.append("Planner estimates (`Repo.plan`) for experts 1..K; `differing (files)` is computed here from the "
               "safetensors files (chunks whose bytes differ from the base's), as a check of the planner's "
               "`expert_total`. MergeKit reads every expert in full: K × the weights file.\n")
     md.append(table(["K", "expert K's kind", "MergeKit K × model (GiB)", "mp differing: expert_total (GiB)",
@@ -949,10 +961,12 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
                   "wait4's ru_inblock / ru_oublock. Both count mmap page faults and readahead; rchar (from "
                   "/proc/PID/io) counts read() calls only, and both tools mmap their inputs. `expected` = (K+1) "
                   "× weights file for MergeKit, the realized base + expert bytes for mp; the `mp plan` row "
-                  "reads only the store's metadata and catalog. The store is opened with "
-                  "LMDB's readahead on, so a page fault in its mmap reads the device's read-ahead window around "
-                  f"it: {meta['readahead_kb']} KiB here (`/sys/dev/block/…/queue/read_ahead_kb`). Wall times "
-                  "of cold runs are not comparable with the rest.\n")
+                  "reads only the store's metadata and catalog. A cold page fault in an mmap reads the device's "
+                  f"read-ahead window around it ({meta['readahead_kb']} KiB here, "
+                  "`/sys/dev/block/…/queue/read_ahead_kb`) unless the mapping is advised MADV_RANDOM, when it "
+                  "reads its own page only. mp writes its output into the map (LMDB writemap), so a page that gc "
+                  "freed and the merge reuses is read from the disk before it is overwritten: that is most of "
+                  "what mp reads beyond `expected`. Wall times of cold runs are not comparable with the rest.\n")
         md.append(table(["run", "resident after drop", "storage read", "rchar", "expected", "read / expected",
                          "storage written", "output", "wall (s)"], orows) + "\n")
     # analysis cost -------------------------------------------------------------------------------
@@ -980,38 +994,73 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
         md.append(table(["expert", "kind", "mp add", "mp add --base", "difference (s)", "ratio"], crows) + "\n")
     o = bench.oracle
     md.append(f"The offline oracle read {b(o.bytes_read)} (the base and {K} experts in full) in {o.seconds:.1f} s "
-              f"to rank {len(o.l2)} differing (expert, chunk) pairs; its ||delta|| agree with the catalog's "
+              f"to rank {len(o.l2)} differing (expert, chunk) pairs; its ‖delta‖ agree with the catalog's "
               f"(Read.value / |w|) to a relative {o.check['max_rel']:.2g} at most over {o.check['reads']} reads "
               f"offered to it, {o.check['missing']} of which were chunks whose bytes equal the base's. "
               f"gc after each merge took {statistics.median(bench.gc_seconds):.2f} s (median, untimed).\n")
     return "\n".join(md)
 
 
+def concentration(bench: Bench, budgets: list[str]) -> str:
+    """How much of the weighted delta's energy the best chunks hold, from the oracle's own values:
+    what any chunk-level selection can reach, and what a selection blind to the values reaches on
+    average. With the experts' deltas at one position uncorrelated, leaving out chunks of energy
+    share s gives a deviation of about sqrt(s), so greedy's is about sqrt(1 − top share) and
+    uniform random's about sqrt(1 − p)."""
+    o = bench.oracle
+    if not getattr(o, "nbytes", None):
+        return ""
+    w = 1 / bench.K
+    items = sorted(((w * l2) ** 2, o.nbytes[k]) for k, l2 in o.l2.items())
+    items.sort(key=lambda x: -x[0] / x[1])
+    energy = sum(e for e, _ in items)
+    total = sum(n for _, n in items)
+    rows = []
+    for bud in budgets:
+        p = float(bud.rstrip("%")) / 100
+        if p >= 1:
+            continue
+        limit, spent, got = math.floor(p * total), 0, 0.0
+        for e, n in items:
+            if spent + n <= limit:
+                spent += n
+                got += e
+        share = got / energy if energy else 0.0
+        g = find(bench.cases, "task_arithmetic", bud, "greedy")
+        r = find(bench.cases, "task_arithmetic", bud, "random")
+        pred, blind = math.sqrt(max(0.0, 1 - share)), math.sqrt(1 - p)
+        rows.append([bud, f"{100 * share:.1f}%", f"{pred:.4f}", rel(g.dev["rel"]) if g else "-",
+                     f"{blind:.4f}", rel(r.dev["rel"]) if r else "-", f"{blind / pred:.2f}" if pred else "∞"])
+    return ("## Where the delta's energy is (task_arithmetic, from the offline oracle)\n\n"
+            "Share of Σ (w·‖Δ‖)² over all differing (expert, chunk) pairs held by the chunks the offline "
+            "greedy takes at each budget, the deviation that predicts (sqrt(1 − share), deltas of different "
+            "experts at one position taken as uncorrelated), beside the measured greedy one; and the deviation "
+            "a selection blind to the values reaches on average (sqrt(1 − p)), beside the one draw of "
+            "`--select random` measured. Their ratio is the random / greedy ratio any chunk-level selection can "
+            "expect on this family.\n\n"
+            + table(["budget", "energy in the best chunks", "predicted greedy deviation", "measured greedy",
+                     "expected random deviation", "measured random", "expected random / best"], rows) + "\n")
+
+
 def calibration(bench: Bench) -> str:
-    """Least-squares fit of execute seconds = a·read_bytes + c·output_bytes over the greedy and exact
-    merges of each method: what the planner's SECONDS_PER_* constants would be on this machine."""
-    import numpy as np
-
-    from mpstore import planner
-
+    """The plan's time estimate against the measured times, over every merge of each method: the
+    factor by which the estimate would have to be scaled on this machine (median, range)."""
     rows = []
     for method in METHODS:
-        cs = [c for c in bench.cases if c.method == method and c.select == "greedy"] + bench.exact[method]
-        x = np.array([[c.realized["read_bytes"], c.realized["output_bytes"]] for c in cs], dtype=float)
-        y = np.array([c.realized["seconds"]["execute"] for c in cs])
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        est = [c.est["seconds"] for c in cs]
-        ratio = [c.seconds / e for c, e in zip(cs, est) if e]
-        rows.append([method, f"{1 / coef[0] / 1e6:.0f}" if coef[0] > 0 else f"(≤ 0: {coef[0]:.3g})",
-                     f"{1 / coef[1] / 1e6:.0f}" if coef[1] > 0 else f"(≤ 0: {coef[1]:.3g})",
-                     f"{min(ratio):.2f}–{max(ratio):.2f}" if ratio else "-"])
-    return ("## Time estimate calibration\n\n"
-            f"The planner's time estimate assumes {1 / planner.SECONDS_PER_READ_BYTE / 1e6:.0f} MB/s of reads and "
-            f"{1 / planner.SECONDS_PER_OUTPUT_BYTE / 1e6:.0f} MB/s of output. A least-squares fit of the measured "
-            "execute time to a·read_bytes + c·output_bytes over the greedy and exact merges gives, per method "
-            "(MB/s = 1 / coefficient; the two regressors are nearly collinear when output varies little, so "
-            "read the fit as rough):\n\n"
-            + table(["method", "fitted read MB/s", "fitted output MB/s", "wall / estimate (range)"], rows) + "\n")
+        cs = [c for c in bench.cases if c.method == method] + bench.exact[method]
+        cs = [c for c in cs if c.est.get("seconds")]
+        if not cs:
+            continue
+        wall = [c.seconds / c.est["seconds"] for c in cs]
+        ex = [c.realized["seconds"]["execute"] / c.est["seconds"] for c in cs]
+        rows.append([method, str(len(cs)), f"{statistics.median(wall):.2f}", f"{min(wall):.2f}–{max(wall):.2f}",
+                     f"{statistics.median(ex):.2f}", f"{min(ex):.2f}–{max(ex):.2f}"])
+    return ("## The plan's time estimate\n\n"
+            "Measured time / `estimate.seconds` over every merge of the sweep (all budgets and selectors, and "
+            "the exact merges): 1 is a perfect estimate. Wall = the `Repo.merge` call; execute = its execute "
+            "phase (realized `seconds.execute`).\n\n"
+            + table(["method", "merges", "wall / estimate (median)", "range", "execute / estimate (median)",
+                     "range"], rows) + "\n")
 
 
 # ------------------------------------------------------------------------------ main
