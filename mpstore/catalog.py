@@ -28,7 +28,7 @@ from .objects import Tensor
 from .progress import Progress
 from .store import Store, Txn
 
-FORMAT = 1
+FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 BINS = 1 << 16
@@ -43,20 +43,22 @@ class DeltaStats:
     max_abs: float  # largest |expert - base|
     changed: int  # elements whose delta is not zero
     base_max: float  # largest |base| in the chunk
+    base_l2: float  # ||base||_2 over the chunk (bounds output rounding, see planner._bound)
     bins: bytes  # uint16: high 16 bits of float32 |delta| that occur, ascending
     counts: bytes  # uint32: how many elements fall in each of those bins
 
     def encode(self) -> bytes:
         return msgpack.packb([FORMAT, self.dtype, self.l2, self.max_abs, self.changed, self.base_max,
-                              self.bins, self.counts], use_bin_type=True)
+                              self.base_l2, self.bins, self.counts], use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes | memoryview, key: bytes) -> DeltaStats:
         try:
-            fmt, dtype, l2, mx, changed, base_max, bins, counts = msgpack.unpackb(data, raw=False)
+            fmt, dtype, l2, mx, changed, base_max, base_l2, bins, counts = msgpack.unpackb(data, raw=False)
             if fmt != FORMAT or dtype not in FLOATS or len(bins) * 2 != len(counts):
                 raise ValueError("unexpected layout")
-            return cls(dtype, float(l2), float(mx), int(changed), float(base_max), bytes(bins), bytes(counts))
+            return cls(dtype, float(l2), float(mx), int(changed), float(base_max), float(base_l2),
+                       bytes(bins), bytes(counts))
         except Exception as e:  # stored bytes that are not what we wrote
             raise CorruptData(f"catalog entry {key.hex()} does not decode: {e}") from None
 
@@ -67,15 +69,22 @@ def key(expert_chunk: bytes, base_chunk: bytes, dtype: str) -> bytes:
     return expert_chunk + base_chunk + dtype.encode()
 
 
+def current(k: bytes, value: bytes | memoryview) -> bool:
+    """Whether an entry has this version's key and layout; others are outdated derived data,
+    which gc removes and `mp analyze` measures again."""
+    try:
+        st = DeltaStats.decode(value, k)
+    except CorruptData:
+        return False
+    return len(k) > 32 and k[32:] == st.dtype.encode()
+
+
 def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
     """What is wrong with a stored entry, or None: it must decode and equal a fresh measurement
     of its two chunks (an entry whose chunks are gone is stale, not wrong: gc removes it)."""
-    try:
-        st = DeltaStats.decode(value, k)
-    except CorruptData as e:
-        return str(e)
-    if k[32:] != st.dtype.encode():
-        return f"catalog key {k.hex()} does not name its entry's dtype {st.dtype}"
+    if not current(k, value):
+        return f"catalog entry {k.hex()} is outdated or damaged (`mp gc` removes it)"
+    st = DeltaStats.decode(value, k)
     if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:32])):
         return None
     try:
@@ -115,6 +124,7 @@ def measure(expert: bytes | bytearray, base: bytes | bytearray, dtype: str) -> D
         max_abs=float(mag.max()) if mag.size else 0.0,
         changed=int(np.count_nonzero(mag)),
         base_max=float(np.abs(b).max()) if b.size else 0.0,
+        base_l2=float(np.sqrt(np.square(b, dtype=np.float64).sum())),
         bins=used.astype(np.uint16).tobytes(),
         counts=hist[used].astype(np.uint32).tobytes(),
     )
@@ -223,5 +233,5 @@ def tensor_histogram(txn: Txn, expert: Tensor, base: Tensor,
         st = lookup(txn, e, b, expert.dtype)
         if st is None:
             return None
-        np.add.at(hist, np.frombuffer(st.bins, dtype=np.uint16), np.frombuffer(st.counts, dtype=np.uint32))
+        hist[np.frombuffer(st.bins, dtype=np.uint16)] += np.frombuffer(st.counts, dtype=np.uint32)  # bins distinct
     return hist

@@ -380,7 +380,7 @@ def gc(
         _emit_json(freed)
         return
     print(f"freed {freed['objects']} objects, {freed['chunks']} chunks ({_human(freed['chunk_bytes'])}), "
-          f"{freed['reflog_entries']} expired reflog entries")
+          f"{freed['reflog_entries']} expired reflog entries, {freed['catalog_entries']} catalog entries")
     if compact:
         print(f"data file: {_human(freed['file_bytes_before'])} -> {_human(freed['file_bytes_after'])}")
 

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -574,8 +573,7 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(max_workers=threads) as pool, \
-                    store.reading_sparsely() if plan.omit else nullcontext():
+            with ThreadPoolExecutor(max_workers=threads) as pool:
                 ex.pool = pool
                 outputs = {t.name: ex.run(t, method) for t in todo}
         finally:

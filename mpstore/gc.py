@@ -2,7 +2,7 @@
 
 Marking walks from the refs and from every reflog entry younger than the expiry (as git keeps
 what its reflogs name), then unreachable objects, chunks, expired reflog entries and catalog
-entries whose chunks are gone are deleted in one transaction, which first checks that no ref moved
+entries whose chunks are gone (or whose layout is outdated) are deleted in one transaction, which first checks that no ref moved
 since the marking (else it marks again). The whole collection runs
 under the store's exclusive gc lock, which commands that write chunks hold shared while they
 work, so a commit in progress never loses its chunks. Readers are never disturbed: LMDB keeps
@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 import msgpack
 
+from . import catalog
 from .errors import MpError, StoreBusy
 from .reach import walk
 from .store import Store, Txn
@@ -65,8 +66,8 @@ def _find(txn: Txn, cutoff: str) -> tuple[Garbage, dict[bytes, list[bytes]]]:
         if key not in reach.chunks:
             dead[b"chunks"].append(key)
             found.chunk_bytes += len(value) - 1
-    for key, _ in txn.iter_db(b"catalog"):  # keyed by (expert chunk, base chunk) digests
-        if key[:16] not in reach.chunks or key[16:32] not in reach.chunks:
+    for key, value in txn.iter_db(b"catalog"):  # keyed by (expert chunk, base chunk, dtype)
+        if key[:16] not in reach.chunks or key[16:32] not in reach.chunks or not catalog.current(key, value):
             dead[b"catalog"].append(key)
     found.objects, found.chunks = len(dead[b"objects"]), len(dead[b"chunks"])
     found.catalog_entries = len(dead[b"catalog"])

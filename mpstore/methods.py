@@ -162,8 +162,9 @@ def _radix_high_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
 
 
 def _radix_low_zero(n: int, st: Stats, k: int) -> dict[str, torch.Tensor]:
-    return {f"l{i}.{j}": _zero_counts(n if hi == 0 else 0)
-            for i, picks in st["bins"].items() for j, (hi, _) in enumerate(picks)}
+    # zero deltas only count in bin 0; other sums are left out rather than added as zeros
+    return {f"l{i}.{j}": _zero_counts(n)
+            for i, picks in st["bins"].items() for j, (hi, _) in enumerate(picks) if hi == 0}
 
 
 def _radix_high_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) -> None:
@@ -209,7 +210,7 @@ def _radix_low_finish(st: Stats, tot: dict, p: list[dict], g: dict, numel: int) 
                     values.append(torch.tensor([hi << 16], dtype=torch.int32).view(torch.float32).item())
                     positions.append(1)
                     continue
-            lo, position = _pick(tot[f"l{i}.{j}"], r)
+            lo, position = _pick(tot.get(f"l{i}.{j}", _zero_counts(0)), r)
             values.append(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item())
             positions.append(position)
         thresholds[i], within[i] = values, positions

@@ -34,6 +34,8 @@ from .units import parse_size
 SECONDS_PER_READ_BYTE = 1.0 / 900e6
 SECONDS_PER_ELEMENT = {"task_arithmetic": 4e-9, "ties": 6e-9, "": 6e-9}
 MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
+SMALLEST = {"F64": 2.0 ** -1074, "F32": 2.0 ** -149, "F16": 2.0 ** -24, "BF16": 2.0 ** -133,
+            "F8_E4M3": 2.0 ** -9, "F8_E5M2": 2.0 ** -16}  # spacing below the normal range
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
     if not p.omit:
         bound, exact = 0.0, 0.0  # nothing left out: the exact merge
     else:
-        bound, exact = _bound(method, tasks, reads, chosen, stats) if method.additive else (None, None)
+        bound, exact = _bound(tasks, reads, chosen, stats) if method.additive else (None, None)
     estimate = {
         "base_bytes": counted.base_bytes,
         "bound": bound,
@@ -200,23 +202,18 @@ def _checked(chosen: set[int], reads: list[Read], limit: int) -> set[int]:
     return chosen
 
 
-def _ulp(x: float, dtype: str) -> float:
-    """The spacing of `dtype` at magnitude x (at least its smallest normal spacing)."""
-    e = math.frexp(max(x, 2.0 ** -126))[1] - 1
-    return 2.0 ** (e - MANTISSA.get(dtype, 23))
-
-
-def _bound(method: M.Method, tasks: list[X.Task], reads: list[Read], chosen: set[int],
-           stats: dict) -> tuple[float, float]:
+def _bound(tasks: list[X.Task], reads: list[Read], chosen: set[int], stats: dict) -> tuple[float, float]:
     """An upper bound on ||budgeted - exact|| over all tensors, and the part of it that is the
-    merge arithmetic alone (without output rounding).
+    merge arithmetic alone (without rounding).
 
-    For an additive method the difference at a chunk is scale * sum of the omitted weighted
-    deltas there (scale = |lambda| / the normalising weight sum), so by the triangle inequality
-    its norm is at most a_c = scale * sum |w_i| ||delta_ic||; chunks are disjoint, so norms add in
-    squares across chunks. Both results are then rounded to the output dtype (and, with a 16-bit
-    compute dtype, at every step): each element can differ by one more spacing of the coarser
-    dtype at the largest magnitude the output can take there, r_c = sqrt(n_c) * ulp(M_c)."""
+    For an additive method the difference at a chunk is s * the sum of the omitted weighted
+    deltas there (s = |lambda| / the normalising weight sum), so by the triangle inequality its
+    norm is at most a_c = s * sum |w_i| ||delta_ic||; chunks are disjoint, so norms add in squares
+    across chunks. Both merges are rounded: to the output dtype once (half a spacing each, and a
+    spacing is at most 2^-m |x| for m mantissa bits), and at each of K+2 steps in the compute
+    dtype. So each chunk can differ by r_c = (2^-m_out + (K+2) 2^-m_compute) * N_c more, where
+    N_c = ||base_c|| + s * sum over all inputs |w_i| ||delta_ic|| bounds both results' norms
+    there, plus one smallest spacing per element for values below the normal range."""
     by_task = {t.name: t for t in tasks}
     at: dict[tuple[str, int], list[int]] = {}
     for k, r in enumerate(reads):
@@ -228,16 +225,16 @@ def _bound(method: M.Method, tasks: list[X.Task], reads: list[Read], chosen: set
         task = by_task[name]
         wsum = sum(q.get("weight", 0.0) for q in task.p)
         div = abs(wsum) if task.g.get("normalize") and abs(wsum) >= 1e-8 else 1.0
-        scale = abs(task.g.get("lambda", 1.0)) / div
-        a = scale * sum(abs(task.p[reads[k].input]["weight"]) * stats[(name, reads[k].input, c)].l2
-                        for k in ks if k not in chosen)
-        first = stats[(name, reads[ks[0]].input, c)]
-        peak = first.base_max + scale * sum(abs(task.p[reads[k].input]["weight"])
-                                            * stats[(name, reads[k].input, c)].max_abs for k in ks)
-        coarse = min((task.compute, task.out), key=lambda d: MANTISSA.get(d, 23))
-        steps = 1 if ITEMSIZE[task.compute] >= 4 else len(task.models) + 2
-        r = math.sqrt(catalog.elements(task.base, c)) * _ulp(peak, coarse) * steps
-        total += (a + r) ** 2
+        s = abs(task.g.get("lambda", 1.0)) / div
+
+        def weighted(k: int) -> float:
+            return abs(task.p[reads[k].input]["weight"]) * stats[(name, reads[k].input, c)].l2
+
+        a = s * sum(weighted(k) for k in ks if k not in chosen)
+        norm = stats[(name, reads[ks[0]].input, c)].base_l2 + s * sum(weighted(k) for k in ks)
+        relative = 2.0 ** -MANTISSA[task.out] + (len(task.models) + 2) * 2.0 ** -MANTISSA[task.compute]
+        tiny = math.sqrt(catalog.elements(task.base, c)) * SMALLEST[task.out]
+        total += (a + relative * norm + tiny) ** 2
         arith += a ** 2
     return math.sqrt(total), math.sqrt(arith)
 

@@ -13,7 +13,6 @@ import math
 import os
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -398,8 +397,7 @@ class Repo:
         from .mergeconfig import to_plan
         from .planner import parse_budget, plan as make_plan
 
-        # a budget reads the catalog and a few chunks scattered over the store: no read-ahead
-        with self.store.reading_sparsely() if budget is not None else nullcontext(), self.store.read() as r:
+        with self.store.read() as r:
             resolved = to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
             return make_plan(r, resolved, parse_budget(budget) if budget is not None else None,
                              select, memory_limit)
@@ -436,12 +434,11 @@ class Repo:
 
         check_name(branch)
         began = time.perf_counter()
-        with self.store.reading_sparsely() if budget is not None else nullcontext():
-            plan = self.plan(request, budget, select, memory_limit)
-            planned = time.perf_counter() - began
-            sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
-            result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
-                             memory_limit)
+        plan = self.plan(request, budget, select, memory_limit)
+        planned = time.perf_counter() - began
+        sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
+        result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
+                         memory_limit)
         result.realized.seconds = {"plan": round(planned, 3), **result.realized.seconds}
         msg = message if message is not None else f"merge {plan.method} of {len(plan.models)} models"
 

@@ -30,7 +30,7 @@ CODEC_RAW = 0
 DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"reflog", b"catalog")
 DEFAULT_MAP_SIZE = 1 << 30  # address space only: the file grows with what is written
 MAP_SLACK = 64 << 20
-MADV_NORMAL, MADV_RANDOM, MADV_DONTNEED = 0, 1, 4
+MADV_DONTNEED = 4
 RELEASE_EVERY = 64 << 20  # bytes of the map touched between releases of this process's mapping
 
 T = TypeVar("T")
@@ -187,7 +187,6 @@ class Store:
         self.env = env
         self._open_lock = open_lock  # held shared for as long as the store is open
         self._touched = 0
-        self.sparse = False  # within reading_sparsely
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod
@@ -316,42 +315,19 @@ class Store:
             self._touched = 0
             self.release_pages()
 
-    @contextmanager
-    def reading_sparsely(self) -> Iterator[None]:
-        """For reads of scattered chunks (a budgeted merge): a page fault reads its own page,
-        not the device's read-ahead window around it, which made a 10% budgeted merge read 8x
-        its bytes from a cold disk (docs/benchmarks.md). Sequential reads are slower this way,
-        so it lasts only as long as the budgeted merge."""
-        if self.sparse:  # already (a budgeted merge plans, then executes)
-            yield
-            return
-        self._advise(MADV_RANDOM)
-        self.sparse = True
-        try:
-            yield
-        finally:
-            self.sparse = False
-            self._advise(MADV_NORMAL)
-
-    def _advise(self, advice: int) -> None:
-        for start, end in self._mapped():
-            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
-
-    def _mapped(self) -> list[tuple[int, int]]:
-        """Address ranges of this process's mappings of the data file."""
+    def release_pages(self) -> None:
+        """Drop this process's mapping of store pages it has touched, so a long read or write
+        keeps a bounded resident set; the pages stay in the page cache and fault back in on the
+        next access. Safe for a shared file mapping: written pages stay dirty in the page cache."""
         datafile = str(self.path.resolve() / "data.mdb")
         try:
             with open("/proc/self/maps") as maps:
                 ranges = [line.split()[0] for line in maps if line.rstrip().endswith(datafile)]
         except OSError:
-            return []
-        return [tuple(int(x, 16) for x in r.split("-")) for r in ranges]
-
-    def release_pages(self) -> None:
-        """Drop this process's mapping of store pages it has touched, so a long read or write
-        keeps a bounded resident set; the pages stay in the page cache and fault back in on the
-        next access. Safe for a shared file mapping: written pages stay dirty in the page cache."""
-        self._advise(MADV_DONTNEED)
+            return
+        for r in ranges:
+            start, end = (int(x, 16) for x in r.split("-"))
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
     def _begin(self, write: bool) -> lmdb.Transaction:
         try:
@@ -381,9 +357,6 @@ def _lock_open(path: Path):
 def _open_env(path: Path, map_size: int) -> lmdb.Environment:
     # metasync=False: data pages are fsynced at every commit, the meta page at the next sync;
     # a power cut can lose the last commit but never corrupt the store.
-    # readahead=True: a page fault reads the device's read-ahead window around it, what
-    # sequential work (add, checkout, full merges) wants; sparse reads turn it off for a while
-    # (Store.reading_sparsely).
     # writemap=True: chunk bytes are copied once, straight into the file's pages, instead of into
     # malloc'd dirty pages that are then written out (add ran 1.5-2.5x faster, see
     # docs/benchmarks.md). The file is sparse up to the map size: its apparent size is the map
