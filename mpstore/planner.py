@@ -12,7 +12,6 @@ executor follows, so the estimate is what execution then does.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,11 +27,12 @@ from .objects import Plan
 from .store import Txn
 from .units import parse_size
 
-# Rough costs of the executor on the 2-core reference machine, fitted to merges of the 250M
-# family (docs/benchmarks.md): seconds per byte read from the store, and per element x input x
-# sweep computed on one core. Only the plan's time estimate uses them.
-SECONDS_PER_READ_BYTE = 1.0 / 900e6
-SECONDS_PER_ELEMENT = {"task_arithmetic": 4e-9, "ties": 6e-9, "": 6e-9}
+# Rough cost of executing on the 2-core reference machine, fitted to warm merges of the 250M
+# family with K=8 (docs/benchmarks.md, "Budgeted merges"): seconds per unit of work (elements x
+# inputs x sweeps, see Executor.account) and per tensor computed (catalog histograms, pass set-up).
+# Only the plan's time estimate uses them; other methods are costed like ties.
+SECONDS_PER_WORK = {"task_arithmetic": 3.0e-9, "ties": 4.8e-9}
+SECONDS_PER_TENSOR = {"task_arithmetic": 0.75e-3, "ties": 5e-3}
 MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
 SMALLEST = {"F64": 2.0 ** -1074, "F32": 2.0 ** -149, "F16": 2.0 ** -24, "BF16": 2.0 ** -133,
             "F8_E4M3": 2.0 ** -9, "F8_E5M2": 2.0 ** -16}  # spacing below the normal range
@@ -184,9 +184,9 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
         "expert_total": total,
         "output_bytes": counted.output_bytes,
         "read_bytes": counted.read_bytes,
-        "seconds": round(counted.read_bytes * SECONDS_PER_READ_BYTE
-                         + work * SECONDS_PER_ELEMENT.get(method.name, SECONDS_PER_ELEMENT[""])
-                         / (os.cpu_count() or 1), 2),
+        "seconds": round(work * SECONDS_PER_WORK.get(method.name, SECONDS_PER_WORK["ties"])
+                         + (len(tasks) - counted.tensors_copied)
+                         * SECONDS_PER_TENSOR.get(method.name, SECONDS_PER_TENSOR["ties"]), 2),
         "tensors": dict(sorted(touched.items())),
     }
     return replace(p, estimate=estimate)

@@ -963,10 +963,9 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
                   "× weights file for MergeKit, the realized base + expert bytes for mp; the `mp plan` row "
                   "reads only the store's metadata and catalog. A cold page fault in an mmap reads the device's "
                   f"read-ahead window around it ({meta['readahead_kb']} KiB here, "
-                  "`/sys/dev/block/…/queue/read_ahead_kb`) unless the mapping is advised MADV_RANDOM, when it "
-                  "reads its own page only. mp writes its output into the map (LMDB writemap), so a page that gc "
-                  "freed and the merge reuses is read from the disk before it is overwritten: that is most of "
-                  "what mp reads beyond `expected`. Wall times of cold runs are not comparable with the rest.\n")
+                  "`/sys/dev/block/…/queue/read_ahead_kb`); mp keeps LMDB's read-ahead on (a page fault reads "
+                  "that window), so a budgeted merge of scattered chunks reads more from a cold disk than it "
+                  "uses. Wall times of cold runs are not comparable with the rest.\n")
         md.append(table(["run", "resident after drop", "storage read", "rchar", "expected", "read / expected",
                          "storage written", "output", "wall (s)"], orows) + "\n")
     # analysis cost -------------------------------------------------------------------------------
