@@ -367,6 +367,19 @@ def mpstore_state() -> str:
     return head + (f"+{hashlib.sha1(diff).hexdigest()[:8]}" if diff else "")
 
 
+def same_code(a: str, b: str) -> bool:
+    """Whether two mpstore_state() values name the same mpstore/: equal digests of uncommitted
+    changes, and no difference under mpstore/ between the two HEADs (commits that touch only
+    other files, made while the benchmark runs, leave the code it measures as it was)."""
+    if a == b:
+        return True
+    (ha, _, da), (hb, _, db) = a.partition("+"), b.partition("+")
+    if da != db or not ha or not hb:
+        return False
+    diff = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", ha, hb, "--", "mpstore"], check=False)
+    return diff.returncode == 0
+
+
 def spearman(xs: list[float], ys: list[float]) -> float:
     def ranks(v: list[float]) -> list[float]:
         order = sorted(range(len(v)), key=lambda i: v[i])
@@ -771,7 +784,10 @@ def report(args: argparse.Namespace, bench: Bench, meta: dict, written: list[str
         "# mpstore budgeted-merge benchmark\n",
         f"Reproduce: `{meta['repro']}`\n",
         ((f"mpstore: {bench.code[0]} (HEAD, + digest of uncommitted changes under mpstore/, if any) for every "
-         "in-process merge." if bench.code and bench.code[0] == bench.code[-1] else
+         "in-process merge" + ("." if bench.code[0] == bench.code[-1] else
+                               f"; HEAD moved to {bench.code[-1]} during the run by commits that leave mpstore/ "
+                               "unchanged.")
+         if bench.code and same_code(bench.code[0], bench.code[-1]) else
          f"**mpstore changed during the run**: {bench.code[0]} at start, {bench.code[-1]} at the end (HEAD + "
          "digest of uncommitted changes). Every merge, plan and checkout ran in this process with the code "
          "loaded at start; only the CLI add timings ran `mp` from the working tree as it was then.")
