@@ -97,7 +97,9 @@ def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
 def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes, dtype: str) -> DeltaStats | None:
     k = key(expert_chunk, base_chunk, dtype)
     value = txn.catalog(k)
-    return None if value is None else DeltaStats.decode(value, k)
+    if value is None or not current(k, value):  # an outdated entry is measured again by analyze
+        return None
+    return DeltaStats.decode(value, k)
 
 
 def _float32(raw: bytes | bytearray, dtype: str) -> np.ndarray:
@@ -173,7 +175,7 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
     def write() -> None:
         batch = list(done)
         done.clear()
-        store.write(lambda txn: sum(txn.put_catalog(k, v) for k, v in batch),
+        store.write(lambda txn: sum(txn.put_catalog(k, v) for k, v in batch),  # outdated ones replaced
                     reserve=sum(len(v) + 64 for _, v in batch))
 
     def collect() -> None:
@@ -187,7 +189,8 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
         with store.read() as txn, ThreadPoolExecutor(max_workers=threads) as pool:
             for e, b, dtype in todo:
                 k = key(e, b, dtype)
-                if txn.catalog(k) is not None:
+                old = txn.catalog(k)
+                if old is not None and current(k, old):
                     progress.advance(1)
                     continue
                 ev, bv = txn.chunk(e), txn.chunk(b)

@@ -73,7 +73,7 @@ class Txn:
         return None if value is None else memoryview(value)
 
     def put_catalog(self, key: bytes, value: bytes) -> bool:
-        return self._t.put(key, value, db=self._s.db[b"catalog"], overwrite=False)
+        return self._t.put(key, value, db=self._s.db[b"catalog"])
 
     # objects ------------------------------------------------------------------------------
     def put_object(self, obj: StoredObject) -> bytes:

@@ -398,3 +398,32 @@ def test_an_entry_measured_for_another_dtype_is_not_used(tmp_path):
     assert snaps["catalog"] == snaps["none"]
     # what steers the BF16 merge must have been measured as BF16
     assert dtypes == ["BF16"] * len(dtypes), dtypes
+
+
+def test_outdated_entries_are_measured_again_and_collected(tmp_path, fams):
+    """Entries of an older layout are derived data: a budget asks for `mp analyze`, which
+    measures them again in place; gc drops what no current entry replaced."""
+    import msgpack
+
+    root = tmp_path / "repo"
+    build(root, fams["f32"])
+    with Repo.open(root) as repo:
+        fresh = catalog_entries(repo)
+        req = MergeRequest("task_arithmetic", "base", list(EXPERTS), [{"weight": 0.3}] * 3, {}, "F32", None, 0)
+        want = repo.plan(req, budget="25%").omit
+
+        def downgrade(txn):  # format 1: no base_l2
+            for k, v in list(txn.iter_db(b"catalog")):
+                fields = msgpack.unpackb(v)
+                txn.put_catalog(k, msgpack.packb([1, *fields[1:6], *fields[7:]], use_bin_type=True))
+            txn.put_catalog(b"\x00" * 32, b"\x91\x01")  # an entry keyed without a dtype
+
+        repo.store.write(downgrade)
+        with pytest.raises(Exception, match="mp analyze"):
+            repo.plan(req, budget="25%")
+        assert len(repo.fsck()[0]) == len(fresh) + 1
+        measured = sum(repo.analyze(name, "base").measured for name in EXPERTS)
+        assert measured == len(fresh)
+        assert repo.plan(req, budget="25%").omit == want
+        assert repo.gc(expire="now")["catalog_entries"] == 1
+        assert catalog_entries(repo) == fresh and repo.fsck()[0] == []
