@@ -221,6 +221,11 @@ def elements(t: Tensor, c: int) -> int:
     return item_bytes(t, c) // ITEMSIZE[t.dtype]
 
 
+def covers(txn: Txn, expert: Tensor, base: Tensor) -> bool:
+    """Whether every chunk of `expert` that differs from `base`'s has an entry."""
+    return all(e == b or lookup(txn, e, b, expert.dtype) is not None for e, b in zip(expert.chunks, base.chunks))
+
+
 def tensor_histogram(txn: Txn, expert: Tensor, base: Tensor,
                      only: frozenset[int] | None = None) -> np.ndarray | None:
     """Sum of the catalog histograms of `expert`'s chunks that differ from `base`'s (of those

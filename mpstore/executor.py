@@ -253,7 +253,7 @@ class Outline:
     changed: list[list[int]]  # per block: inputs whose chunks differ from the base's there
     needed: list[M.Pass]  # passes this tensor needs, in order
     swept: list[M.Pass]  # of them, those that sweep the blocks (the others: no measure, or catalog)
-    hist: dict[int, torch.Tensor] | None  # per input: catalog histogram of |delta| over the tensor
+    hist: dict[int, torch.Tensor | None] | None  # per input: catalog histogram of |delta| (None: counting)
     cached: bool  # every block is read once and kept for the passes and the combine
     skip_equal: bool  # with a cache, blocks where every input is the base are not even read
     identity: bool  # a block where every input is the base is the base
@@ -306,11 +306,12 @@ class Executor:
             per = max(1, per // row) * row
         return [(a, min(a + per, numel)) for a in range(0, numel, per)]
 
-    def _histograms(self, task: Task) -> dict[int, torch.Tensor] | None:
+    def _histograms(self, task: Task, counting: bool) -> dict[int, torch.Tensor | None] | None:
         """Each input's histogram of |delta| bits over the whole stored tensor, from the catalog.
         None when an entry is missing, or when the catalog's float32 deltas are not exactly the
         compute dtype's (then the exact merge sweeps) — unless chunks are omitted: a budgeted
-        merge places its thresholds over the whole delta from the catalog in any dtype."""
+        merge places its thresholds over the whole delta from the catalog in any dtype.
+        `counting` (the planner's estimate): only whether they exist; the values are None."""
         ref = task.base
         if ref is None:
             return None
@@ -319,20 +320,23 @@ class Executor:
             return None
         hists = {}
         for i, t in enumerate(task.stored):
-            h = catalog.tensor_histogram(self.txn, t, ref)
+            if counting:
+                h = True if catalog.covers(self.txn, t, ref) else None
+            else:
+                h = catalog.tensor_histogram(self.txn, t, ref)
             if h is None:
                 if task.omitted[i]:
                     raise M.BadMerge(f"tensor {task.name!r}: input {i + 1} has chunks left out by the "
                                      "budget but no catalog entries (run `mp analyze`)")
                 return None
-            hists[i] = torch.from_numpy(h)
+            hists[i] = None if counting else torch.from_numpy(h)
         return hists
 
-    def outline(self, task: Task, method: M.Method) -> Outline:
+    def outline(self, task: Task, method: M.Method, counting: bool = False) -> Outline:
         blocks = self._blocks(task, method)
         changed = [self._changed(task, a, b) for a, b in blocks]
         needed = [p for p in method.passes if p.needed(task.p, task.g)]
-        hist = self._histograms(task) if any(p.from_catalog for p in needed if p.measure) else None
+        hist = self._histograms(task, counting) if any(p.from_catalog for p in needed if p.measure) else None
         swept = [p for p in needed if p.measure and not (p.from_catalog and hist is not None)]
         ref = task.base or task.models[0]
         numel = ref.size // ITEMSIZE[ref.dtype]
@@ -375,7 +379,7 @@ class Executor:
         if task.copy is not None:
             self.realized.tensors_copied += 1
             return
-        o = self.outline(task, method)
+        o = self.outline(task, method, counting=True)
         ref = task.base or task.models[0]
 
         def block(n: int) -> None:
