@@ -599,12 +599,12 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     return Result(snapshot, objects, ex.realized)
 
 
-def account(txn: Txn, plan: Plan, memory_limit: int) -> tuple[Realized, int]:
+def account(txn: Txn, plan: Plan, memory_limit: int, todo: list[Task]) -> tuple[Realized, int]:
     """What executing `plan` would read, write and compute (elements x inputs x sweeps),
-    counted without reading a chunk."""
+    counted without reading a chunk; `todo` is `tasks(txn, plan, ...)`."""
     method = M.get(plan.method)
     ex = Executor(None, txn, None, 1, memory_limit, plan, Silent())
-    for task in tasks(txn, plan, method):
+    for task in todo:
         ex.account(task, method)
     return ex.realized, ex.work
 

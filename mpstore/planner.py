@@ -164,7 +164,9 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
                 omit[task.name] = [X.bitmap(left[task.name][i], len(t.chunks)) if i in left[task.name] else None
                                    for i, t in enumerate(task.stored)]
         p = replace(p, omit=omit or None, budget={"spec": budget.spec, "bytes": limit, "select": name})
-    counted, work = X.account(txn, p, memory_limit)
+    if p.omit:
+        tasks = [X.omit(t, p.omit.get(t.name)) for t in tasks]  # the reads the executor will see
+    counted, work = X.account(txn, p, memory_limit, tasks)
     touched: dict[str, list[int]] = {}
     for k, r in enumerate(reads):
         row = touched.setdefault(r.tensor, [0, 0])
