@@ -117,10 +117,14 @@ def analyze(
     ref: str,
     base: str = typer.Option(..., "--base", help="The model REF was fine-tuned from."),
     threads: Optional[int] = typer.Option(None, help="Worker threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Record the delta catalog of REF against BASE (what `add --base` does), for budgeted merges."""
     with _open() as repo:
         res = repo.analyze(ref, base, threads=threads, progress=_Bar())
+    if as_json:
+        _emit_json(res.to_json())
+        return
     print(f"{res.pairs} chunks differ from the base; {res.measured} measured "
           f"({_human(res.bytes_read)} read) in {res.seconds:.2f} s")
 

@@ -21,7 +21,6 @@ import xxhash
 from . import catalog
 from . import executor as X
 from . import methods as M
-from .dtypes import ITEMSIZE
 from .errors import BadMerge, MpError
 from .objects import Plan
 from .store import Txn

@@ -9,6 +9,7 @@ only asked which chunk digests each tensor has, so a chunk's bytes are located i
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -234,6 +235,10 @@ def test_mp_analyze(tmp_path, fams):
     assert m and (int(m.group(1)), int(m.group(2)), m.group(3)) == (n, 0, "0 B"), proc.stdout
     with Repo.open(root) as repo:
         assert len(catalog_entries(repo)) == n
+        m3 = len({e + d for *_, e, d in differing(repo, "e3")})
+    proc = run_mp("-C", root, "-q", "analyze", "e3", "--base", "base", "--json")
+    got = json.loads(proc.stdout)
+    assert proc.returncode == 0 and (got["pairs"], got["measured"]) == (m3, m3) and got["bytes_read"] > 0
     before = store_fingerprint(root)
     assert_user_error(run_mp("-C", root, "analyze", "nosuch", "--base", "base"), "nosuch")
     assert_user_error(run_mp("-C", root, "analyze", "e1", "--base", "nosuch"), "nosuch")
