@@ -69,22 +69,26 @@ def key(expert_chunk: bytes, base_chunk: bytes, dtype: str) -> bytes:
     return expert_chunk + base_chunk + dtype.encode()
 
 
-def current(k: bytes, value: bytes | memoryview) -> bool:
-    """Whether an entry has this version's key and layout; others are outdated derived data,
-    which gc removes and `mp analyze` measures again."""
+def _current(k: bytes, value: bytes | memoryview) -> DeltaStats | None:
+    """The entry if it has this version's key and layout; None for outdated (or damaged)
+    entries, which are derived data: gc removes them and `mp analyze` measures them again."""
     try:
         st = DeltaStats.decode(value, k)
     except CorruptData:
-        return False
-    return len(k) > 32 and k[32:] == st.dtype.encode()
+        return None
+    return st if len(k) > 32 and k[32:] == st.dtype.encode() else None
+
+
+def current(k: bytes, value: bytes | memoryview) -> bool:
+    return _current(k, value) is not None
 
 
 def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
     """What is wrong with a stored entry, or None: it must decode and equal a fresh measurement
     of its two chunks (an entry whose chunks are gone is stale, not wrong: gc removes it)."""
-    if not current(k, value):
+    st = _current(k, value)
+    if st is None:
         return f"catalog entry {k.hex()} is outdated or damaged (`mp gc` removes it)"
-    st = DeltaStats.decode(value, k)
     if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:32])):
         return None
     try:
@@ -97,9 +101,7 @@ def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
 def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes, dtype: str) -> DeltaStats | None:
     k = key(expert_chunk, base_chunk, dtype)
     value = txn.catalog(k)
-    if value is None or not current(k, value):  # an outdated entry is measured again by analyze
-        return None
-    return DeltaStats.decode(value, k)
+    return None if value is None else _current(k, value)  # an outdated entry: analyze measures it again
 
 
 def _float32(raw: bytes | bytearray, dtype: str) -> np.ndarray:

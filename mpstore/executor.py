@@ -90,7 +90,7 @@ class Reads:
             key = t.chunks[c]
             if key not in self.seen:
                 self.seen.add(key)
-                n = min(t.chunk_size, t.size - c * t.chunk_size)
+                n = catalog.item_bytes(t, c)
                 if task.base is None or task.base.chunks[c] != key:
                     self.realized.expert_bytes += n
                 else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import xxhash
@@ -72,6 +72,11 @@ class Read:
 
 
 Selector = Callable[[list[Read], int], set[int]]
+
+
+def distinct_bytes(reads: list[Read], ks: Iterable[int]) -> int:
+    """Bytes of the chosen reads, a chunk read by several experts (one digest) counted once."""
+    return sum({reads[k].digest: reads[k].nbytes for k in ks}.values())
 
 
 def _take(reads: list[Read], order: list[int], limit: int) -> set[int]:
@@ -143,7 +148,7 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
         raise BadMerge(f"--budget needs a method that merges deltas from a base (task_arithmetic, "
                        f"ties, dare_*, breadcrumbs*, della*); {method.name} reads whole models")
     reads, stats = candidates(txn, tasks, budget is not None)
-    total = sum({r.digest: r.nbytes for r in reads}.values())
+    total = distinct_bytes(reads, range(len(reads)))
     chosen = set(range(len(reads)))
     p = base_plan
     selector = SELECTORS.get(select) if isinstance(select, str) else select
@@ -197,7 +202,7 @@ def _checked(chosen: set[int], reads: list[Read], limit: int) -> set[int]:
     """A selector's choice must name candidates and fit the budget: the budget is a promise."""
     if any(not 0 <= k < len(reads) for k in chosen):
         raise BadMerge("the chunk selector chose reads that are not candidates")
-    spent = sum({reads[k].digest: reads[k].nbytes for k in chosen}.values())
+    spent = distinct_bytes(reads, chosen)
     if spent > limit:
         raise BadMerge(f"the chunk selector chose {spent} bytes of reads for a budget of {limit}")
     return chosen
@@ -227,12 +232,8 @@ def _bound(tasks: list[X.Task], reads: list[Read], chosen: set[int], stats: dict
         wsum = sum(q.get("weight", 0.0) for q in task.p)
         div = abs(wsum) if task.g.get("normalize") and abs(wsum) >= 1e-8 else 1.0
         s = abs(task.g.get("lambda", 1.0)) / div
-
-        def weighted(k: int) -> float:
-            return abs(task.p[reads[k].input]["weight"]) * stats[(name, reads[k].input, c)].l2
-
-        a = s * sum(weighted(k) for k in ks if k not in chosen)
-        norm = stats[(name, reads[ks[0]].input, c)].base_l2 + s * sum(weighted(k) for k in ks)
+        a = s * sum(reads[k].value for k in ks if k not in chosen)  # value: |w_i| * ||delta_ic||
+        norm = stats[(name, reads[ks[0]].input, c)].base_l2 + s * sum(reads[k].value for k in ks)
         relative = 2.0 ** -MANTISSA[task.out] + (len(task.models) + 2) * 2.0 ** -MANTISSA[task.compute]
         tiny = math.sqrt(catalog.elements(task.base, c)) * SMALLEST[task.out]
         total += (a + relative * norm + tiny) ** 2
