@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .errors import MpError
-from .ids import short
+from .store.ids import short
 from .repo import DEFAULT_CHUNK_SIZE, Repo
 from .units import parse_size
 
@@ -250,7 +250,7 @@ def diff(
     with _open() as repo:
         result = repo.diff(a, b)
     if plot:
-        from .plot import plot_diff
+        from .model.plot import plot_diff
 
         plot_diff(result, plot)
     if as_json:
@@ -443,7 +443,7 @@ def merge(
     if not planning and branch is None:
         raise MpError("merge needs -b BRANCH: the branch to commit the merge on")
     _open().close()  # outside a repository, say so before paying for torch's import
-    from .mergeconfig import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model  # imports torch
+    from .merge.request import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model  # imports torch
 
     if config is not None:
         if method or base or models:

@@ -18,26 +18,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import checkout as _checkout
-from . import ingest
-from .chunks import ChunkSink
-from .diff import DiffResult, diff_snapshots
-from .revert import revert as _revert
-from .dtypes import MAX_ITEMSIZE
+from .model import checkout as _checkout
+from .model import ingest
+from .store.chunks import ChunkSink
+from .model.diff import DiffResult, diff_snapshots
+from .model.revert import revert as _revert
+from .store.dtypes import MAX_ITEMSIZE
 from .errors import BadMerge, BadRefName, MpError, NotARepository, RepositoryExists, UnknownRef
-from .ids import short
-from .objects import Blob, Commit, Plan, Snapshot, Tensor, encode, object_id
+from .store.ids import short
+from .store.objects import Blob, Commit, Plan, Snapshot, Tensor, encode, object_id
 from .progress import Progress, Silent
 
 # The merge engine (executor, methods, mergeconfig) imports torch, which takes seconds: it is
 # imported where a merge needs it, so add/checkout/log stay fast to start.
-from .refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
-from .store import DEFAULT_MAP_SIZE, Store, Txn
+from .store.refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
+from .store.env import DEFAULT_MAP_SIZE, Store, Txn
 
 if TYPE_CHECKING:
-    from .mergeconfig import MergeRequest
-    from .catalog import AnalyzeResult
-    from .planner import Selector
+    from .merge.request import MergeRequest
+    from .merge.catalog import AnalyzeResult
+    from .merge.planner import Selector
 
 STORE_DIR = ".mp"
 DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/architecture.md, "Chunk size", for the measurement
@@ -274,7 +274,7 @@ class Repo:
         msg = message if message is not None else f"add {Path(source).name}"
         analyzed = None
         if base_id is not None:  # the catalog of this expert's deltas: a one-time cost per model
-            from .catalog import analyze
+            from .merge.catalog import analyze
 
             with self.store.read() as r:
                 new = {object_id(encode(o)): o for o in objects if isinstance(o, Tensor)}
@@ -393,9 +393,9 @@ class Repo:
         """The plan a merge request resolves to, with the reads a budget allows ('10%' of the
         experts' differing bytes, or a size) and the estimate of what executing it will cost.
         Validates refs, method, parameters and every tensor; reads no chunk."""
-        from .executor import ENGINE_VERSION
-        from .mergeconfig import to_plan
-        from .planner import parse_budget, plan as make_plan
+        from .merge.executor import ENGINE_VERSION
+        from .merge.request import to_plan
+        from .merge.planner import parse_budget, plan as make_plan
 
         with self.store.read() as r:
             resolved = to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
@@ -409,7 +409,7 @@ class Repo:
             expert = r.object(r.object(resolve(r, spec)).snapshot)
             base_snap = r.object(r.object(resolve(r, base)).snapshot)
             pairs = _pairs(r, expert.tensors, base_snap, {})
-        from .catalog import analyze
+        from .merge.catalog import analyze
 
         with self.store.writing():
             return analyze(self.store, pairs, progress or Silent(), threads or os.cpu_count() or 1)
@@ -430,7 +430,7 @@ class Repo:
 
         Parents are [base, inputs...] (plus the branch's previous head, last, when it is not
         already one of them), so the lineage of every merged model stays in the store."""
-        from .executor import execute
+        from .merge.executor import execute
 
         check_name(branch)
         began = time.perf_counter()
@@ -466,7 +466,7 @@ class Repo:
     def replay(self, spec: str, threads: int | None = None, memory_limit: int = 1 << 30,
                progress: Progress | None = None) -> ReplayResult:
         """Re-execute a merge commit's stored plan from its stored inputs; write nothing."""
-        from .executor import execute
+        from .merge.executor import execute
 
         info = self.commit(spec)
         if info.commit.plan is None:
@@ -550,13 +550,13 @@ class Repo:
     # integrity and space ------------------------------------------------------------------
     def fsck(self) -> tuple[list[str], dict]:
         """Every problem in the store, one line each, and counts of what was checked."""
-        from .fsck import fsck
+        from .store.fsck import fsck
 
         return fsck(self.store)
 
     def gc(self, expire: str = "30d", compact: bool = False) -> dict:
         """Delete what nothing live reaches; with `compact`, give the space back to the disk."""
-        from . import gc
+        from .store import gc
 
         freed = gc.collect(self.store, gc.parse_expire(expire)).to_json()
         if compact:
@@ -565,7 +565,7 @@ class Repo:
 
     def status(self, expire: str = "30d") -> dict:
         """Branches, tags, store size, entry counts and what gc could reclaim."""
-        from . import gc
+        from .store import gc
 
         with self.store.read() as r:
             counts = {db: r.entries(db.encode()) for db in ("chunks", "objects", "reflog", "catalog")}

@@ -26,9 +26,10 @@ from conftest import assert_user_error, run_mp, store_fingerprint
 from make_family import make_family
 from safetensors.torch import load_file
 
-from mpstore import Repo, catalog, planner
+from mpstore import Repo
+from mpstore.merge import catalog, planner
 from mpstore.errors import BadMerge
-from mpstore.mergeconfig import MergeRequest
+from mpstore.merge.request import MergeRequest
 
 CHUNK = 4096
 SHAPES = {"hidden": 64, "layers": 2, "vocab": 256}

@@ -21,9 +21,10 @@ from conftest import assert_user_error, run_mp, store_fingerprint
 from make_family import make_family
 from safetensors.torch import load_file, save_file
 
-from mpstore import Repo, catalog
-from mpstore.ids import digest
-from mpstore.mergeconfig import MergeRequest
+from mpstore import Repo
+from mpstore.merge import catalog
+from mpstore.store.ids import digest
+from mpstore.merge.request import MergeRequest
 
 CHUNK = 4096
 SHAPES = {"hidden": 64, "layers": 2, "vocab": 256}

@@ -30,7 +30,7 @@ from mpstore import Repo
 BATCH = 4 << 20
 ADD_SMALL_BATCHES = [
     sys.executable, "-c",
-    "import sys, mpstore.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
+    "import sys, mpstore.store.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
     "from mpstore.cli import main; main()",
     str(BATCH),
 ]

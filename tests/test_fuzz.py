@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from mpstore import Repo
-from mpstore.dtypes import ITEMSIZE
+from mpstore.store.dtypes import ITEMSIZE
 from mpstore.errors import MpError
-from mpstore.ids import digest
-from mpstore.objects import Blob, Commit, Shard, Snapshot
-from mpstore.refs import BRANCH_PREFIX
+from mpstore.store.ids import digest
+from mpstore.store.objects import Blob, Commit, Shard, Snapshot
+from mpstore.store.refs import BRANCH_PREFIX
 
 CHUNK = 4096
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,

@@ -31,7 +31,7 @@ from make_family import make_family
 from safetensors.torch import load_file, save_file
 
 from mpstore import Repo
-from mpstore.mergeconfig import MergeRequest
+from mpstore.merge.request import MergeRequest
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 CHUNK = 4096
@@ -492,7 +492,7 @@ def test_revert_a_merge(tmp_path, fam):
 BATCH = 1 << 20  # chunk bytes per write transaction in the killed runs (64 MiB by default)
 MERGE_SMALL_BATCHES = [
     sys.executable, "-c",
-    "import sys, mpstore.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
+    "import sys, mpstore.store.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
     "from mpstore.cli import main; main()",
     str(BATCH),
 ]

@@ -1,5 +1,5 @@
 """Every merge method against an independent reference written here in plain torch on whole
-tensors, from docs/merge_methods.md (MergeKit 0.1.5's behaviour), never from mpstore.methods.
+tensors, from docs/merge_methods.md (MergeKit 0.1.5's behaviour), never from mpstore.merge.methods.base.
 
 The models are hand-built float32 safetensors stored with a 4096-byte chunk size, so most tensors
 span several chunks: a 2-D weight whose rows are longer than a chunk, one whose rows straddle
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mpstore import Repo
-from mpstore.mergeconfig import MergeRequest
+from mpstore.merge.request import MergeRequest
 
 CHUNK = 4096  # bytes: 1024 float32 elements per chunk
 

@@ -43,7 +43,7 @@ from make_family import make_family
 from safetensors.torch import load_file
 
 from mpstore import Repo
-from mpstore.mergeconfig import from_yaml
+from mpstore.merge.request import from_yaml
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

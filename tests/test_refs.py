@@ -8,8 +8,8 @@ from conftest import assert_user_error, run_mp, store_fingerprint
 from safetensors.torch import save_file
 
 from mpstore.errors import AmbiguousRef, BadRefName, UnknownRef
-from mpstore.objects import Blob, Commit, encode, object_id
-from mpstore.refs import MIN_PREFIX, TAG_PREFIX
+from mpstore.store.objects import Blob, Commit, encode, object_id
+from mpstore.store.refs import MIN_PREFIX, TAG_PREFIX
 
 
 def tiny_model(path, value: float):

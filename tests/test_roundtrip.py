@@ -18,11 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mpstore import Repo
-from mpstore.dtypes import ITEMSIZE
+from mpstore.store.dtypes import ITEMSIZE
 from mpstore.errors import BadInput, MpError, TargetExists
-from mpstore.ids import digest
-from mpstore.objects import Blob, Commit, Snapshot
-from mpstore.refs import BRANCH_PREFIX
+from mpstore.store.ids import digest
+from mpstore.store.objects import Blob, Commit, Snapshot
+from mpstore.store.refs import BRANCH_PREFIX
 
 
 def tensor_sizes(path) -> dict[str, int]:

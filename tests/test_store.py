@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from mpstore import Repo
 from mpstore.errors import CorruptData, FormatMismatch, MpError, NotARepository
-from mpstore.ids import digest
-from mpstore.store import CODEC_RAW
+from mpstore.store.ids import digest
+from mpstore.store.env import CODEC_RAW
 
 
 def raw_env(root, **kw) -> lmdb.Environment:

@@ -13,7 +13,7 @@ every expert, ties density 0.5; float32 compute, bfloat16 out, as tools/bench_me
                full from their safetensors files, ‖delta‖ in float32 is summed per (expert,
                chunk) (chunk = the repository's chunk size of one tensor's bytes), and chunks
                are taken by |w|·‖delta‖ per byte, a chunk shared by experts counted once
-               (mpstore.planner._take), i.e. the best chunk-level greedy choice at those bytes;
+               (mpstore.merge.planner._take), i.e. the best chunk-level greedy choice at those bytes;
     the expert bytes read (the plan's estimate and the realized count), the wall time of
     Repo.merge (plan + execute + commit), and the deviation of the budgeted merge A from the
     exact merge E, ‖A−E‖ / ‖E−base‖ over all tensors in float32 (A, E from `checkout`), beside
@@ -84,7 +84,7 @@ IO_POLL_S = 0.05
 
 def request(method: str, k: int):
     """Experts 1..k onto the base: the same parameters as bench_merge's YAML (weight 1/K)."""
-    from mpstore.mergeconfig import MergeRequest
+    from mpstore.merge.request import MergeRequest
 
     params = [{"weight": round(1 / k, 6), **({"density": bm.DENSITY} if method == "ties" else {})}
               for _ in range(k)]
@@ -171,7 +171,7 @@ class Oracle:
 
     def selector(self, ws: list[float]):
         """A planner selector: most |w|·‖delta‖ per byte first, by this oracle's own values."""
-        from mpstore.planner import _take
+        from mpstore.merge.planner import _take
 
         def offline(reads, limit: int) -> set[int]:
             score = []
@@ -592,12 +592,12 @@ class Bench:
     def go(self) -> None:
         # Every mpstore module the run uses, imported now: the merges run the code loaded at start
         # even if the working tree changes meanwhile (and torch's import is outside every timing).
-        import mpstore.catalog  # noqa: F401
-        import mpstore.checkout  # noqa: F401
-        import mpstore.executor  # noqa: F401
-        import mpstore.gc  # noqa: F401
-        import mpstore.mergeconfig  # noqa: F401
-        import mpstore.planner  # noqa: F401
+        import mpstore.merge.catalog  # noqa: F401
+        import mpstore.model.checkout  # noqa: F401
+        import mpstore.merge.executor  # noqa: F401
+        import mpstore.store.gc  # noqa: F401
+        import mpstore.merge.request  # noqa: F401
+        import mpstore.merge.planner  # noqa: F401
         import mpstore.repo  # noqa: F401
 
         self.code = [mpstore_state()]

@@ -1,7 +1,7 @@
 """Crash-safety harness: SIGKILL `mp add`, `mp merge`, `mp revert` and `mp gc --compact` at
 seeded random instants and check the store after every kill.
 
-Each kill runs the real `mp` command line in a child process with `mpstore.chunks.BATCH_BYTES`
+Each kill runs the real `mp` command line in a child process with `mpstore.store.chunks.BATCH_BYTES`
 (new chunk bytes per write transaction) lowered from 64 MiB to 64 KiB, so that a model of a MiB or
 two is written in dozens of transactions (the real code path, only smaller batches). The
 repository uses 4 KiB chunks.
@@ -60,13 +60,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_family import make_family  # noqa: E402
 
 from mpstore import Repo  # noqa: E402
-from mpstore.refs import BRANCH_PREFIX  # noqa: E402
+from mpstore.store.refs import BRANCH_PREFIX  # noqa: E402
 
 CALIBRATION_TRIES = 5
 CHUNK_SIZE = 4096
 BATCH_BYTES = 64 << 10  # 16 chunks per transaction in the killed child
 CHILD_CODE = (
-    "import sys, mpstore.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
+    "import sys, mpstore.store.chunks as chunks; chunks.BATCH_BYTES = int(sys.argv.pop(1)); "
     "from mpstore.cli import main; main()"
 )
 _MP_SCRIPT = Path(sys.executable).parent / "mp"
@@ -528,7 +528,7 @@ class GcScenario(Scenario):
         self.i = 0
 
     def step(self, delay: float | None) -> Run:
-        from mpstore.chunks import ChunkSink
+        from mpstore.store.chunks import ChunkSink
         from mpstore.progress import Silent
 
         self.i += 1
@@ -580,7 +580,7 @@ class GcScenario(Scenario):
         """Chunks reachable from the refs and the reflog entries still stored."""
         import msgpack
 
-        from mpstore.reach import walk
+        from mpstore.store.reach import walk
 
         with Repo.open(self.root) as repo, repo.store.read() as r:
             roots = list(r.refs().items())

@@ -22,10 +22,10 @@ from datetime import datetime, timedelta, timezone
 
 import msgpack
 
-from . import catalog
-from .errors import MpError, StoreBusy
+from ..merge import catalog
+from ..errors import MpError, StoreBusy
 from .reach import walk
-from .store import Store, Txn
+from .env import Store, Txn
 
 MAX_ATTEMPTS = 5
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"

@@ -21,7 +21,7 @@ from typing import TypeVar
 import lmdb
 import msgpack
 
-from .errors import CorruptData, FormatMismatch, NotARepository, StoreBusy
+from ..errors import CorruptData, FormatMismatch, NotARepository, StoreBusy
 from .ids import digest
 from .objects import StoredObject, decode, encode, object_id
 

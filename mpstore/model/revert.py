@@ -9,10 +9,10 @@ shards keep their exact bytes.
 from __future__ import annotations
 
 
-from .chunks import ChunkSink
-from .objects import Shard, Snapshot, Tensor, encode, object_id
-from .safetensors_header import build_header
-from .store import Txn
+from ..store.chunks import ChunkSink
+from ..store.objects import Shard, Snapshot, Tensor, encode, object_id
+from .header import build_header
+from ..store.env import Txn
 
 
 def _changed(old: dict[str, bytes], new: dict[str, bytes]) -> set[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import MpError
+from ..errors import MpError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

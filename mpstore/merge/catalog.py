@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from .dtypes import ITEMSIZE
-from .errors import CorruptData
-from .objects import Tensor
-from .progress import Progress
-from .store import Store, Txn
+from ..store.dtypes import ITEMSIZE
+from ..errors import CorruptData
+from ..store.objects import Tensor
+from ..progress import Progress
+from ..store.env import Store, Txn
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -112,7 +112,7 @@ def _float32(raw: bytes | bytearray, dtype: str) -> np.ndarray:
         return np.frombuffer(raw, dtype=NUMPY[dtype]).astype(np.float32)
     import torch  # float8: only torch knows the encodings
 
-    from .dtypes import torch_dtype
+    from ..store.dtypes import torch_dtype
     return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype)).to(torch.float32).numpy()
 
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import msgpack
 
-from .errors import CorruptData
+from ..errors import CorruptData
 from .ids import digest
 
 

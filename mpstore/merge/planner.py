@@ -20,11 +20,11 @@ import xxhash
 
 from . import catalog
 from . import executor as X
-from . import methods as M
-from .errors import BadMerge, MpError
-from .objects import Plan
-from .store import Txn
-from .units import parse_size
+from .methods import base as M
+from ..errors import BadMerge, MpError
+from ..store.objects import Plan
+from ..store.env import Txn
+from ..units import parse_size
 
 # Rough cost of executing on the 2-core reference machine, fitted to warm merges of the 250M
 # family with K=8 (docs/benchmarks.md, "Budgeted merges"): seconds per unit of work (elements x

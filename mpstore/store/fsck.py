@@ -9,12 +9,12 @@ chunk is reported with a tensor or file that uses it, so the user knows which mo
 
 from __future__ import annotations
 
-from . import catalog
+from ..merge import catalog
 from .ids import digest
 from .objects import Commit, decode
-from .errors import CorruptData
+from ..errors import CorruptData
 from .reach import walk
-from .store import CODEC_RAW, Store
+from .env import CODEC_RAW, Store
 
 
 

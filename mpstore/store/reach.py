@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .dtypes import ITEMSIZE
-from .errors import CorruptData
+from ..errors import CorruptData
 from .objects import Blob, Chunked, Commit, Plan, Snapshot, Tensor
-from .store import Txn
+from .env import Txn
 
 
 @dataclass

@@ -11,10 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import methods as M
-from .errors import BadMerge
+from .methods import base as M
+from ..errors import BadMerge
 from . import params as P
-from .objects import Plan
+from ..store.objects import Plan
 
 YAML_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED = {"slices", "modules", "tokenizer_source", "tokenizer", "chat_template"}

@@ -15,11 +15,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput
-from .objects import Blob, Shard, Tensor
+from ..errors import BadInput
+from ..store.objects import Blob, Shard, Tensor
 from .paths import check_relpath
-from .safetensors_header import Header, read_header
-from .chunks import ChunkSink
+from .header import Header, read_header
+from ..store.chunks import ChunkSink
 
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"

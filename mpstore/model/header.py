@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dtypes import ITEMSIZE
-from .errors import BadInput
+from ..store.dtypes import ITEMSIZE
+from ..errors import BadInput
 from .paths import utf8
 
 # safetensors itself refuses headers over 100 MB; a larger declared length is a broken file.

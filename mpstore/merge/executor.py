@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from . import catalog
-from . import methods as M
+from .methods import base as M
 from . import params as P
-from .checkout import chunk_views
-from .chunks import ChunkSink
-from .dtypes import ITEMSIZE, torch_dtype
-from .ids import short
-from .objects import Blob, Plan, Shard, Snapshot, Tensor, encode, object_id
-from .progress import Progress, Silent
-from .safetensors_header import build_header
-from .store import Store, Txn
+from ..model.checkout import chunk_views
+from ..store.chunks import ChunkSink
+from ..store.dtypes import ITEMSIZE, torch_dtype
+from ..store.ids import short
+from ..store.objects import Blob, Plan, Shard, Snapshot, Tensor, encode, object_id
+from ..progress import Progress, Silent
+from ..model.header import build_header
+from ..store.env import Store, Txn
 
 ENGINE_VERSION = 1
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
-from .errors import BadMerge
+from ...errors import BadMerge
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .dtypes import torch_dtype
-from .objects import Snapshot, Tensor
-from .store import Store, Txn
+from ..store.dtypes import torch_dtype
+from ..store.objects import Snapshot, Tensor
+from ..store.env import Store, Txn
 
 
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .diff import DiffResult
-from .errors import MpError, WriteFailed
+from ..errors import MpError, WriteFailed
 
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 OTHER_ROW = "non-layer"

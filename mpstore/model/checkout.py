@@ -14,11 +14,11 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CorruptData, TargetExists, WriteFailed
-from .objects import Chunked, Snapshot
+from ..errors import CorruptData, TargetExists, WriteFailed
+from ..store.objects import Chunked, Snapshot
 from .paths import check_relpath, inside
-from .progress import Progress
-from .store import Store, Txn
+from ..progress import Progress
+from ..store.env import Store, Txn
 
 
 

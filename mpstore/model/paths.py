@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import BadInput
+from ..errors import BadInput
 
 
 def utf8(text: str) -> bool:

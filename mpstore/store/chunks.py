@@ -11,11 +11,11 @@ import io
 import time
 from typing import BinaryIO
 
-from .errors import BadInput
+from ..errors import BadInput
 from .ids import digest
 from .objects import Blob
-from .progress import Progress
-from .store import CODEC_RAW, Store, Txn
+from ..progress import Progress
+from .env import CODEC_RAW, Store, Txn
 
 BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
 # A presence check maps the page cache folio around the chunk's first page: up to 2 MiB with

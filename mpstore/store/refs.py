@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from .errors import AmbiguousRef, BadRefName, UnknownRef
+from ..errors import AmbiguousRef, BadRefName, UnknownRef
 from .objects import Commit
-from .store import Txn
+from .env import Txn
 
 BRANCH_PREFIX = "heads/"
 TAG_PREFIX = "tags/"
