@@ -8,14 +8,15 @@ STAMP := $(VENV)/.installed
 MK_VENV := .venv-mergekit
 MK_STAMP := $(MK_VENV)/.installed
 
-.PHONY: venv mergekit-venv demo test bench clean
+.PHONY: venv mergekit-venv demo test check bench clean
 
 # torch is pinned to the CPU build that lies on the machine's disk; any other version pulls CUDA.
+# The checkers are pinned too, so a new release cannot turn CI red on code that did not change.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' torch==2.13.0 lmdb==3.0.0 mypy==2.4.1 ruff==0.17.6
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,9 +37,16 @@ demo: $(STAMP)
 
 # CI (CI set, not 0/false/no) always runs the MergeKit comparison, so it builds its venv first;
 # elsewhere the comparison is skipped, with the reason, until `make mergekit-venv` has been run.
-test: $(STAMP)
+test: check
 	@case "$${CI:-}" in ""|0|false|False|FALSE|no|No|NO) ;; *) $(MAKE) mergekit-venv ;; esac
 	$(BIN)/python -m pytest -q
+
+# Static checks (configured in pyproject.toml): lint everything, type-check mpstore/, and keep
+# torch out of `import mpstore` (the CLI's reading commands start without it).
+check: $(STAMP)
+	$(BIN)/ruff check mpstore tests tools
+	$(BIN)/mypy
+	$(BIN)/python -c "import mpstore, sys; assert 'torch' not in sys.modules, 'import mpstore loads torch'"
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_store.py

@@ -6,13 +6,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:
+    import rich.progress
+
+    from .merge.catalog import AnalyzeResult
+
 from .errors import MpError
-from .store.ids import short
+from .merge.request import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model
 from .repo import DEFAULT_CHUNK_SIZE, Repo
+from .store.ids import short
 from .units import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,7 +37,8 @@ class _Bar:
     """A rich progress bar on a terminal; nothing otherwise or with --quiet."""
 
     def __init__(self) -> None:
-        self._p = None
+        self._p: rich.progress.Progress | None = None
+        self._task: rich.progress.TaskID | None = None
 
     def start(self, label: str, total: int) -> None:
         if STATE.quiet or not sys.stderr.isatty():
@@ -44,7 +51,7 @@ class _Bar:
         self._task = self._p.add_task(label, total=total)
 
     def advance(self, n: int) -> None:
-        if self._p:
+        if self._p and self._task is not None:
             self._p.advance(self._task, n)
 
     def finish(self) -> None:
@@ -76,7 +83,7 @@ def _emit_json(obj: object) -> None:
 
 @app.callback()
 def _global(
-    repo_dir: Optional[str] = typer.Option(None, "-C", help="Run as if started in DIR (also MP_REPO).", metavar="DIR"),
+    repo_dir: str | None = typer.Option(None, "-C", help="Run as if started in DIR (also MP_REPO).", metavar="DIR"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or chatter."),
 ) -> None:
     STATE.repo_dir = repo_dir or os.environ.get("MP_REPO") or "."
@@ -94,8 +101,8 @@ def init(chunk_size: str = typer.Option(str(DEFAULT_CHUNK_SIZE), help="Chunk siz
 def add(
     path: Path = typer.Argument(..., help="A Hugging Face folder or a .safetensors file."),
     name: str = typer.Option(..., "--name", "-n", help="Branch to commit on."),
-    base: Optional[str] = typer.Option(None, "--base", help="The model this one was fine-tuned from."),
-    message: Optional[str] = typer.Option(None, "-m", "--message"),
+    base: str | None = typer.Option(None, "--base", help="The model this one was fine-tuned from."),
+    message: str | None = typer.Option(None, "-m", "--message"),
 ) -> None:
     """Store a model as a new commit on branch NAME; prints the commit id."""
     with _open() as repo:
@@ -107,7 +114,7 @@ def add(
             _say_analyzed(res.analyzed)
 
 
-def _say_analyzed(a) -> None:
+def _say_analyzed(a: AnalyzeResult) -> None:
     print(f"catalog: {a.pairs} chunks differ from the base, {a.measured} newly measured "
           f"in {a.seconds:.2f} s", file=sys.stderr)
 
@@ -116,7 +123,7 @@ def _say_analyzed(a) -> None:
 def analyze(
     ref: str,
     base: str = typer.Option(..., "--base", help="The model REF was fine-tuned from."),
-    threads: Optional[int] = typer.Option(None, help="Worker threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="Worker threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Record the delta catalog of REF against BASE (what `add --base` does), for budgeted merges."""
@@ -155,18 +162,21 @@ def _draw(node: dict, prefix: str = "", last: bool = True, top: bool = True) -> 
 
 @app.command()
 def log(
-    ref: Optional[str] = typer.Argument(None),
+    ref: str | None = typer.Argument(None),
     as_json: bool = typer.Option(False, "--json"),
     graph: bool = typer.Option(False, "--graph", help="Draw the lineage: merges with their inputs."),
 ) -> None:
     """Commits reachable from REF (default: the last branch written), newest first."""
     with _open() as repo:
         if graph:
-            tree = repo.lineage(ref or repo.head() or "HEAD")
+            tree = repo.lineage(ref)
         else:
             entries = repo.log(ref)
     if graph:
-        _emit_json(tree) if as_json else _draw(tree)
+        if as_json:
+            _emit_json(tree.to_json())
+        else:
+            _draw(tree.to_json())
         return
     if as_json:
         _emit_json([e.to_json() for e in entries])
@@ -181,7 +191,7 @@ def log(
 def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """A commit: message, parents, size, parameters, dtypes, and how much was new."""
     with _open() as repo:
-        info = repo.show(ref)
+        info = repo.show(ref).to_json()
     if as_json:
         _emit_json(info)
         return
@@ -198,9 +208,9 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         print(f"  {dtype:<8} {n:,} parameters")
     pct = 100 * info["new_bytes"] / info["size"] if info["size"] else 0.0
     print(f"new       {_human(info['new_bytes'])} of it was new when added ({pct:.1f}%)")
-    plan = info.get("merge_plan")
+    plan = info["plan"]
     if plan:
-        print(f"plan      {info['plan'][:12]}: {plan['method']}, seed {plan['seed']}, "
+        print(f"plan      {info['plan_id'][:12]}: {plan['method']}, seed {plan['seed']}, "
               f"compute {plan['compute_dtype'] or 'input dtype'}, out {plan['out_dtype'] or 'compute dtype'}, "
               f"engine {plan['engine']}")
         if plan["base"]:
@@ -224,7 +234,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
 def ls_(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """The tensors of a commit: name, dtype, shape, bytes."""
     with _open() as repo:
-        rows = repo.ls(ref)
+        rows = [row.to_json() for row in repo.ls(ref)]
     if as_json:
         _emit_json(rows)
         return
@@ -244,7 +254,7 @@ def diff(
     b: str,
     as_json: bool = typer.Option(False, "--json"),
     show_all: bool = typer.Option(False, "--all", help="Also list unchanged tensors."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a heatmap of relative change (PNG)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a heatmap of relative change (PNG)."),
 ) -> None:
     """What changed from A to B, tensor by tensor."""
     with _open() as repo:
@@ -272,7 +282,7 @@ def diff(
           f"{n['only_b']} only in B; {_human(result.bytes_changed())} changed")
 
 
-def _change_ref(repo: Repo, kind: str, name: Optional[str], ref: Optional[str], delete: bool) -> bool:
+def _change_ref(repo: Repo, kind: str, name: str | None, ref: str | None, delete: bool) -> bool:
     """The create (NAME [REF]) and delete (-d NAME) forms shared by `mp branch` and `mp tag`;
     False when neither was asked for (then the command lists)."""
     create, remove = (repo.create_branch, repo.delete_branch) if kind == "branch" else (repo.tag, repo.delete_tag)
@@ -284,7 +294,7 @@ def _change_ref(repo: Repo, kind: str, name: Optional[str], ref: Optional[str], 
     if name is None:
         return False
     if ref is None:
-        ref = repo.head()
+        ref = repo.current_branch()
         if ref is None:
             raise MpError("no commit to point at: give a REF")
     _say(f"{kind} {name} -> {repo.describe(create(name, ref))}")
@@ -293,8 +303,8 @@ def _change_ref(repo: Repo, kind: str, name: Optional[str], ref: Optional[str], 
 
 @app.command()
 def branch(
-    name: Optional[str] = typer.Argument(None, help="Branch to create (or delete with -d)."),
-    ref: Optional[str] = typer.Argument(None, help="Where it points (default: the last branch written)."),
+    name: str | None = typer.Argument(None, help="Branch to create (or delete with -d)."),
+    ref: str | None = typer.Argument(None, help="Where it points (default: the last branch written)."),
     delete: bool = typer.Option(False, "-d", "--delete", help="Delete branch NAME."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -302,19 +312,18 @@ def branch(
     with _open() as repo:
         if _change_ref(repo, "branch", name, ref, delete):
             return
-        current = repo.head()
-        rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(repo.branches().items())]
+        rows = repo.branch_rows()
     if as_json:
-        _emit_json([{"name": n, "id": c.hex(), "head": n == current} for n, c, _ in rows])
+        _emit_json([r.to_json() for r in rows])
         return
-    for n, _, desc in rows:
-        print(f"{'*' if n == current else ' '} {n:<20} {desc}")
+    for r in rows:
+        print(f"{'*' if r.current else ' '} {r.name:<20} {short(r.id)} {r.message}")
 
 
 @app.command()
 def tag(
-    name: Optional[str] = typer.Argument(None, help="Tag to create (or delete with -d)."),
-    ref: Optional[str] = typer.Argument(None, help="What it names (default: the last branch written)."),
+    name: str | None = typer.Argument(None, help="Tag to create (or delete with -d)."),
+    ref: str | None = typer.Argument(None, help="What it names (default: the last branch written)."),
     delete: bool = typer.Option(False, "-d", "--delete", help="Delete tag NAME."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -322,12 +331,12 @@ def tag(
     with _open() as repo:
         if _change_ref(repo, "tag", name, ref, delete):
             return
-        rows = [(n, cid, repo.describe(cid)) for n, cid in sorted(repo.tags().items())]
+        rows = repo.tag_rows()
     if as_json:
-        _emit_json([{"name": n, "id": c.hex()} for n, c, _ in rows])
+        _emit_json([r.to_json() for r in rows])
         return
-    for n, _, desc in rows:
-        print(f"  {n:<20} {desc}")
+    for r in rows:
+        print(f"  {r.name:<20} {short(r.id)} {r.message}")
 
 
 @app.command()
@@ -342,32 +351,32 @@ def reset(branch: str, ref: str) -> None:
 def reflog(branch: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every move of a branch, newest first: old and new commit, time, command."""
     with _open() as repo:
-        entries = repo.reflog(branch)
+        log = repo.reflog(branch)
     if as_json:
-        _emit_json([{**e, "old": e["old"] and e["old"].hex(), "new": e["new"] and e["new"].hex()}
-                    for e in entries])
+        _emit_json(log.to_json())
         return
-    for n, e in enumerate(reversed(entries)):
-        old = short(e["old"]) if e["old"] else "(new)"
-        new = short(e["new"]) if e["new"] else "(deleted)"
-        print(f"{branch}@{{{n}}}  {old} -> {new}  {e['time']}  {e['command']}")
+    for n, e in enumerate(reversed(log.entries)):
+        old = short(e.old) if e.old else "(new)"
+        new = short(e.new) if e.new else "(deleted)"
+        print(f"{branch}@{{{n}}}  {old} -> {new}  {e.time}  {e.command}")
 
 
 @app.command()
 def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every object, ref and chunk; each problem on its own line; exit 1 if any."""
     with _open() as repo:
-        problems, counts = repo.fsck()
+        res = repo.fsck()
     if as_json:
-        _emit_json({"ok": not problems, "problems": problems, "checked": counts})
+        _emit_json(res.to_json())
     else:
-        for p in problems:
+        for p in res.problems:
             print(p)
-        if not STATE.quiet:
-            print(f"checked {counts['refs']} refs, {counts['objects']} objects, {counts['chunks']} chunks "
-                  f"({_human(counts['chunk_bytes'])}), {counts['catalog']} catalog entries: "
-                  f"{len(problems)} problems", file=sys.stderr)
-    if problems:
+        if not STATE.quiet:  # the problems are flushed first: on one terminal the summary follows them
+            sys.stdout.flush()
+            print(f"checked {res.refs} refs, {res.objects} objects, {res.chunks} chunks "
+                  f"({_human(res.chunk_bytes)}), {res.catalog} catalog entries: {len(res.problems)} problems",
+                  file=sys.stderr)
+    if not res.ok:
         raise typer.Exit(1)
 
 
@@ -379,7 +388,7 @@ def gc(
 ) -> None:
     """Delete objects and chunks that no ref, tag or live reflog entry reaches."""
     with _open() as repo:
-        freed = repo.gc(expire, compact)
+        freed = repo.gc(expire, compact).to_json()
     if as_json:
         _emit_json(freed)
         return
@@ -394,18 +403,17 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Branches and tags, store size, chunks and objects, and what gc could reclaim."""
     with _open() as repo:
         st = repo.status()
-        names = {cid: repo.describe(bytes.fromhex(cid)) for cid in {*st["branches"].values(), *st["tags"].values()}}
     if as_json:
-        _emit_json(st)
+        _emit_json(st.to_json())
         return
-    for name, cid in sorted(st["branches"].items()):
-        print(f"{'*' if name == st['head'] else ' '} {name:<20} {names[cid]}")
-    for name, cid in sorted(st["tags"].items()):
-        print(f"  tags/{name:<15} {names[cid]}")
-    e, g = st["entries"], st["reclaimable"]
-    print(f"store: {_human(st['store_bytes'])} on disk ({_human(st['used_bytes'])} in use), "
-          f"{e['chunks']} chunks, {e['objects']} objects, chunk size {_human(st['chunk_size'])}")
-    print(f"reclaimable by gc: {_human(g['chunk_bytes'])} in {g['chunks']} chunks and {g['objects']} objects")
+    for r in st.branches:
+        print(f"{'*' if r.current else ' '} {r.name:<20} {short(r.id)} {r.message}")
+    for r in st.tags:
+        print(f"  tags/{r.name:<15} {short(r.id)} {r.message}")
+    e, g = st.entries, st.reclaimable
+    print(f"store: {_human(st.store_bytes)} on disk ({_human(st.used_bytes)} in use), "
+          f"{e['chunks']} chunks, {e['objects']} objects, chunk size {_human(st.chunk_size)}")
+    print(f"reclaimable by gc: {_human(g.chunk_bytes)} in {g.chunks} chunks and {g.objects} objects")
 
 
 _MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")
@@ -414,27 +422,27 @@ _MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")
 def merge(
     ctx: typer.Context,
     models: list[str] = typer.Argument(None, help="Refs of the models to merge (not the base)."),
-    method: Optional[str] = typer.Option(None, "--method", help="linear, task_arithmetic, ties, dare_ties, ..."),
-    base: Optional[str] = typer.Option(None, "--base", help="The base model's ref."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A MergeKit YAML file (models are refs)."),
-    branch: Optional[str] = typer.Option(None, "-b", "--branch", help="Branch to commit the merge on (merge)."),
-    message: Optional[str] = typer.Option(None, "-m", "--message"),
-    weight: Optional[str] = typer.Option(None, help="One value, or one per model: 0.5,0.3,0.2"),
-    density: Optional[str] = typer.Option(None, help="One value, or one per model."),
-    gamma: Optional[str] = typer.Option(None, help="breadcrumbs: fraction removed from the top."),
-    epsilon: Optional[str] = typer.Option(None, help="della: half-width of the keep probabilities."),
-    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged delta."),
-    t: Optional[str] = typer.Option(None, "--t", help="slerp: 0 = base, 1 = the other model (or a gradient)."),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize"),
-    rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale"),
+    method: str | None = typer.Option(None, "--method", help="linear, task_arithmetic, ties, dare_ties, ..."),
+    base: str | None = typer.Option(None, "--base", help="The base model's ref."),
+    config: Path | None = typer.Option(None, "--config", help="A MergeKit YAML file (models are refs)."),
+    branch: str | None = typer.Option(None, "-b", "--branch", help="Branch to commit the merge on (merge)."),
+    message: str | None = typer.Option(None, "-m", "--message"),
+    weight: str | None = typer.Option(None, help="One value, or one per model: 0.5,0.3,0.2"),
+    density: str | None = typer.Option(None, help="One value, or one per model."),
+    gamma: str | None = typer.Option(None, help="breadcrumbs: fraction removed from the top."),
+    epsilon: str | None = typer.Option(None, help="della: half-width of the keep probabilities."),
+    lambda_: float | None = typer.Option(None, "--lambda", help="Scale of the merged delta."),
+    t: str | None = typer.Option(None, "--t", help="slerp: 0 = base, 1 = the other model (or a gradient)."),
+    normalize: bool | None = typer.Option(None, "--normalize/--no-normalize"),
+    rescale: bool | None = typer.Option(None, "--rescale/--no-rescale"),
     param: list[str] = typer.Option([], "--param", help="Any other parameter: NAME=VALUE (JSON values)."),
     seed: int = typer.Option(0, help="Seed of the random methods (dare_*, della*)."),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype (default float32; YAML: as MergeKit)."),
-    out_dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the compute dtype)."),
-    budget: Optional[str] = typer.Option(
+    dtype: str | None = typer.Option(None, help="Compute dtype (default float32; YAML: as MergeKit)."),
+    out_dtype: str | None = typer.Option(None, help="Output dtype (default: the compute dtype)."),
+    budget: str | None = typer.Option(
         None, "--budget", help="Bound on expert bytes read: '10%' of the bytes that differ from the base, or '2GB'."),
     select: str = typer.Option("greedy", "--select", help="How a budget picks chunks: greedy or random."),
-    threads: Optional[int] = typer.Option(None, help="Worker threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="Worker threads (default: all cores)."),
     memory_limit: str = typer.Option("1GB", help="Bound on the memory of blocks in flight."),
     as_json: bool = typer.Option(False, "--json", help="plan: print the plan as JSON."),
 ) -> None:
@@ -442,9 +450,7 @@ def merge(
     planning = ctx.info_name == "plan"
     if not planning and branch is None:
         raise MpError("merge needs -b BRANCH: the branch to commit the merge on")
-    _open().close()  # outside a repository, say so before paying for torch's import
-    from .merge.request import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model  # imports torch
-
+    _open().close()  # outside a repository, say so before planning anything
     if config is not None:
         if method or base or models:
             raise MpError("--config carries the method, base and models: give none of them on the command line")
@@ -452,15 +458,15 @@ def merge(
     else:
         if not method or not models:
             raise MpError("give --method and the models to merge (or --config FILE)")
-        per_model = [{} for _ in models]
+        per_model: list[dict[str, object]] = [{} for _ in models]
         for name, value in zip(_MODEL_OPTIONS, (weight, density, gamma, epsilon)):
             if value is not None:
                 for q, v in zip(per_model, split_per_model(value, len(models), name)):
                     q[name] = v
         global_params: dict = {}
-        for name, value in (("lambda", lambda_), ("normalize", normalize), ("rescale", rescale)):
-            if value is not None:
-                global_params[name] = value
+        for name, flag in (("lambda", lambda_), ("normalize", normalize), ("rescale", rescale)):
+            if flag is not None:
+                global_params[name] = flag
         if t is not None:
             global_params["t"] = parse_value(t)
         for item in param:
@@ -474,8 +480,9 @@ def merge(
     with _open() as repo:
         if planning:
             plan = repo.plan(request, budget=budget, select=select, memory_limit=parse_size(memory_limit))
-            _print_plan(repo.plan_json(plan), as_json)
+            _print_plan(plan.to_json(), as_json)
             return
+        assert branch is not None  # checked above: only `mp plan` goes without
         res = repo.merge(request, branch, message=message, threads=threads,
                          memory_limit=parse_size(memory_limit), progress=_Bar(), budget=budget, select=select)
     print(res.commit.hex())
@@ -536,7 +543,7 @@ def _print_plan(p: dict, as_json: bool) -> None:
 
 
 @app.command()
-def replay(ref: str, threads: Optional[int] = typer.Option(None)) -> None:
+def replay(ref: str, threads: int | None = typer.Option(None)) -> None:
     """Re-execute a merge's stored plan; prints "identical" or the tensors that differ."""
     with _open() as repo:
         res = repo.replay(ref, threads=threads, progress=_Bar())
@@ -552,9 +559,9 @@ def replay(ref: str, threads: Optional[int] = typer.Option(None)) -> None:
 @app.command()
 def revert(
     ref: str,
-    branch: Optional[str] = typer.Option(None, "-b", "--branch", help="Branch to revert on (default: HEAD's)."),
+    branch: str | None = typer.Option(None, "-b", "--branch", help="Branch to revert on (default: HEAD's)."),
     force: bool = typer.Option(False, "--force", help="Take the parent's version even where changed since."),
-    message: Optional[str] = typer.Option(None, "-m", "--message"),
+    message: str | None = typer.Option(None, "-m", "--message"),
 ) -> None:
     """Undo one commit's changes on a branch, tensor by tensor, as a new commit."""
     with _open() as repo:

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -22,13 +23,38 @@ from make_family import make_family  # noqa: E402
 from mpstore import Repo  # noqa: E402
 
 # Tiny shapes keep every model a few hundred KB; the suite's cost is subprocess start-up.
-TINY = dict(hidden=64, layers=2, vocab=256)
+TINY = {"hidden": 64, "layers": 2, "vocab": 256}
 
 _MP_SCRIPT = Path(sys.executable).parent / "mp"
 MP = [str(_MP_SCRIPT)] if _MP_SCRIPT.exists() else [sys.executable, "-c", "from mpstore.cli import main; main()"]
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def load_dir(folder: Path) -> dict:
+    """Every tensor of a model folder's safetensors files: {name: torch tensor}."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def tensors_of(repo: Repo, spec: str, where: Path) -> dict:
+    """Check a commit out (every chunk is hash-checked) into a fresh folder under `where` and
+    load its weights."""
+    out = where / f"co-{spec.replace('/', '_')}-{time.monotonic_ns()}"
+    repo.checkout(spec, out)
+    return load_dir(out)
+
+
+def stored_tensors(repo: Repo, spec: str) -> dict:
+    """A commit's tensor objects as stored (chunk digests, dtype, shape), by name."""
+    with repo.store.read() as r:
+        snap = r.snapshot_of(repo.resolve(spec))
+        return {n: r.tensor(t) for n, t in snap.tensors.items()}
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -61,7 +87,7 @@ def _dump(env: lmdb.Environment) -> dict[bytes, dict[bytes, bytes]]:
         out = {}
         for name in names:
             db = env.open_db(name, txn=txn, create=False)
-            out[name] = {k: v for k, v in txn.cursor(db=db)}
+            out[name] = dict(txn.cursor(db=db))
     return out
 
 

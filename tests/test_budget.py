@@ -15,20 +15,18 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_mp, store_fingerprint
+from conftest import assert_user_error, load_dir, run_mp, store_fingerprint, stored_tensors, tensors_of
 from make_family import make_family
-from safetensors.torch import load_file
 
 from mpstore import Repo
-from mpstore.merge import catalog, planner
 from mpstore.errors import BadMerge
+from mpstore.merge import catalog, planner
 from mpstore.merge.request import MergeRequest
 
 CHUNK = 4096
@@ -92,10 +90,6 @@ def snapshot_of(repo: Repo, spec: str):
         return r.object(repo.commit(spec).commit.snapshot)
 
 
-def stored_tensors(repo: Repo, spec: str) -> dict:
-    with repo.store.read() as r:
-        snap = r.object(r.object(repo.resolve(spec)).snapshot)
-        return {n: r.object(t) for n, t in snap.tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -115,7 +109,7 @@ def candidates(repo: Repo, models=EXPERTS) -> list[Candidate]:
         for name, t in stored_tensors(repo, m).items():
             for c, (e, b) in enumerate(zip(t.chunks, base[name].chunks)):
                 if e != b:
-                    out.append(Candidate(name, i, c, e, catalog.item_bytes(t, c)))
+                    out.append(Candidate(name, i, c, e, t.chunk_len(c)))
     return out
 
 
@@ -147,19 +141,6 @@ def check_plan_against_store(repo: Repo, plan, cands: list[Candidate]) -> None:
         read = sum(c.nbytes for k, c in by_key.items() if c.tensor == name and k not in left)
         assert table[name] == [read, differing], name
     assert set(table) == {c.tensor for c in cands}
-
-
-def load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def tensors_of(repo: Repo, spec: str, where: Path) -> dict[str, torch.Tensor]:
-    out = where / f"co-{spec.replace('/', '_')}-{time.monotonic_ns()}"
-    repo.checkout(spec, out)
-    return load_dir(out)
 
 
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -204,8 +185,8 @@ def test_estimate_is_what_the_merge_does(f32_store, method):
                 for k in COUNTED:
                     assert plan.estimate[k] == res.realized[k], (where, k, plan.estimate, res.realized)
                 assert res.realized["expert_bytes"] <= plan.budget["bytes"], where
-                assert repo.show(branch)["stats"] == res.realized
-                assert repo.show(branch)["merge_plan"]["budget"] == plan.budget
+                assert repo.show(branch).to_json()["stats"] == res.realized
+                assert repo.show(branch).to_json()["plan"]["budget"] == plan.budget
                 check_plan_against_store(repo, plan, cands)
                 snap = repo.commit(branch).commit.snapshot
                 if spec == "100%":
@@ -224,8 +205,8 @@ def test_estimate_is_what_the_merge_does(f32_store, method):
                     assert repo.replay(branch).identical, where
                     assert repo.replay(branch, threads=1, memory_limit=TINY_MEMORY).identical, where
         if METHODS[method][0]:  # with passes, a tiny memory limit rereads blocks
-            tiny = repo.show(f"{method}/37/{TINY_MEMORY}")["stats"]
-            cached = repo.show(f"{method}/37/{DEFAULT_MEMORY}")["stats"]
+            tiny = repo.show(f"{method}/37/{TINY_MEMORY}").to_json()["stats"]
+            cached = repo.show(f"{method}/37/{DEFAULT_MEMORY}").to_json()["stats"]
             assert tiny["read_bytes"] > cached["read_bytes"]
             assert tiny["expert_bytes"] == cached["expert_bytes"]
 
@@ -244,7 +225,7 @@ def test_bf16_estimate_is_what_the_merge_does(bf16_store, method):
             assert 0 < res.realized["expert_bytes"] <= plan.budget["bytes"]
             check_plan_against_store(repo, plan, cands)
             assert repo.replay(f"{method}/bf16/{n}").identical
-        assert repo.show(f"{method}/bf16/1")["merge_plan"]["budget"]["bytes"] == 48 << 10
+        assert repo.show(f"{method}/bf16/1").to_json()["plan"]["budget"]["bytes"] == 48 << 10
 
 
 def test_greedy_selection_is_maximal_and_by_value_per_byte(f32_store):
@@ -498,7 +479,7 @@ class Ran:
 
 def _status(root: Path) -> dict:
     with Repo.open(root) as repo:
-        st = repo.status()
+        st = repo.status().to_json()
     return {"branches": st["branches"], "tags": st["tags"], "entries": st["entries"]}
 
 
@@ -574,12 +555,12 @@ def test_mp_merge_with_budget_and_show(cli_runs):
     assert set(ran.status_after["branches"]) == set(ran.status_before["branches"]) | {"cheap"}
     with Repo.open(ran.root) as repo:
         assert repo.resolve("cheap").hex() == cid
-        info = repo.show("cheap")
+        info = repo.show("cheap").to_json()
         assert repo.replay("cheap").identical
-    est, st = info["merge_plan"]["estimate"], info["stats"]
+    est, st = info["plan"]["estimate"], info["stats"]
     for k in COUNTED:
         assert est[k] == st[k], k
-    assert st["chunks_omitted"] > 0 and st["expert_bytes"] <= info["merge_plan"]["budget"]["bytes"]
+    assert st["chunks_omitted"] > 0 and st["expert_bytes"] <= info["plan"]["budget"]["bytes"]
     proc = run_mp("-C", ran.root, "show", "cheap")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_mp, store_fingerprint
+from conftest import assert_user_error, run_mp, store_fingerprint, stored_tensors
 from make_family import make_family
 from safetensors.torch import load_file, save_file
 
 from mpstore import Repo
 from mpstore.merge import catalog
-from mpstore.store.ids import digest
 from mpstore.merge.request import MergeRequest
+from mpstore.store.ids import digest
 
 CHUNK = 4096
 SHAPES = {"hidden": 64, "layers": 2, "vocab": 256}
@@ -50,15 +50,9 @@ def build(root: Path, fam: dict[str, Path], with_base: bool = True, chunk_size: 
     return out
 
 
-def tensors_of(spec: str, repo: Repo):
-    with repo.store.read() as r:
-        snap = r.object(r.object(repo.resolve(spec)).snapshot)
-        return {n: r.object(t) for n, t in snap.tensors.items()}
-
-
 def differing(repo: Repo, expert: str, base: str = "base") -> list[tuple[str, int, bytes, bytes]]:
     """(tensor, chunk, expert digest, base digest) wherever the digests differ at one position."""
-    et, bt = tensors_of(expert, repo), tensors_of(base, repo)
+    et, bt = stored_tensors(repo, expert), stored_tensors(repo, base)
     out = []
     for name, t in et.items():
         b = bt[name]
@@ -71,7 +65,7 @@ def catalog_entries(repo: Repo) -> dict[bytes, bytes]:
     """Entries by (expert digest + base digest); the key's dtype suffix must be the entry's."""
     with repo.store.read() as r:
         out = {}
-        for k, v in r.iter_db(b"catalog"):
+        for k, v in r.catalog_entries():
             assert k[32:] == catalog.DeltaStats.decode(v, k).dtype.encode()
             out[k[:32]] = bytes(v)
         return out
@@ -118,7 +112,7 @@ def test_entries_equal_an_independent_measurement(tmp_path, fams, dtype):
     with Repo.open(tmp_path / "repo") as repo:
         stored = catalog_entries(repo)
         wanted: set[bytes] = set()
-        base_t = tensors_of("base", repo)
+        base_t = stored_tensors(repo, "base")
         for name in EXPERTS:
             diff = differing(repo, name)
             pairs = {e + d for _, _, e, d in diff}
@@ -126,7 +120,7 @@ def test_entries_equal_an_independent_measurement(tmp_path, fams, dtype):
             assert a is not None and a.pairs == len(pairs) > 0, (name, a)
             assert a.measured == len(pairs - wanted)  # the three experts share no pair
             # both chunks of every newly measured pair were read, once
-            sizes = {e + d: 2 * catalog.item_bytes(base_t[t], c) for t, c, e, d in diff}
+            sizes = {e + d: 2 * base_t[t].chunk_len(c) for t, c, e, d in diff}
             assert a.bytes_read == sum(sizes[k] for k in pairs - wanted)
             wanted |= pairs
             with repo.store.read() as r:
@@ -148,10 +142,12 @@ def test_entries_equal_an_independent_measurement(tmp_path, fams, dtype):
                     assert st.base_max == want["base_max"], where
                     assert np.frombuffer(st.bins, dtype=np.uint16).tolist() == want["bins"], where
                     assert np.frombuffer(st.counts, dtype=np.uint32).tolist() == want["counts"], where
-                    # the chunks at the same position are never measured against themselves
-                    assert catalog.lookup(r, d, d, t.dtype) is None
+                # a position where the expert's chunk is the base's has no entry (nothing to measure)
+                et_equal = [(x, tn) for tn, t in stored_tensors(repo, name).items()
+                            for x, y in zip(t.chunks, base_t[tn].chunks) if x == y]
+                assert all(catalog.lookup(r, x, x, base_t[tn].dtype) is None for x, tn in et_equal)
                 # a tensor's histogram: the catalog's, plus zeros for the chunks equal to the base
-                et = tensors_of(name, repo)
+                et = stored_tensors(repo, name)
                 for tname, t in et.items():
                     h = catalog.tensor_histogram(r, t, base_t[tname])
                     assert h is not None and h.dtype == np.int64 and h.shape == (1 << 16,)
@@ -166,9 +162,9 @@ def test_entries_equal_an_independent_measurement(tmp_path, fams, dtype):
                         assert np.array_equal(catalog.tensor_histogram(r, t, base_t[tname], only), want), tname
         # exactly the differing pairs have entries: none for chunks equal to the base
         assert set(stored) == wanted
-        assert repo.status()["entries"]["catalog"] == len(wanted)
-        problems, counts = repo.fsck()
-        assert problems == [] and counts["catalog"] == len(wanted)
+        assert repo.status().to_json()["entries"]["catalog"] == len(wanted)
+        res = repo.fsck()
+        assert res.problems == [] and res.catalog == len(wanted)
 
 
 def test_expert_equal_to_the_base_gets_no_entries(tmp_path, fams):
@@ -183,7 +179,7 @@ def test_expert_equal_to_the_base_gets_no_entries(tmp_path, fams):
         diff = differing(repo, "lora")
         assert 0 < res.analyzed.pairs == len(diff)
         assert {k[:16] for k in catalog_entries(repo)} == {e for _, _, e, _ in diff}
-        assert {t for t, *_ in diff} < set(tensors_of("lora", repo))
+        assert {t for t, *_ in diff} < set(stored_tensors(repo, "lora"))
 
 
 def test_entries_are_shared_and_measured_once(tmp_path, fams):
@@ -217,7 +213,7 @@ def test_analyze_after_add_gives_the_same_entries(tmp_path, fams):
             assert res.bytes_read > 0 and res.seconds >= 0
             assert repo.analyze(name, "base").measured == 0
         assert catalog_entries(repo) == want  # key for key, byte for byte
-        assert repo.fsck()[0] == []
+        assert repo.fsck().problems == []
 
 
 def test_mp_analyze(tmp_path, fams):
@@ -256,16 +252,16 @@ def test_gc_drops_entries_whose_chunks_are_gone(tmp_path, fams):
         keys = {name: {e + d for *_, e, d in differing(repo, name)} for name in EXPERTS}
         assert not keys["e1"] & (keys["e2"] | keys["e3"])
         assert set(catalog_entries(repo)) == keys["e1"] | keys["e2"] | keys["e3"]
-        assert repo.status(expire="now")["reclaimable"]["catalog_entries"] == 0
+        assert repo.status(expire="now").to_json()["reclaimable"]["catalog_entries"] == 0
         repo.delete_branch("e1")
-        assert repo.status(expire="now")["reclaimable"]["catalog_entries"] == len(keys["e1"])
-        freed = repo.gc(expire="now")
+        assert repo.status(expire="now").to_json()["reclaimable"]["catalog_entries"] == len(keys["e1"])
+        freed = repo.gc(expire="now").to_json()
         assert freed["catalog_entries"] == len(keys["e1"]), freed
         assert set(catalog_entries(repo)) == keys["e2"] | keys["e3"]
-        assert repo.fsck()[0] == []
+        assert repo.fsck().problems == []
         # The base branch goes too, but e2 and e3 name it as their base: it stays, and so do they.
         repo.delete_branch("base")
-        assert repo.gc(expire="now")["catalog_entries"] == 0
+        assert repo.gc(expire="now").to_json()["catalog_entries"] == 0
         assert set(catalog_entries(repo)) == keys["e2"] | keys["e3"]
         # What remains still serves a budgeted merge.
         req = MergeRequest("task_arithmetic", repo.commit("e2").commit.base.hex(), ["e2", "e3"],
@@ -274,9 +270,9 @@ def test_gc_drops_entries_whose_chunks_are_gone(tmp_path, fams):
         assert plan.omit and plan.estimate["expert_bytes"] <= plan.budget["bytes"]
         repo.delete_branch("e2")
         repo.delete_branch("e3")
-        assert repo.gc(expire="now")["catalog_entries"] == len(keys["e2"] | keys["e3"])
+        assert repo.gc(expire="now").to_json()["catalog_entries"] == len(keys["e2"] | keys["e3"])
         assert catalog_entries(repo) == {}
-        assert repo.fsck()[0] == []
+        assert repo.fsck().problems == []
 
 
 def test_fsck_is_clean_after_adds_with_base(tmp_path, fams):
@@ -284,8 +280,8 @@ def test_fsck_is_clean_after_adds_with_base(tmp_path, fams):
     build(root, fams["bf16"])
     with Repo.open(root) as repo:
         n = len(catalog_entries(repo))
-        problems, counts = repo.fsck()
-    assert problems == [] and counts["catalog"] == n > 0
+        res = repo.fsck()
+    assert res.problems == [] and res.catalog == n > 0
     proc = run_mp("-C", root, "fsck")
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
     assert f"{n} catalog entries: 0 problems" in proc.stderr
@@ -399,7 +395,7 @@ def test_an_entry_measured_for_another_dtype_is_not_used(tmp_path):
             snaps[label] = repo.commit("m").commit.snapshot.hex()
             if with_base:
                 with repo.store.read() as r:
-                    t, b = tensors_of("be", repo)["w"], tensors_of("bb", repo)["w"]
+                    t, b = stored_tensors(repo, "be")["w"], stored_tensors(repo, "bb")["w"]
                     dtypes = [getattr(catalog.lookup(r, e, d, t.dtype), "dtype", None) for e, d in zip(t.chunks, b.chunks)]
     assert snaps["catalog"] == snaps["none"]
     # what steers the BF16 merge must have been measured as BF16
@@ -419,7 +415,7 @@ def test_outdated_entries_are_measured_again_and_collected(tmp_path, fams):
         want = repo.plan(req, budget="25%").omit
 
         def downgrade(txn):  # format 1: no base_l2
-            for k, v in list(txn.iter_db(b"catalog")):
+            for k, v in list(txn.catalog_entries()):
                 fields = msgpack.unpackb(v)
                 txn.put_catalog(k, msgpack.packb([1, *fields[1:6], *fields[7:]], use_bin_type=True))
             txn.put_catalog(b"\x00" * 32, b"\x91\x01")  # an entry keyed without a dtype
@@ -427,9 +423,9 @@ def test_outdated_entries_are_measured_again_and_collected(tmp_path, fams):
         repo.store.write(downgrade)
         with pytest.raises(Exception, match="mp analyze"):
             repo.plan(req, budget="25%")
-        assert len(repo.fsck()[0]) == len(fresh) + 1
+        assert len(repo.fsck().problems) == len(fresh) + 1
         measured = sum(repo.analyze(name, "base").measured for name in EXPERTS)
         assert measured == len(fresh)
         assert repo.plan(req, budget="25%").omit == want
-        assert repo.gc(expire="now")["catalog_entries"] == 1
-        assert catalog_entries(repo) == fresh and repo.fsck()[0] == []
+        assert repo.gc(expire="now").to_json()["catalog_entries"] == 1
+        assert catalog_entries(repo) == fresh and repo.fsck().problems == []

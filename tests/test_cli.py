@@ -150,7 +150,7 @@ def test_quiet_add_prints_only_the_id(tmp_path, family):
     again = run_mp("-C", root, "-q", "add", family["base"], "--name", "b")
     assert ok(again).strip() != proc.stdout.strip()
     with Repo.open(root) as repo:
-        assert repo.show("b")["new_bytes"] == 0
+        assert repo.show("b").to_json()["new_bytes"] == 0
         assert repo.commit("b").commit.parents == (bytes.fromhex(proc.stdout.strip()),)
 
 
@@ -159,7 +159,7 @@ def test_init_chunk_size(tmp_path, family):
     ok(run_mp("-C", tmp_path, "add", family["base"] / "model.safetensors", "--name", "b"))
     with Repo.open(tmp_path) as repo:
         assert repo.chunk_size == 4096
-        emb = next(r for r in repo.ls("b") if r["name"] == "model.embed_tokens.weight")
+        emb = next(r for r in repo.ls("b") if r.name == "model.embed_tokens.weight")
         with repo.store.read() as r:
             snap = r.object(r.object(repo.resolve("b")).snapshot)
-            assert len(r.object(snap.tensors[emb["name"]]).chunks) == emb["bytes"] // 4096 == 8
+            assert len(r.object(snap.tensors[emb.name]).chunks) == emb.bytes // 4096 == 8

@@ -63,7 +63,7 @@ def test_diff_numbers_match_torch(family_repo, family, expert):
         assert counts["unchanged"] == 0
     else:  # partial / lora: some tensors are bit-identical to the base
         assert counts["unchanged"] > 0 and counts["changed"] > 0
-    sizes = {r["name"]: r["bytes"] for r in family_repo.ls(expert)}
+    sizes = {r.name: r.bytes for r in family_repo.ls(expert)}
     assert result.bytes_changed() == sum(sizes[n] for n, t in by_name.items() if t.status == "changed")
     # tensors come in natural order: layer 1 entries follow layer 0 entries
     names = [t.name for t in result.tensors]

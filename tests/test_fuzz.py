@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from mpstore import Repo
-from mpstore.store.dtypes import ITEMSIZE
 from mpstore.errors import MpError
+from mpstore.store.dtypes import ITEMSIZE
+from mpstore.store.env import framed
 from mpstore.store.ids import digest
 from mpstore.store.objects import Blob, Commit, Shard, Snapshot
 from mpstore.store.refs import BRANCH_PREFIX
@@ -507,7 +508,7 @@ def test_pickle_files_are_never_unpickled(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert tree_bytes(tmp_path / "out") == tree_bytes(mixed)  # stored and given back as plain bytes
     with Repo.open(root) as r:
-        assert r.diff("m", "m").tensors and r.show("m")["tensors"] == 2
+        assert r.diff("m", "m").tensors and r.show("m").to_json()["tensors"] == 2
     assert not marker.exists()
 
 
@@ -557,14 +558,14 @@ def test_checkout_never_writes_outside_its_target(repo, work, files, shards):
         for i, rel in enumerate(files):
             data = f"file {i}".encode()
             key = digest(data)
-            txn.put_chunk(key, b"\x00" + data)
+            txn.put_chunk(key, framed(data))
             blobs[rel] = txn.put_object(Blob(len(data), CHUNK, (key,)))
         hkey = digest(header)
-        txn.put_chunk(hkey, b"\x00" + header)
+        txn.put_chunk(hkey, framed(header))
         hid = txn.put_object(Blob(len(header), CHUNK, (hkey,)))
         snap = txn.put_object(Snapshot({}, blobs, tuple(Shard(s, hid, (), {"k": "v"}) for s in shards)))
         cid = txn.put_object(Commit(snap, (), "crafted", "t", "2026-01-01T00:00:00Z"))
-        txn.set_ref(BRANCH_PREFIX + "crafted", cid, "test", "2026-01-01T00:00:00Z")
+        txn.set_ref_if_equals(BRANCH_PREFIX + "crafted", txn.ref(BRANCH_PREFIX + "crafted"), cid, "test", "2026-01-01T00:00:00Z")
 
     repo.store.write(write)
     before = _sandbox_listing(base, out)

@@ -26,7 +26,7 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
-from conftest import MP, assert_user_error, run_mp, store_fingerprint, tree_bytes
+from conftest import MP, assert_user_error, run_mp, store_fingerprint, tensors_of, tree_bytes
 from make_family import make_family
 from safetensors.torch import load_file, save_file
 
@@ -35,7 +35,7 @@ from mpstore.merge.request import MergeRequest
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 CHUNK = 4096
-FAMILY = dict(hidden=64, layers=2, vocab=256, dtype="f32")
+FAMILY = {"hidden": 64, "layers": 2, "vocab": 256, "dtype": "f32"}
 Q0 = "model.layers.0.self_attn.q_proj.weight"  # 64 x 64 float32: 4 chunks
 UP1 = "model.layers.1.mlp.up_proj.weight"  # 192 x 64 float32: 12 chunks
 EMBED = "model.embed_tokens.weight"
@@ -59,16 +59,6 @@ def new_store(root: Path, fam: dict[str, Path], chunk_size: int = CHUNK) -> Path
 def ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     return proc.stdout
-
-
-def tensors_of(repo: Repo, spec: str, where: Path) -> dict[str, torch.Tensor]:
-    """Check a commit out (every chunk is hash-checked) and load its weights."""
-    out = where / f"co-{spec.replace('/', '_')}-{time.monotonic_ns()}"
-    repo.checkout(spec, out)
-    tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
 
 
 def snapshot(repo: Repo, spec: str):
@@ -147,7 +137,7 @@ def test_merge_show_replay_and_graph(tmp_path, fam):
     doc = json.loads(ok(run_mp("-C", root, "show", "merged", "--json")))
     assert doc["id"] == cid
     assert doc["parents"] == [ids["base"], ids["e1"], ids["e2"]]
-    plan = doc["merge_plan"]
+    plan = doc["plan"]
     assert plan["method"] == "ties" and plan["seed"] == 0
     assert plan["base"] == ids["base"] and plan["models"] == [ids["e1"], ids["e2"]]
     assert [q["weight"][0] for q in plan["model_params"]] == [0.5, 0.5]
@@ -310,13 +300,13 @@ def test_per_model_weight_lists(runs, tmp_path):
     cid = ok(ran.proc).strip()
     with Repo.open(ran.root) as repo:
         assert repo.resolve("wl").hex() == cid
-        plan = repo.show("wl")["merge_plan"]
+        plan = repo.show("wl").to_json()["plan"]
         assert [q["weight"][0] for q in plan["model_params"]] == [0.5, 0.3]
         got = tensors_of(repo, "wl", tmp_path)
         b, e1, e2 = (tensors_of(repo, n, tmp_path) for n in ("base", "e1", "e2"))
     for n, t in got.items():  # task_arithmetic, normalize off: B + 0.5 d1 + 0.3 d2
         want = b[n] + 0.5 * (e1[n] - b[n]) + 0.3 * (e2[n] - b[n])
-        torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_mergekit_yaml_config(runs, tmp_path):
@@ -326,17 +316,17 @@ def test_mergekit_yaml_config(runs, tmp_path):
     cid = ok(ran.proc).strip()
     with Repo.open(ran.root) as repo:
         ids = {n: repo.resolve(n).hex() for n in ("base", "e1", "e2", "cfg")}
-        info = repo.show("cfg")
+        info = repo.show("cfg").to_json()
         out = tensors_of(repo, "cfg", tmp_path)
         b, e1, e2 = (tensors_of(repo, n, tmp_path) for n in ("base", "e1", "e2"))
         rows = repo.ls("cfg")
         repo.checkout("cfg", tmp_path / "cfg-folder")
     assert ids["cfg"] == cid
     assert info["parents"] == [ids["base"], ids["e1"], ids["e2"]]  # the base is not an input
-    plan = info["merge_plan"]
+    plan = info["plan"]
     assert plan["models"] == [ids["e1"], ids["e2"]]
     assert plan["compute_dtype"] == "F32" and plan["out_dtype"] == "BF16"
-    assert {r["dtype"] for r in rows} == {"BF16"}
+    assert {r.dtype for r in rows} == {"BF16"}
     assert json.loads((tmp_path / "cfg-folder" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     for n, t in out.items():
         assert t.dtype == torch.bfloat16, n
@@ -382,7 +372,7 @@ def test_chunks_where_every_expert_is_the_base_are_not_read(tmp_path, fam):
 
         req = MergeRequest("task_arithmetic", "base", ["A", "B"], [{"weight": 0.5}, {"weight": 0.5}], {}, "F32", None, 0)
         res = repo.merge(req, "ta")
-        st = repo.show("ta")["stats"]
+        st = repo.show("ta").to_json()["stats"]
         assert st == res.realized
         # every changed chunk of each expert is read at least once; nothing else is
         changed_chunks = (1 + 12) + 1  # A: q_proj chunk 0 and up_proj; B: q_proj chunk 0
@@ -424,9 +414,9 @@ def test_result_does_not_depend_on_threads_or_memory_limit(tmp_path, fam, method
     p = [{"weight": 0.6, **extra}, {"weight": 0.4, **extra}] if extra is not None else [{}, {}]
     snaps = {}
     with Repo.open(root) as repo:
-        for label, kw in {"threads=1": dict(threads=1), "threads=2": dict(threads=2),
-                          "1 MiB": dict(threads=2, memory_limit=1 << 20),
-                          "64 KiB": dict(threads=2, memory_limit=64 << 10)}.items():
+        for label, kw in {"threads=1": {"threads": 1}, "threads=2": {"threads": 2},
+                          "1 MiB": {"threads": 2, "memory_limit": 1 << 20},
+                          "64 KiB": {"threads": 2, "memory_limit": 64 << 10}}.items():
             req = MergeRequest(method, "base", ["e1", "e2"], p, {}, "F32", None, 3)
             res = repo.merge(req, f"m-{len(snaps)}", **kw)
             snaps[label] = repo.commit(res.commit.hex()).commit.snapshot.hex()
@@ -554,7 +544,7 @@ def test_killed_merge_leaves_the_store_valid(tmp_path):
         rc, seen = run_and_kill(merge_cmd(MERGE_SMALL_BATCHES, seed), root, after)
         kills += rc == -signal.SIGKILL
         with Repo.open(root) as repo:
-            assert repo.fsck()[0] == []  # every object and chunk hashes to its key, refs resolve
+            assert repo.fsck().problems == []  # every object and chunk hashes to its key, refs resolve
             now = repo.branches().get("m")
             if rc == -signal.SIGKILL and seen <= batches - 2:
                 assert now == head, f"killed after {seen} of {batches} batches, yet branch m moved"
@@ -578,7 +568,7 @@ def test_killed_merge_leaves_the_store_valid(tmp_path):
         assert repo.commit("m").commit.parents == (ids["base"], ids["e1"], ids["e2"], *([head] if head else []))
         assert repo.replay("m").identical
         tensors_of(repo, "m", tmp_path)
-        assert repo.fsck()[0] == []
+        assert repo.fsck().problems == []
         for name, files in originals.items():
             repo.checkout(name, tmp_path / f"final-{name}")
             assert tree_bytes(tmp_path / f"final-{name}") == files

@@ -1,5 +1,5 @@
 """Every merge method against an independent reference written here in plain torch on whole
-tensors, from docs/merge_methods.md (MergeKit 0.1.5's behaviour), never from mpstore.merge.methods.base.
+tensors, from docs/merge_methods.md (MergeKit 0.1.5's behaviour), never from mpstore.merge.methods.
 
 The models are hand-built float32 safetensors stored with a 4096-byte chunk size, so most tensors
 span several chunks: a 2-D weight whose rows are longer than a chunk, one whose rows straddle
@@ -46,7 +46,7 @@ SHAPES = {
     NORM: (3000,),  # a vector over three chunks
 }
 PARTIAL_ROWS = 8
-TOL = dict(rtol=2e-5, atol=2e-6)
+TOL = {"rtol": 2e-5, "atol": 2e-6}
 
 
 @dataclass

@@ -59,15 +59,15 @@ if not MK_INSTALLED.exists() and not CI:
                 f"`make mergekit-venv`; CI builds it in `make test`)", allow_module_level=True)
 
 FAMILIES = {
-    "main": dict(arch="qwen2", hidden=128, layers=3, vocab=512, dtype="f32", experts=3,
-                 kinds=("dense", "partial", "lora"), seed=0),
+    "main": {"arch": "qwen2", "hidden": 128, "layers": 3, "vocab": 512, "dtype": "f32", "experts": 3,
+                 "kinds": ("dense", "partial", "lora"), "seed": 0},
     # 1-D tensors of 1088 float32 (4352 bytes) span two chunks of a 4 KiB-chunk repository
-    "wide": dict(arch="qwen2", hidden=1088, layers=1, intermediate=64, vocab=64, dtype="f32", experts=3,
-                 kinds=("dense", "partial", "lora"), seed=1),
+    "wide": {"arch": "qwen2", "hidden": 1088, "layers": 1, "intermediate": 64, "vocab": 64, "dtype": "f32", "experts": 3,
+                 "kinds": ("dense", "partial", "lora"), "seed": 1},
     # bf16 checkpoints, the usual case: their deltas take few distinct values, so many entries tie
     # with a top-k / breadcrumbs cut-off
-    "bf16": dict(arch="qwen2", hidden=128, layers=1, vocab=256, dtype="bf16", experts=2,
-                 kinds=("dense", "lora"), seed=2),
+    "bf16": {"arch": "qwen2", "hidden": 128, "layers": 1, "vocab": 256, "dtype": "bf16", "experts": 2,
+                 "kinds": ("dense", "lora"), "seed": 2},
 }
 # mpstore streams each tensor in blocks of one chunk: the default chunk holds every tensor of these
 # families whole, 4 KiB splits all but the smallest, so the multi-block passes (top-k thresholds,

@@ -8,7 +8,7 @@ from conftest import assert_user_error, run_mp, store_fingerprint
 from safetensors.torch import save_file
 
 from mpstore.errors import AmbiguousRef, BadRefName, UnknownRef
-from mpstore.store.objects import Blob, Commit, encode, object_id
+from mpstore.store.objects import Blob, Commit
 from mpstore.store.refs import MIN_PREFIX, TAG_PREFIX
 
 
@@ -33,7 +33,7 @@ def test_repeated_adds_to_a_branch_chain_their_parents(repo, chain):
     assert repo.branches() == {"x": chain[-1]}
     assert [e.id for e in repo.log("x")] == chain[::-1]
     assert [e.commit.message for e in repo.log()] == ["v3", "v2", "v1", "v0"]  # HEAD is x
-    assert repo.head() == "x"
+    assert repo.current_branch() == "x"
 
 
 def test_tilde_walks_first_parents(repo, chain):
@@ -65,7 +65,7 @@ def test_id_prefixes_of_six_or_more_hex_characters(repo, chain):
 
 def test_prefixes_name_commits_only(repo, chain):
     """A snapshot or blob id is an object id too, but not something a ref can name."""
-    snap = repo.show("x")["snapshot"]
+    snap = repo.show("x").to_json()["snapshot"]
     with pytest.raises(UnknownRef):
         repo.resolve(snap)
     with pytest.raises(UnknownRef):
@@ -75,7 +75,7 @@ def test_prefixes_name_commits_only(repo, chain):
 def _probe_commits(snapshot: bytes, n: int):
     for i in range(n):
         c = Commit(snapshot, (), f"probe {i}", "t", "2026-01-01T00:00:00Z")
-        yield object_id(encode(c)), c
+        yield c.id, c
 
 
 def test_a_prefix_shared_by_two_commits_is_ambiguous(repo, chain):
@@ -110,7 +110,7 @@ def test_a_prefix_shared_by_a_commit_and_a_blob_is_not_ambiguous(repo, chain):
     commits = {oid.hex()[:MIN_PREFIX]: (oid, c) for oid, c in _probe_commits(snapshot, 20_000)}
     for j in range(2_000_000):
         blob = Blob(j, repo.chunk_size, ())
-        bid = object_id(encode(blob))
+        bid = blob.id
         if bid.hex()[:MIN_PREFIX] in commits:
             break
     else:
@@ -129,7 +129,7 @@ def test_branch_names_win_over_id_prefixes(repo, chain, tmp_path):
 
 def test_tags_prefix_names_tag_refs(repo, chain):
     """There is no tag verb yet; a tag ref written through the store resolves as `tags/NAME`."""
-    repo.store.write(lambda txn: txn.set_ref(TAG_PREFIX + "v1.0", chain[1], "tag", "2026-01-01T00:00:00Z"))
+    repo.store.write(lambda txn: txn.add_ref_if_new(TAG_PREFIX + "v1.0", chain[1], "tag", "2026-01-01T00:00:00Z"))
     assert repo.tags() == {"v1.0": chain[1]}
     assert repo.resolve("tags/v1.0") == chain[1]
     assert repo.resolve("tags/v1.0~1") == chain[0]
@@ -144,9 +144,9 @@ def test_base_is_recorded(repo, family):
     e = repo.add(family["expert-2"], "e2", base="base").commit
     e3 = repo.add(family["expert-3"], "e3", base=b.hex()[:7], message="lora expert").commit
     assert repo.commit("e2").commit.base == b
-    assert repo.show("e3")["base"] == b.hex()
-    assert repo.show("e3")["message"] == "lora expert"
-    assert repo.show("e3")["parents"] == []  # base is not a parent
+    assert repo.show("e3").to_json()["base"] == b.hex()
+    assert repo.show("e3").to_json()["message"] == "lora expert"
+    assert repo.show("e3").to_json()["parents"] == []  # base is not a parent
     assert repo.commit("base").commit.base is None
     assert repo.branches() == {"base": b, "e2": e, "e3": e3}
     with pytest.raises(UnknownRef):

@@ -19,12 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+import crash_stress
 import lmdb
 import psutil
 import pytest
 from conftest import MP, assert_user_error, leftovers, run_mp, store_fingerprint, tree_bytes
-
-import crash_stress
 from crash_stress import child, random_model, run_and_kill, small_family, tree_digest
 
 from mpstore import Repo
@@ -282,7 +281,7 @@ def test_gc_expire_now_expires_what_was_just_deleted(tmp_path, models):
         repo.add(models["m1"], "junk")
         time.sleep(1.02 - time.time() % 1)  # start of a second: what follows happens within it
         repo.delete_branch("junk")
-        freed = repo.gc("now")
+        freed = repo.gc("now").to_json()
         assert freed["reflog_entries"] == 3 and freed["objects"] > 0, freed
 
 
@@ -453,29 +452,29 @@ def test_every_random_corruption_is_detected(two_models):
     root, base, other = two_models
     rng = random.Random(7)
     with Repo.open(root) as repo, repo.store.read() as r:
-        chunk_keys = sorted(k for k, _ in r.iter_db(b"chunks"))
-        object_keys = sorted(k for k, _ in r.iter_db(b"objects"))
+        chunk_keys = sorted(k for k, _ in r.chunks())
+        object_keys = sorted(k for k, _ in r.objects())
     cases = [("chunk", k) for k in rng.sample(chunk_keys, 40)] + [("object", k) for k in rng.sample(object_keys, 10)]
     cases += [("missing", k) for k in rng.sample(chunk_keys, 5)]
     detected = 0
     for kind, key in cases:
         db = b"objects" if kind == "object" else b"chunks"
         saved = {}
-        raw_edit(root, db, lambda txn, d: saved.setdefault("v", bytes(txn.get(key, db=d))))
+        raw_edit(root, db, lambda txn, d, key=key, saved=saved: saved.setdefault("v", bytes(txn.get(key, db=d))))
         if kind == "missing":
-            raw_edit(root, db, lambda txn, d: txn.delete(key, db=d))
+            raw_edit(root, db, lambda txn, d, key=key: txn.delete(key, db=d))
         else:
             raw_edit(root, db, flip(key, rng.randrange(len(saved["v"])), rng.randrange(8)))
         with Repo.open(root) as repo:
-            problems, _ = repo.fsck()
+            problems = repo.fsck().problems
         hit = [p for p in problems if key.hex() in p]
         assert hit, (kind, key.hex(), problems)
         if kind != "object":
             assert all("used by " in p and " of commit " in p for p in hit), hit
         detected += 1
-        raw_edit(root, db, lambda txn, d: txn.put(key, saved["v"], db=d))
+        raw_edit(root, db, lambda txn, d, key=key, saved=saved: txn.put(key, saved["v"], db=d))
     with Repo.open(root) as repo:
-        assert repo.fsck()[0] == []
+        assert repo.fsck().problems == []
     print(f"corruptions detected: {detected} of {len(cases)}")
     assert detected == len(cases) == 55
 
@@ -548,7 +547,7 @@ def test_readers_see_the_old_or_the_new_state_while_a_merge_writes(tmp_path, fam
     new = state()
     assert errors == []
     slot = {"checkout": 0, "diff": 1, "log": 2}
-    for kind, start, result in seen:
+    for kind, _start, result in seen:
         assert result in (old[slot[kind]], new[slot[kind]]), f"{kind} saw a state that is neither old nor new"
     during = [s for s in seen if s[1] >= writing_since]
     assert len(during) >= 3, f"only {len(during)} reads ran while the merge was writing"
@@ -631,7 +630,7 @@ def test_gc_during_a_slow_add_neither_breaks_it_nor_frees_its_chunks(tmp_path, m
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     freed = []
-    for started, g in gcs:
+    for _started, g in gcs:
         o, e = g.communicate(timeout=120)
         assert g.returncode == 0, e
         freed.append(json.loads(o))

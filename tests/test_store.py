@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from mpstore import Repo
 from mpstore.errors import CorruptData, FormatMismatch, MpError, NotARepository
+from mpstore.store.env import framed
 from mpstore.store.ids import digest
-from mpstore.store.env import CODEC_RAW
 
 
 def raw_env(root, **kw) -> lmdb.Environment:
@@ -59,7 +59,7 @@ def test_a_transaction_that_fills_the_map_is_rerun_on_a_larger_one(tmp_path):
     chunks = {}
     for i in range(72):
         payload = i.to_bytes(4, "little") * (1 << 18)  # 1 MiB each, all different
-        chunks[digest(payload)] = bytes([CODEC_RAW]) + payload
+        chunks[digest(payload)] = framed(payload)
     calls = []
 
     def put_all(txn):
@@ -219,7 +219,7 @@ def test_readers_see_committed_state_only(tmp_path, family):
         # a fresh read sees both commits, whole
         assert repo.resolve("new") == new
         assert repo.resolve("base~1") == old
-        assert repo.head() == "new"
+        assert repo.current_branch() == "new"
         repo.checkout("base", tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(family["expert-2"])
 

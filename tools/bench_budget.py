@@ -13,7 +13,7 @@ every expert, ties density 0.5; float32 compute, bfloat16 out, as tools/bench_me
                full from their safetensors files, ‖delta‖ in float32 is summed per (expert,
                chunk) (chunk = the repository's chunk size of one tensor's bytes), and chunks
                are taken by |w|·‖delta‖ per byte, a chunk shared by experts counted once
-               (mpstore.merge.planner._take), i.e. the best chunk-level greedy choice at those bytes;
+               (mpstore.merge.planner.take_in_order), i.e. the best chunk-level greedy choice at those bytes;
     the expert bytes read (the plan's estimate and the realized count), the wall time of
     Repo.merge (plan + execute + commit), and the deviation of the budgeted merge A from the
     exact merge E, ‖A−E‖ / ‖E−base‖ over all tensors in float32 (A, E from `checkout`), beside
@@ -171,7 +171,7 @@ class Oracle:
 
     def selector(self, ws: list[float]):
         """A planner selector: most |w|·‖delta‖ per byte first, by this oracle's own values."""
-        from mpstore.merge.planner import _take
+        from mpstore.merge.planner import take_in_order
 
         def offline(reads, limit: int) -> set[int]:
             score = []
@@ -186,7 +186,7 @@ class Oracle:
                 if r.value or v:
                     self.check["max_rel"] = max(self.check["max_rel"], abs(v - r.value) / max(abs(v), abs(r.value)))
                 score.append(v / r.nbytes)
-            return _take(reads, sorted(range(len(reads)), key=lambda k: -score[k]), limit)
+            return take_in_order(reads, sorted(range(len(reads)), key=lambda k: -score[k]), limit)
 
         return offline
 
@@ -593,12 +593,12 @@ class Bench:
         # Every mpstore module the run uses, imported now: the merges run the code loaded at start
         # even if the working tree changes meanwhile (and torch's import is outside every timing).
         import mpstore.merge.catalog  # noqa: F401
-        import mpstore.model.checkout  # noqa: F401
         import mpstore.merge.executor  # noqa: F401
-        import mpstore.store.gc  # noqa: F401
-        import mpstore.merge.request  # noqa: F401
         import mpstore.merge.planner  # noqa: F401
+        import mpstore.merge.request  # noqa: F401
+        import mpstore.model.checkout  # noqa: F401
         import mpstore.repo  # noqa: F401
+        import mpstore.store.gc  # noqa: F401
 
         self.code = [mpstore_state()]
 

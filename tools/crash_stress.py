@@ -280,7 +280,7 @@ class Scenario:
     def check_store(self, run: Run | None = None) -> dict[str, bytes]:
         """fsck clean, every ref a complete commit, every ledger commit bit-exact; returns the refs."""
         with Repo.open(self.root) as repo:
-            problems, _ = repo.fsck()
+            problems = repo.fsck().problems
             if problems:
                 raise self.fail("fsck after the kill: " + "; ".join(problems[:5]), run)
             with repo.store.read() as r:
@@ -528,8 +528,8 @@ class GcScenario(Scenario):
         self.i = 0
 
     def step(self, delay: float | None) -> Run:
-        from mpstore.store.chunks import ChunkSink
         from mpstore.progress import Silent
+        from mpstore.store.chunks import ChunkSink
 
         self.i += 1
         junk = random_model(self.work / "src" / f"junk{self.i}", self.rng.randrange(1 << 30), kib=512)
@@ -578,15 +578,12 @@ class GcScenario(Scenario):
 
     def kept_chunks(self) -> set[bytes]:
         """Chunks reachable from the refs and the reflog entries still stored."""
-        import msgpack
-
         from mpstore.store.reach import walk
 
         with Repo.open(self.root) as repo, repo.store.read() as r:
             roots = list(r.refs().items())
-            for _, value in r.iter_db(b"reflog"):
-                entry = msgpack.unpackb(value, raw=False)
-                roots += [("reflog", x) for x in (entry["old"], entry["new"]) if x]
+            for _, entry in r.reflog_entries():
+                roots += [("reflog", x) for x in (entry.old, entry.new) if x]
             return walk(r, roots).chunks
 
 

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from ..store.dtypes import ITEMSIZE
 from ..errors import CorruptData
-from ..store.objects import Tensor
 from ..progress import Progress
+from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
+from ..store.dtypes import ITEMSIZE
 from ..store.env import Store, Txn
+from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
-FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # dtypes with a delta: what merges compute
 NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 BINS = 1 << 16
 WRITE_BATCH = 2048  # entries per write transaction
@@ -63,10 +64,7 @@ class DeltaStats:
             raise CorruptData(f"catalog entry {key.hex()} does not decode: {e}") from None
 
 
-def key(expert_chunk: bytes, base_chunk: bytes, dtype: str) -> bytes:
-    """The two digests, then the dtype's name: the same bytes read as another dtype are another
-    delta, so they get their own entry."""
-    return expert_chunk + base_chunk + dtype.encode()
+key = catalog_key
 
 
 def _current(k: bytes, value: bytes | memoryview) -> DeltaStats | None:
@@ -76,7 +74,7 @@ def _current(k: bytes, value: bytes | memoryview) -> DeltaStats | None:
         st = DeltaStats.decode(value, k)
     except CorruptData:
         return None
-    return st if len(k) > 32 and k[32:] == st.dtype.encode() else None
+    return st if catalog_dtype(k) == st.dtype.encode() else None
 
 
 def current(k: bytes, value: bytes | memoryview) -> bool:
@@ -89,13 +87,27 @@ def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
     st = _current(k, value)
     if st is None:
         return f"catalog entry {k.hex()} is outdated or damaged (`mp gc` removes it)"
-    if not (txn.has_chunk(k[:16]) and txn.has_chunk(k[16:32])):
+    expert, base = catalog_chunks(k)
+    if not (txn.has_chunk(expert) and txn.has_chunk(base)):
         return None
     try:
-        again = measure(bytearray(txn.chunk(k[:16])), bytearray(txn.chunk(k[16:32])), st.dtype)
+        again = measure(bytearray(txn.chunk(expert)), bytearray(txn.chunk(base)), st.dtype)
     except (CorruptData, ValueError):
         return None  # a damaged chunk is reported by the chunk check
     return None if again == st else f"catalog entry {k.hex()} does not match its chunks"
+
+
+class _Rules:
+    """The catalog's rules for the store's gc and fsck (see store.derived)."""
+
+    def current(self, key: bytes, value: bytes | memoryview) -> bool:
+        return current(key, value)
+
+    def verify(self, txn: Txn, key: bytes, value: bytes | memoryview) -> str | None:
+        return verify(txn, key, value)
+
+
+RULES = _Rules()
 
 
 def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes, dtype: str) -> DeltaStats | None:
@@ -214,13 +226,9 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
     return result
 
 
-def item_bytes(t: Tensor, c: int) -> int:
-    """Bytes of chunk c of tensor t (the last one may be short)."""
-    return min(t.chunk_size, t.size - c * t.chunk_size)
-
-
 def elements(t: Tensor, c: int) -> int:
-    return item_bytes(t, c) // ITEMSIZE[t.dtype]
+    """Elements in chunk c of tensor t."""
+    return t.chunk_len(c) // ITEMSIZE[t.dtype]
 
 
 def covers(txn: Txn, expert: Tensor, base: Tensor) -> bool:

@@ -57,7 +57,7 @@ def check_spec(spec: Spec, where: str) -> Spec:
     return spec
 
 
-def _gradient(values: list, t: float, kind: type):
+def _gradient(values: list[object], t: float, kind: type) -> object:
     if not values:
         return None
     x = t * (len(values) - 1)
@@ -66,15 +66,24 @@ def _gradient(values: list, t: float, kind: type):
         return values[i]
     j = min(i + 1, len(values) - 1)
     frac = x - i
-    return (1 - frac) * float(values[i]) + frac * float(values[j])
+    return (1 - frac) * _number(values[i]) + frac * _number(values[j])
 
 
-def evaluate(spec: Spec, name: str, t: float, kind: type):
+def _number(value: object) -> float:
+    """A gradient's point as a float (`check_spec` lets only numbers into a gradient)."""
+    if not isinstance(value, (int, float, str)):
+        raise BadParameter(f"a gradient is a list of numbers, got {value!r}")
+    return float(value)
+
+
+def evaluate(spec: Spec, name: str, t: float, kind: type) -> object:
     """The value `spec` gives tensor `name` at layer position `t`, or None if it is silent."""
     if spec is None:
         return None
     if _is_conditional(spec):
         for entry in spec if isinstance(spec, list) else [spec]:
+            if not isinstance(entry, dict):
+                raise BadParameter(f"a filtered value is a list of {{filter, value}} entries, got {entry!r}")
             f = entry.get("filter")
             if f is None or f == "*" or f in name:
                 return evaluate(entry["value"], name, t, kind)
@@ -84,8 +93,9 @@ def evaluate(spec: Spec, name: str, t: float, kind: type):
     return spec
 
 
-def coerce(value: object, kind: type, where: str):
-    """Turn a YAML/CLI scalar into a float or bool the way MergeKit accepts them."""
+def coerce(value: object, kind: type, where: str) -> float:
+    """Turn a YAML/CLI scalar into a float or bool the way MergeKit accepts them (a bool is a
+    float to the type checker)."""
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -94,13 +104,15 @@ def coerce(value: object, kind: type, where: str):
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
         raise BadParameter(f"{where}: expected true or false, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise BadParameter(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise BadParameter(f"{where}: expected a number, got {value!r}")
 
 
-def resolve(chain: list[Spec], name: str, t: float, kind: type, where: str):
+def resolve(chain: list[Spec], name: str, t: float, kind: type, where: str) -> float:
     """The first value along `chain` (model level, global level, default) for this tensor."""
     for spec in chain:
         value = evaluate(spec, name, t, kind)

@@ -5,8 +5,9 @@ With K experts, expert reads dominate a merge. The planner decides them from the
 alone: every (expert, chunk) whose digest differs from the base's is a candidate read carrying
 |weight|·||delta|| of update; chunks equal to the base are never candidates. A selector spends the
 budget (greedy: most weighted delta per byte first); chunks left out are read as the base's, i.e.
-a zero delta. The counts come from `executor.account`, which walks the same outline the
-executor follows, so the estimate is what execution then does.
+a zero delta. The counts come from `outline.Accountant`, which walks the same `Outline` the
+executor follows through the same `ReadAccount`, so the estimate is what execution then does.
+The planner reads no chunk and writes nothing; it returns a Plan.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
-from . import catalog
-from . import executor as X
-from .methods import base as M
 from ..errors import BadMerge, MpError
-from ..store.objects import Plan
 from ..store.env import Txn
+from ..store.objects import Plan, bitmap
 from ..units import parse_size
+from . import catalog, methods
+from .executor import omit, tasks
+from .methods.base import MergeMethod
+from .outline import Accountant, Task
 
 # Rough cost of executing on the 2-core reference machine, fitted to warm merges of the 250M
 # family with K=8 (docs/benchmarks.md, "Budgeted merges"): seconds per unit of work (elements x
@@ -42,6 +44,13 @@ class Budget:
     spec: str  # as the user wrote it
     fraction: float | None  # of the experts' differing bytes
     nbytes: int | None
+
+    def limit(self, total: int) -> int:
+        """The budget in bytes, given the experts' distinct differing bytes."""
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.fraction is not None  # parse_budget sets one of the two
+        return math.floor(self.fraction * total)
 
 
 def parse_budget(text: str) -> Budget:
@@ -79,10 +88,13 @@ def distinct_bytes(reads: list[Read], ks: Iterable[int]) -> int:
     return sum({reads[k].digest: reads[k].nbytes for k in ks}.values())
 
 
-def _take(reads: list[Read], order: list[int], limit: int) -> set[int]:
-    """Candidates in `order` while they fit in `limit` bytes; a chunk already taken (the same
-    digest in another expert) costs nothing more."""
-    chosen, digests, spent = set(), set(), 0
+def take_in_order(reads: list[Read], order: list[int], limit: int) -> set[int]:
+    """The candidates of `order` (indices into `reads`) taken in that order, each while it still
+    fits in `limit` bytes; a chunk already taken (the same digest in another expert) costs nothing
+    more. Every selector is an order plus this rule, so they all keep the budget the same way."""
+    chosen: set[int] = set()
+    digests: set[bytes] = set()
+    spent = 0
     for k in order:
         r = reads[k]
         if r.digest in digests:
@@ -96,7 +108,7 @@ def _take(reads: list[Read], order: list[int], limit: int) -> set[int]:
 
 def greedy(reads: list[Read], limit: int) -> set[int]:
     """Most weighted delta per byte first: optimal for additive methods up to the last chunk."""
-    return _take(reads, sorted(range(len(reads)), key=lambda k: -reads[k].value / reads[k].nbytes), limit)
+    return take_in_order(reads, sorted(range(len(reads)), key=lambda k: -reads[k].value / reads[k].nbytes), limit)
 
 
 def position_hash(reads: list[Read], limit: int) -> set[int]:
@@ -105,23 +117,26 @@ def position_hash(reads: list[Read], limit: int) -> set[int]:
     def h(r: Read) -> int:
         return xxhash.xxh3_64_intdigest(f"{r.tensor}/{r.chunk}".encode())
 
-    return _take(reads, sorted(range(len(reads)), key=lambda k: h(reads[k])), limit)
+    return take_in_order(reads, sorted(range(len(reads)), key=lambda k: h(reads[k])), limit)
 
 
 SELECTORS: dict[str, Selector] = {"greedy": greedy, "random": position_hash}
 
 
-def candidates(txn: Txn, tasks: list[X.Task], need_catalog: bool) -> tuple[list[Read], dict]:
+Entries = dict[tuple[str, int, int], catalog.DeltaStats | None]  # (tensor, input, chunk) -> entry
+
+
+def candidates(txn: Txn, todo: list[Task], need_catalog: bool) -> tuple[list[Read], Entries]:
     """Every expert chunk that differs from the base's, with its catalog entry (if any); without
     a base, every input chunk."""
     reads: list[Read] = []
-    stats: dict[tuple[str, int, int], catalog.DeltaStats] = {}
-    for task in tasks:
+    stats: Entries = {}
+    for task in todo:
         if task.copy is not None:
             continue
         for i, t in enumerate(task.stored):
             if task.base is None:  # no base (linear): every chunk of every input is read
-                reads.extend(Read(task.name, i, c, e, catalog.item_bytes(t, c), 0.0) for c, e in enumerate(t.chunks))
+                reads.extend(Read(task.name, i, c, e, t.chunk_len(c), 0.0) for c, e in enumerate(t.chunks))
                 continue
             if t.chunks == task.base.chunks:
                 continue
@@ -135,19 +150,19 @@ def candidates(txn: Txn, tasks: list[X.Task], need_catalog: bool) -> tuple[list[
                         "run `mp analyze REF --base BASE` (or add it with --base)")
                 stats[(task.name, i, c)] = st
                 value = abs(task.p[i].get("weight", 1.0)) * st.l2 if st is not None else 0.0
-                reads.append(Read(task.name, i, c, e, catalog.item_bytes(t, c), value))
+                reads.append(Read(task.name, i, c, e, t.chunk_len(c), value))
     return reads, stats
 
 
 def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selector,
          memory_limit: int) -> Plan:
     """`base_plan` with the reads a budget allows and the estimate of what execution will do."""
-    method = M.get(base_plan.method)
-    tasks = X.tasks(txn, base_plan, method)
+    method = methods.get(base_plan.method)
+    todo = tasks(txn, base_plan, method)
     if budget is not None and (not method.sparse_inputs or base_plan.base is None):
         raise BadMerge(f"--budget needs a method that merges deltas from a base (task_arithmetic, "
                        f"ties, dare_*, breadcrumbs*, della*); {method.name} reads whole models")
-    reads, stats = candidates(txn, tasks, budget is not None)
+    reads, stats = candidates(txn, todo, budget is not None)
     total = distinct_bytes(reads, range(len(reads)))
     chosen = set(range(len(reads)))
     p = base_plan
@@ -155,31 +170,36 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
     if selector is None:
         raise BadMerge(f"unknown chunk selection {select!r} (known: {', '.join(SELECTORS)})")
     if budget is not None:
-        limit = budget.nbytes if budget.nbytes is not None else math.floor(budget.fraction * total)
+        limit = budget.limit(total)
         name = select if isinstance(select, str) else getattr(select, "__name__", "custom")
         chosen = _checked(selector(reads, limit), reads, limit)
         left: dict[str, dict[int, set[int]]] = {}
         for k, r in enumerate(reads):
             if k not in chosen:
                 left.setdefault(r.tensor, {}).setdefault(r.input, set()).add(r.chunk)
-        omit = {}
-        for task in tasks:
+        omitted: dict[str, list[bytes | None]] = {}
+        for task in todo:
             if task.name in left:
-                omit[task.name] = [X.bitmap(left[task.name][i], len(t.chunks)) if i in left[task.name] else None
-                                   for i, t in enumerate(task.stored)]
-        p = replace(p, omit=omit or None, budget={"spec": budget.spec, "bytes": limit, "select": name})
+                omitted[task.name] = [bitmap(left[task.name][i], len(t.chunks)) if i in left[task.name] else None
+                                      for i, t in enumerate(task.stored)]
+        p = replace(p, omit=omitted or None, budget={"spec": budget.spec, "bytes": limit, "select": name})
     if p.omit:
-        tasks = [X.omit(t, p.omit.get(t.name)) for t in tasks]  # the reads the executor will see
-    counted, work = X.account(txn, p, memory_limit, tasks)
+        todo = [omit(t, p.omit.get(t.name)) for t in todo]  # the reads the executor will see
+    accountant = Accountant(txn, memory_limit)
+    for task in todo:
+        accountant.account(task, method)
+    counted, work = accountant.realized, accountant.work
     touched: dict[str, list[int]] = {}
     for k, r in enumerate(reads):
         row = touched.setdefault(r.tensor, [0, 0])
         row[0] += r.nbytes if k in chosen else 0
         row[1] += r.nbytes
+    bound: float | None
+    exact: float | None
     if not p.omit:
         bound, exact = 0.0, 0.0  # nothing left out: the exact merge
     else:
-        bound, exact = _bound(tasks, reads, chosen, stats) if method.additive else (None, None)
+        bound, exact = _bound(todo, reads, chosen, stats) if method.additive else (None, None)
     estimate = {
         "base_bytes": counted.base_bytes,
         "bound": bound,
@@ -191,7 +211,7 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
         "output_bytes": counted.output_bytes,
         "read_bytes": counted.read_bytes,
         "seconds": round(work * SECONDS_PER_WORK.get(method.name, SECONDS_PER_WORK["ties"])
-                         + (len(tasks) - counted.tensors_copied)
+                         + (len(todo) - counted.tensors_copied)
                          * SECONDS_PER_TENSOR.get(method.name, SECONDS_PER_TENSOR["ties"]), 2),
         "tensors": dict(sorted(touched.items())),
     }
@@ -208,7 +228,7 @@ def _checked(chosen: set[int], reads: list[Read], limit: int) -> set[int]:
     return chosen
 
 
-def _bound(tasks: list[X.Task], reads: list[Read], chosen: set[int], stats: dict) -> tuple[float, float]:
+def _bound(todo: list[Task], reads: list[Read], chosen: set[int], stats: Entries) -> tuple[float, float]:
     """An upper bound on ||budgeted - exact|| over all tensors, and the part of it that is the
     merge arithmetic alone (without rounding).
 
@@ -220,7 +240,7 @@ def _bound(tasks: list[X.Task], reads: list[Read], chosen: set[int], stats: dict
     dtype. So each chunk can differ by r_c = (2^-m_out + (K+2) 2^-m_compute) * N_c more, where
     N_c = ||base_c|| + s * sum over all inputs |w_i| ||delta_ic|| bounds both results' norms
     there, plus one smallest spacing per element for values below the normal range."""
-    by_task = {t.name: t for t in tasks}
+    by_task = {t.name: t for t in todo}
     at: dict[tuple[str, int], list[int]] = {}
     for k, r in enumerate(reads):
         at.setdefault((r.tensor, r.chunk), []).append(k)
@@ -233,7 +253,9 @@ def _bound(tasks: list[X.Task], reads: list[Read], chosen: set[int], stats: dict
         div = abs(wsum) if task.g.get("normalize") and abs(wsum) >= 1e-8 else 1.0
         s = abs(task.g.get("lambda", 1.0)) / div
         a = s * sum(reads[k].value for k in ks if k not in chosen)  # value: |w_i| * ||delta_ic||
-        norm = stats[(name, reads[ks[0]].input, c)].base_l2 + s * sum(reads[k].value for k in ks)
+        entry = stats[(name, reads[ks[0]].input, c)]
+        assert task.base is not None and entry is not None  # a budget needs both (`plan`, `candidates`)
+        norm = entry.base_l2 + s * sum(reads[k].value for k in ks)
         relative = 2.0 ** -MANTISSA[task.out] + (len(task.models) + 2) * 2.0 ** -MANTISSA[task.compute]
         tiny = math.sqrt(catalog.elements(task.base, c)) * SMALLEST[task.out]
         total += (a + relative * norm + tiny) ** 2
@@ -241,7 +263,7 @@ def _bound(tasks: list[X.Task], reads: list[Read], chosen: set[int], stats: dict
     return math.sqrt(total), math.sqrt(arith)
 
 
-def _covers(method: M.Method, p: Plan) -> str:
+def _covers(method: MergeMethod, p: Plan) -> str:
     if not p.omit:
         return "everything: no chunk is left out, the result is the exact merge"
     if method.additive:

@@ -3,18 +3,20 @@
 Both front doors produce the same `MergeRequest`; `to_plan` resolves refs to commit ids, fills
 every parameter's chain of levels (model, global, default) and checks what can be checked before
 any tensor is read. Keys this engine does not implement are refused by name, never ignored.
+This module must stay light: it does not import torch (the methods registry is imported inside
+`to_plan`), so parsing a request costs no torch start-up.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .methods import base as M
 from ..errors import BadMerge
-from . import params as P
 from ..store.objects import Plan
+from . import params as P
 
 YAML_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED = {"slices", "modules", "tokenizer_source", "tokenizer", "chat_template"}
@@ -29,8 +31,8 @@ class MergeRequest:
     method: str
     base: str | None
     models: list[str]
-    model_params: list[dict] = field(default_factory=list)  # per model, as written
-    global_params: dict = field(default_factory=dict)
+    model_params: list[dict[str, P.Spec]] = field(default_factory=list)  # per model, as written
+    global_params: dict[str, P.Spec] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     seed: int = 0
@@ -98,9 +100,11 @@ def from_yaml(path: Path) -> MergeRequest:
     )
 
 
-def to_plan(req: MergeRequest, resolve, chunk_size: int, engine: int) -> Plan:
+def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int, engine: int) -> Plan:
     """Check the request against its method and fix every input and parameter in a Plan."""
-    method = M.get(req.method)
+    from . import methods  # imports torch: only when a plan is made
+
+    method = methods.get(req.method)
     known = {d.name: d for d in (*method.model_params, *method.global_params)}
     per_model = req.model_params or [{} for _ in req.models]
     for where, given in [("parameters", req.global_params)] + [
@@ -123,18 +127,19 @@ def to_plan(req: MergeRequest, resolve, chunk_size: int, engine: int) -> Plan:
         want = (f"exactly {method.min_models}" if method.max_models == method.min_models
                 else f"at least {method.min_models}")
         raise BadMerge(f"{req.method} takes {want} model(s) besides the base, got {len(models)}")
-    chains = []
+    chains: list[dict[str, list[P.Spec]]] = []
     for q in params:
         chains.append({d.name: [s for s in (q.get(d.name), req.global_params.get(d.name), d.default)
                                 if s is not None] for d in method.model_params})
-    globals_ = {d.name: [s for s in (req.global_params.get(d.name), d.default) if s is not None]
-                for d in method.global_params}
-    for name, chain in globals_.items():
-        if not chain:
+    globals_: dict[str, list[P.Spec]] = {
+        d.name: [s for s in (req.global_params.get(d.name), d.default) if s is not None]
+        for d in method.global_params}
+    for name, levels in globals_.items():
+        if not levels:
             raise BadMerge(f"{req.method} needs parameter {name!r}")
     for m, chain in zip(models, chains):
-        for name, c in chain.items():
-            if not c:
+        for name, levels in chain.items():
+            if not levels:
                 raise BadMerge(f"{req.method} needs parameter {name!r} for model {m!r}")
     return Plan(
         method.name,

@@ -13,13 +13,13 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import CorruptData, TargetExists, WriteFailed
-from ..store.objects import Chunked, Snapshot
-from .paths import check_relpath, inside
 from ..progress import Progress
 from ..store.env import Store, Txn
-
+from ..store.objects import Chunked, Snapshot
+from .paths import check_relpath, inside
 
 
 def chunk_views(txn: Txn, obj: Chunked, what: str) -> Iterator[memoryview]:
@@ -55,10 +55,10 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def snapshot_size(txn: Txn, snap: Snapshot) -> int:
     """Total bytes of the folder a snapshot rebuilds."""
-    total = sum(txn.object(b).size for b in snap.files.values())
+    total = sum(txn.blob(b).size for b in snap.files.values())
     for shard in snap.shards:
-        total += 8 + txn.object(shard.header).size
-        total += sum(txn.object(snap.tensors[n]).size for n in shard.tensors)
+        total += 8 + txn.blob(shard.header).size
+        total += sum(txn.tensor(snap.tensors[n]).size for n in shard.tensors)
     return total
 
 
@@ -68,7 +68,7 @@ class _Writer:
     def __init__(self, store: Store, txn: Txn, progress: Progress):
         self.store, self.txn, self.progress = store, txn, progress
 
-    def write(self, f, obj: Chunked, what: str) -> None:
+    def write(self, f: BinaryIO, obj: Chunked, what: str) -> None:
         for view in chunk_views(self.txn, obj, what):
             f.write(view)
             self.progress.advance(len(view))
@@ -80,7 +80,7 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
     out = Path(os.path.abspath(out))
     _prepare_target(out, force, store.path)
     with store.read() as txn:
-        snap = txn.object(snapshot_id)
+        snap = txn.snapshot(snapshot_id)
         for rel in [*snap.files, *(s.file for s in snap.shards)]:
             check_relpath(rel)
         tmp = out.parent / f".{out.name}.mp-tmp-{secrets.token_hex(4)}"
@@ -96,14 +96,14 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
                 target = inside(tmp, rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb") as f:
-                    writer.write(f, txn.object(blob_id), rel)
+                    writer.write(f, txn.blob(blob_id), rel)
             for shard in snap.shards:
-                header = txn.object(shard.header)
+                header = txn.blob(shard.header)
                 with open(inside(tmp, shard.file), "wb") as f:
                     f.write(struct.pack("<Q", header.size))
                     writer.write(f, header, f"{shard.file}: header")
                     for name in shard.tensors:
-                        writer.write(f, txn.object(snap.tensors[name]), f"{shard.file}: tensor {name!r}")
+                        writer.write(f, txn.tensor(snap.tensors[name]), f"{shard.file}: tensor {name!r}")
             _swap_into_place(tmp, out)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

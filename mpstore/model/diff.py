@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from ..store.dtypes import torch_dtype
-from ..store.objects import Snapshot, Tensor
 from ..store.env import Store, Txn
+from ..store.objects import Tensor
 
+if TYPE_CHECKING:  # imported where values are compared: add and checkout never pay for it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class _Reader:
     def __init__(self, store: Store, txn: Txn):
         self.store, self.txn = store, txn
 
-    def values(self, key: bytes, dtype: str):
+    def values(self, key: bytes, dtype: str) -> torch.Tensor:
         import torch
 
         view = self.txn.chunk(key)
@@ -103,8 +106,8 @@ def _compare(reader: _Reader, name: str, ta: Tensor, tb: Tensor) -> TensorDiff:
 
 
 def diff_snapshots(store: Store, txn: Txn, a: bytes, b: bytes) -> list[TensorDiff]:
-    sa: Snapshot = txn.object(a)
-    sb: Snapshot = txn.object(b)
+    sa = txn.snapshot(a)
+    sb = txn.snapshot(b)
     reader = _Reader(store, txn)
     out: list[TensorDiff] = []
     for name in sorted(sa.tensors.keys() | sb.tensors.keys(), key=natural_key):
@@ -112,12 +115,12 @@ def diff_snapshots(store: Store, txn: Txn, a: bytes, b: bytes) -> list[TensorDif
         if ib is None:
             out.append(TensorDiff(name, "only_a"))
         elif ia is None:
-            out.append(TensorDiff(name, "only_b", changed_bytes=txn.object(ib).size))
+            out.append(TensorDiff(name, "only_b", changed_bytes=txn.tensor(ib).size))
         elif ia == ib:
-            n = len(txn.object(ia).chunks)
+            n = len(txn.tensor(ia).chunks)
             out.append(TensorDiff(name, "unchanged", 0, n, 0.0, 1.0, 0.0))
         else:
-            out.append(_compare(reader, name, txn.object(ia), txn.object(ib)))
+            out.append(_compare(reader, name, txn.tensor(ia), txn.tensor(ib)))
     store.release_pages()
     return out
 

@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..store.dtypes import ITEMSIZE
 from ..errors import BadInput
+from ..store.dtypes import ITEMSIZE
 from .paths import utf8
 
 # safetensors itself refuses headers over 100 MB; a larger declared length is a broken file.
@@ -85,13 +85,13 @@ def _check_layout(path: Path, tensors: list[TensorEntry], data_size: int) -> Non
     pos = 0
     prev: TensorEntry | None = None
     for t in tensors:
-        if t.begin < pos:
+        if t.begin < pos and prev is not None:  # pos > 0: a tensor came before
             raise _fail(path, f"tensors {prev.name!r} and {t.name!r} overlap")
         if t.begin > pos:
             after = f"after {prev.name!r}" if prev else "before the first tensor"
             raise _fail(path, f"{t.begin - pos} unindexed bytes {after}")
         pos, prev = t.end, t
-    if pos > data_size:
+    if pos > data_size and prev is not None:
         raise _fail(
             path,
             f"tensor {prev.name!r} runs past the end of the file "

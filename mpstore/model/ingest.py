@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInput
-from ..store.objects import Blob, Shard, Tensor
-from .paths import check_relpath
-from .header import Header, read_header
 from ..store.chunks import ChunkSink
+from ..store.objects import Blob, Shard, Tensor
+from .header import Header, read_header
+from .paths import check_relpath
 
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"

@@ -11,8 +11,9 @@ import math
 import re
 from pathlib import Path
 
-from .diff import DiffResult
 from ..errors import MpError, WriteFailed
+from ..store.ids import short
+from .diff import DiffResult
 
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 OTHER_ROW = "non-layer"
@@ -68,7 +69,7 @@ def plot_diff(result: DiffResult, path: Path) -> None:
     ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_ylabel("layer")
-    ax.set_title(f"relative change ||B-A||/||A||: {result.a.hex()[:8]} -> {result.b.hex()[:8]}", fontsize=9)
+    ax.set_title(f"relative change ||B-A||/||A||: {short(result.a, 8)} -> {short(result.b, 8)}", fontsize=9)
     fig.colorbar(image, ax=ax, extend="min", label="rel. L2 change")
     ax.set_xlabel("white: unchanged, grey: no such tensor", fontsize=8)
     fig.tight_layout()

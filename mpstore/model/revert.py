@@ -8,11 +8,10 @@ shards keep their exact bytes.
 
 from __future__ import annotations
 
-
 from ..store.chunks import ChunkSink
-from ..store.objects import Shard, Snapshot, Tensor, encode, object_id
-from .header import build_header
 from ..store.env import Txn
+from ..store.objects import Shard, Snapshot
+from .header import build_header
 
 
 def _changed(old: dict[str, bytes], new: dict[str, bytes]) -> set[str]:
@@ -39,7 +38,7 @@ def revert(txn: Txn, sink: ChunkSink, parent: Snapshot, commit: Snapshot, head: 
         return head, [], conflicts, 0
     objects: list = []
     shards = []
-    placed = set()
+    placed: set[str] = set()
     for shard in head.shards:
         names = tuple(n for n in shard.tensors if n in tensors)
         placed.update(names)
@@ -54,10 +53,10 @@ def revert(txn: Txn, sink: ChunkSink, parent: Snapshot, commit: Snapshot, head: 
         if names != shard.tensors or any(tensors[n] != head.tensors.get(n) for n in names):
             entries = []
             for n in names:
-                t: Tensor = txn.object(tensors[n])
+                t = txn.tensor(tensors[n])
                 entries.append((n, t.dtype, t.shape, t.size))
             blob = sink.blob(build_header(entries, shard.metadata), "header")
             objects.append(blob)
-            header_id = object_id(encode(blob))
+            header_id = blob.id
         out_shards.append(Shard(shard.file, header_id, names, shard.metadata))
     return Snapshot(tensors, files, tuple(out_shards)), objects, [], reverted

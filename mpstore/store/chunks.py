@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import io
 import time
-from typing import BinaryIO
+from typing import Protocol
 
 from ..errors import BadInput
+from ..progress import Progress
+from .env import Store, Txn, framed, new_frame, payload
 from .ids import digest
 from .objects import Blob
-from ..progress import Progress
-from .env import CODEC_RAW, Store, Txn
 
 BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
 # A presence check maps the page cache folio around the chunk's first page: up to 2 MiB with
 # large folios, which is what it counts as touched.
 FOLIO_BYTES = 2 << 20
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 class ChunkSink:
@@ -37,40 +41,44 @@ class ChunkSink:
         self._pending_bytes = 0
         self._queued: set[bytes] = set()
 
-    def consume(self, f: BinaryIO, size: int, where: str) -> tuple[bytes, ...]:
+    def consume(self, f: Readable, size: int, where: str) -> tuple[bytes, ...]:
         """Read `size` bytes from `f` as chunks; return their digests in order."""
         digests: list[bytes] = []
-        buf = bytearray(1 + self.chunk_size)
+        frame = new_frame(self.chunk_size)
         remaining = size
         while remaining:
             n = min(self.chunk_size, remaining)
-            if len(buf) != 1 + n:
-                buf = bytearray(1 + n)
-            view = memoryview(buf)
-            if f.readinto(view[1:]) != n:
+            if len(payload(frame)) != n:
+                frame = new_frame(n)
+            if f.readinto(payload(frame)) != n:
                 raise BadInput(f"{where}: file ended early (changed while being added?)")
-            key, kept = self.offer(buf)
+            key, kept = self.offer(frame)
             digests.append(key)
             if kept:
-                buf = bytearray(1 + self.chunk_size)
+                frame = new_frame(self.chunk_size)
             remaining -= n
             self.progress.advance(n)
         return tuple(digests)
+
+    def data(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Bytes computed in memory (a merged tensor's output) as one chunk; returns its digest."""
+        key, _ = self.offer(framed(data))
+        return key
 
     def blob(self, data: bytes, where: str) -> Blob:
         """Bytes held in memory (a header, a rewritten config) as a blob."""
         return Blob(len(data), self.chunk_size, self.consume(io.BytesIO(data), len(data), where))
 
-    def offer(self, buf: bytearray) -> tuple[bytes, bool]:
-        """Take a chunk laid out as [codec byte][payload]; returns its digest and whether the
-        sink kept `buf` (then the caller must not reuse it)."""
-        key = digest(memoryview(buf)[1:])
+    def offer(self, frame: bytearray) -> tuple[bytes, bool]:
+        """Take a chunk as a store frame (see store.env.new_frame); returns its digest and whether
+        the sink kept `frame` (then the caller must not reuse it)."""
+        data = payload(frame)
+        key = digest(data)
         if self.dry or key in self._queued or self._stored(key):
             return key, False
-        buf[0] = CODEC_RAW
         self._queued.add(key)
-        self._pending.append((key, buf))
-        self._pending_bytes += len(buf) - 1
+        self._pending.append((key, frame))
+        self._pending_bytes += len(data)
         if self._pending_bytes >= BATCH_BYTES:
             self.flush()
         return key, True
@@ -87,7 +95,7 @@ class ChunkSink:
         pending = self._pending
 
         def put_all(txn: Txn) -> int:
-            return sum(len(value) - 1 for key, value in pending if txn.put_chunk(key, value))
+            return sum(len(payload(frame)) for key, frame in pending if txn.put_chunk(key, frame))
 
         began = time.perf_counter()
         self.new_bytes += self.store.write(put_all, reserve=self._pending_bytes)

@@ -7,6 +7,11 @@ move bytes only and must not pay for importing torch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only where a tensor is computed on
+    import torch
+
 ITEMSIZE: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -24,7 +29,7 @@ _TORCH_NAMES = {
 }
 
 
-def torch_dtype(name: str):  # -> torch.dtype, untyped to keep torch out of import time
+def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype that reads bytes of safetensors dtype `name`."""
     import torch
 

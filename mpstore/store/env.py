@@ -13,17 +13,19 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import lmdb
 import msgpack
 
 from ..errors import CorruptData, FormatMismatch, NotARepository, StoreBusy
 from .ids import digest
-from .objects import StoredObject, decode, encode, object_id
+from .objects import Blob, Commit, Plan, Snapshot, Stored, StoredObject, Tensor, decode
 
 FORMAT_VERSION = 1
 CODEC_RAW = 0
@@ -34,6 +36,56 @@ MADV_DONTNEED = 4
 RELEASE_EVERY = 64 << 20  # bytes of the map touched between releases of this process's mapping
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Stored)
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    """One move of a ref: from `old` to `new` (None: created / deleted), when, by which command."""
+
+    old: bytes | None
+    new: bytes | None
+    time: str
+    command: str
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"old": self.old, "new": self.new, "time": self.time, "command": self.command},
+                             use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> ReflogEntry:
+        d = msgpack.unpackb(data, raw=False)
+        return cls(d["old"], d["new"], d["time"], d["command"])
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"old": self.old.hex() if self.old else None, "new": self.new.hex() if self.new else None,
+                "time": self.time, "command": self.command}
+
+
+def new_frame(size: int) -> bytearray:
+    """A buffer for a chunk of `size` bytes as the store keeps it (codec byte, then the bytes), so
+    a chunk is copied once into its final layout; fill `payload(frame)`."""
+    return bytearray(1 + size)
+
+
+def payload(frame: bytearray | memoryview) -> memoryview:
+    """The chunk bytes of a frame (see new_frame)."""
+    return memoryview(frame)[1:]
+
+
+def framed(data: bytes | bytearray | memoryview) -> bytearray:
+    """A frame holding `data` (bytes computed in memory, e.g. a merged tensor's output)."""
+    frame = new_frame(len(data))
+    frame[1:] = data
+    return frame
+
+
+def stored_payload(key: bytes, value: memoryview) -> memoryview:
+    """A stored chunk value's bytes, or CorruptData when its codec is unknown. The codec byte
+    leaves room for other encodings; today every chunk is raw."""
+    if len(value) == 0 or value[0] != CODEC_RAW:
+        raise CorruptData(f"chunk {key.hex()} has unknown codec {value[0] if len(value) else None}")
+    return value[1:]
 
 
 class Txn:
@@ -46,96 +98,137 @@ class Txn:
         self._s = store
         self._t = txn
 
+    def _db(self, name: bytes) -> lmdb._Database:
+        return self._s.db[name]
+
     # chunks -------------------------------------------------------------------------------
     def has_chunk(self, key: bytes) -> bool:
-        return self._t.get(key, db=self._s.db[b"chunks"], default=None) is not None
+        return self._t.get(key, db=self._db(b"chunks"), default=None) is not None
 
-    def put_chunk(self, key: bytes, value: bytes | bytearray | memoryview) -> bool:
-        """Store a codec-prefixed chunk value; False (and nothing written) if already present."""
-        return self._t.put(key, value, db=self._s.db[b"chunks"], overwrite=False)
+    def put_chunk(self, key: bytes, frame: bytearray) -> bool:
+        """Store a chunk given as a frame (see new_frame); False (nothing written) if present."""
+        frame[0] = CODEC_RAW
+        return bool(self._t.put(key, frame, db=self._db(b"chunks"), overwrite=False))
 
-    def chunk(self, key: bytes, verify: bool = True) -> memoryview:
+    def chunk(self, key: bytes) -> memoryview:
         """The chunk's bytes (a view into the map, valid for this transaction), hash-checked."""
-        value = self._t.get(key, db=self._s.db[b"chunks"], default=None)
+        value = self._t.get(key, db=self._db(b"chunks"), default=None)
         if value is None:
             raise CorruptData(f"chunk {key.hex()} is missing")
-        view = memoryview(value)
-        if view[0] != CODEC_RAW:
-            raise CorruptData(f"chunk {key.hex()} has unknown codec {view[0]}")
-        payload = view[1:]
-        if verify and digest(payload) != key:
+        data = stored_payload(key, memoryview(value))
+        if digest(data) != key:
             raise CorruptData(f"chunk {key.hex()} does not match its digest")
-        return payload
+        return data
 
-    # catalog ------------------------------------------------------------------------------
+    def chunks(self) -> Iterator[tuple[bytes, memoryview]]:
+        """(digest, stored value) of every chunk, in key order; `stored_payload` reads a value."""
+        return self._items(b"chunks")
+
+    # catalog (derived statistics of chunk pairs; see store.derived) -------------------------
     def catalog(self, key: bytes) -> memoryview | None:
-        value = self._t.get(key, db=self._s.db[b"catalog"], default=None)
+        value = self._t.get(key, db=self._db(b"catalog"), default=None)
         return None if value is None else memoryview(value)
 
     def put_catalog(self, key: bytes, value: bytes) -> bool:
-        return self._t.put(key, value, db=self._s.db[b"catalog"])
+        return bool(self._t.put(key, value, db=self._db(b"catalog")))
+
+    def catalog_entries(self) -> Iterator[tuple[bytes, memoryview]]:
+        return self._items(b"catalog")
 
     # objects ------------------------------------------------------------------------------
     def put_object(self, obj: StoredObject) -> bytes:
-        data = encode(obj)
-        oid = object_id(data)
-        self._t.put(oid, data, db=self._s.db[b"objects"], overwrite=False)
-        return oid
+        self._t.put(obj.id, obj.encoded, db=self._db(b"objects"), overwrite=False)
+        return obj.id
 
     def has_object(self, oid: bytes) -> bool:
-        return self._t.get(oid, db=self._s.db[b"objects"], default=None) is not None
+        return self._t.get(oid, db=self._db(b"objects"), default=None) is not None
 
     def object(self, oid: bytes) -> StoredObject:
-        data = self._t.get(oid, db=self._s.db[b"objects"], default=None)
+        """An object of any kind; the typed accessors below say which kind the caller expects."""
+        data = self._t.get(oid, db=self._db(b"objects"), default=None)
         if data is None:
             raise CorruptData(f"object {oid.hex()} is missing")
         return decode(data, oid)
 
+    def object_of(self, oid: bytes, kind: type[K]) -> K:
+        """The object `oid`, which must be of `kind` (else CorruptData naming both)."""
+        obj = self.object(oid)
+        if not isinstance(obj, kind):
+            raise CorruptData(f"object {oid.hex()} is a {obj.TYPE}, not a {kind.TYPE}")
+        return obj
+
+    def commit(self, oid: bytes) -> Commit:
+        return self.object_of(oid, Commit)
+
+    def snapshot(self, oid: bytes) -> Snapshot:
+        return self.object_of(oid, Snapshot)
+
+    def tensor(self, oid: bytes) -> Tensor:
+        return self.object_of(oid, Tensor)
+
+    def blob(self, oid: bytes) -> Blob:
+        return self.object_of(oid, Blob)
+
+    def plan(self, oid: bytes) -> Plan:
+        return self.object_of(oid, Plan)
+
+    def snapshot_of(self, commit_id: bytes) -> Snapshot:
+        """The snapshot a commit records."""
+        return self.snapshot(self.commit(commit_id).snapshot)
+
+    def objects(self) -> Iterator[tuple[bytes, memoryview]]:
+        """(id, stored encoding) of every object, in key order."""
+        return self._items(b"objects")
+
     def object_ids_from(self, start: bytes) -> Iterator[bytes]:
         """Object ids in key order from `start` on (for prefix lookups)."""
-        cur = self._t.cursor(db=self._s.db[b"objects"])
+        cur = self._t.cursor(db=self._db(b"objects"))
         if cur.set_range(start):
             yield from map(bytes, cur.iternext(keys=True, values=False))
 
     # whole-store iteration and deletion (fsck, gc, status) ---------------------------------
-    def iter_db(self, db: bytes):
-        """(key, value view) of every entry of a database, in key order."""
-        cur = self._t.cursor(db=self._s.db[db])
+    def _items(self, db: bytes) -> Iterator[tuple[bytes, memoryview]]:
+        cur = self._t.cursor(db=self._db(db))
         for k, v in cur.iternext():
-            yield bytes(k), v
+            yield bytes(k), memoryview(v)
 
     def delete(self, db: bytes, key: bytes) -> bool:
-        return self._t.delete(key, db=self._s.db[db])
+        return bool(self._t.delete(key, db=self._db(db)))
 
     def entries(self, db: bytes) -> int:
-        return self._t.stat(self._s.db[db])["entries"]
+        return int(self._t.stat(self._db(db))["entries"])
 
     # refs and meta ------------------------------------------------------------------------
     def ref(self, name: str) -> bytes | None:
-        value = self._t.get(name.encode(), db=self._s.db[b"refs"], default=None)
+        value = self._t.get(name.encode(), db=self._db(b"refs"), default=None)
         return None if value is None else bytes(value)
 
-    def set_ref(self, name: str, oid: bytes, command: str, when: str) -> None:
-        """Move a ref and append the move to its reflog (old id, new id, time, command)."""
-        old = self.ref(name)
-        self._t.put(name.encode(), oid, db=self._s.db[b"refs"])
-        self._append_reflog(name, old, oid, command, when)
+    def set_ref_if_equals(self, name: str, old: bytes | None, new: bytes | None, command: str,
+                          when: str) -> bool:
+        """Point ref `name` at `new` (None: delete it) only if it points at `old` now (None: it
+        does not exist); the move is appended to its reflog. False, and nothing written, if the
+        ref is elsewhere: every ref update is this compare-and-set, so no caller can lose a move
+        another process made between its read and its write."""
+        if self.ref(name) != old:
+            return False
+        if new is None:
+            self._t.delete(name.encode(), db=self._db(b"refs"))
+        else:
+            self._t.put(name.encode(), new, db=self._db(b"refs"))
+        self._append_reflog(name, ReflogEntry(old, new, when, command))
+        return True
 
-    def delete_ref(self, name: str, command: str, when: str) -> None:
-        """Remove a ref; its reflog keeps the removal (new id is nil), so gc still honours it."""
-        old = self.ref(name)
-        self._t.delete(name.encode(), db=self._s.db[b"refs"])
-        self._append_reflog(name, old, None, command, when)
+    def add_ref_if_new(self, name: str, new: bytes, command: str, when: str) -> bool:
+        return self.set_ref_if_equals(name, None, new, command, when)
 
-    def _append_reflog(self, name: str, old: bytes | None, new: bytes | None, command: str, when: str) -> None:
+    def _append_reflog(self, name: str, entry: ReflogEntry) -> None:
         prefix = name.encode() + b"\0"
         last = self._last_reflog_key(prefix)
         seq = 0 if last is None else int.from_bytes(last[len(prefix):], "big") + 1
-        entry = msgpack.packb({"old": old, "new": new, "time": when, "command": command}, use_bin_type=True)
-        self._t.put(prefix + seq.to_bytes(8, "big"), entry, db=self._s.db[b"reflog"])
+        self._t.put(prefix + seq.to_bytes(8, "big"), entry.encode(), db=self._db(b"reflog"))
 
     def _last_reflog_key(self, prefix: bytes) -> bytes | None:
-        cur = self._t.cursor(db=self._s.db[b"reflog"])
+        cur = self._t.cursor(db=self._db(b"reflog"))
         if not cur.set_range(prefix + b"\xff" * 8):
             if not cur.last():
                 return None
@@ -144,20 +237,25 @@ class Txn:
         key = bytes(cur.key())
         return key if key.startswith(prefix) and len(key) == len(prefix) + 8 else None
 
-    def reflog(self, name: str) -> list[dict]:
+    def reflog(self, name: str) -> list[ReflogEntry]:
         """Every move of ref `name`, oldest first."""
         prefix = name.encode() + b"\0"
-        cur = self._t.cursor(db=self._s.db[b"reflog"])
+        cur = self._t.cursor(db=self._db(b"reflog"))
         out = []
         if cur.set_range(prefix):
             for k, v in cur.iternext():
                 if not bytes(k).startswith(prefix):
                     break
-                out.append(msgpack.unpackb(v, raw=False))
+                out.append(ReflogEntry.decode(v))
         return out
 
+    def reflog_entries(self) -> Iterator[tuple[bytes, ReflogEntry]]:
+        """(key, entry) of every reflog entry of every ref (for gc's expiry)."""
+        for key, value in self._items(b"reflog"):
+            yield key, ReflogEntry.decode(value)
+
     def refs(self, prefix: str = "") -> dict[str, bytes]:
-        cur = self._t.cursor(db=self._s.db[b"refs"])
+        cur = self._t.cursor(db=self._db(b"refs"))
         p = prefix.encode()
         out: dict[str, bytes] = {}
         if cur.set_range(p):
@@ -169,23 +267,23 @@ class Txn:
         return out
 
     def meta(self, key: str) -> str | None:
-        value = self._t.get(key.encode(), db=self._s.db[b"meta"], default=None)
+        value = self._t.get(key.encode(), db=self._db(b"meta"), default=None)
         return None if value is None else bytes(value).decode()
 
     def set_meta(self, key: str, value: str) -> None:
-        self._t.put(key.encode(), value.encode(), db=self._s.db[b"meta"])
+        self._t.put(key.encode(), value.encode(), db=self._db(b"meta"))
 
     def delete_meta(self, key: str) -> None:
-        self._t.delete(key.encode(), db=self._s.db[b"meta"])
+        self._t.delete(key.encode(), db=self._db(b"meta"))
 
 
 class Store:
     """An open LMDB environment; `read()` and `write()` are the only ways in."""
 
-    def __init__(self, path: Path, env: lmdb.Environment, open_lock):
+    def __init__(self, path: Path, env: lmdb.Environment, open_lock: BinaryIO):
         self.path = path
         self.env = env
-        self._open_lock = open_lock  # held shared for as long as the store is open
+        self._open_lock: BinaryIO | None = open_lock  # held shared for as long as the store is open
         self._touched = 0
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
@@ -255,16 +353,45 @@ class Store:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """This process alone has the store open (every open holds a shared lock), or MpError."""
+        lock = self._open_lock
+        if lock is None:
+            raise StoreBusy(f"{self.path}: the repository is closed")
         try:
-            fcntl.flock(self._open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreBusy(f"{self.path}: another process has the repository open; try again") from None
         try:
             yield
         finally:
-            fcntl.flock(self._open_lock, fcntl.LOCK_SH)
+            fcntl.flock(lock, fcntl.LOCK_SH)
 
-    def reopen(self, swap: Callable[[], None]) -> None:
+    def used_bytes(self) -> int:
+        """Bytes of the data file's pages in use (the high-water mark of allocated pages)."""
+        info = self.env.info()
+        return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
+
+    def file_bytes(self) -> int:
+        """Bytes the data file really occupies on disk (it is sparse: see _open_env)."""
+        return os.stat(self.path / "data.mdb").st_blocks * 512
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the data file without free pages; (allocated bytes before, after). Needs the
+        store to itself, and is safe at any instant: the copy is complete and synced before it is
+        renamed over the data file, and a copy left by a killed compaction is removed first."""
+        data = self.path / "data.mdb"
+        before = self.file_bytes()
+        with self.exclusive():
+            tmp = self.path / "compact.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            self.env.copy(str(tmp), compact=True)
+            _fsync(tmp / "data.mdb")
+            self._reopen(lambda: os.replace(tmp / "data.mdb", data))
+            shutil.rmtree(tmp, ignore_errors=True)
+            _fsync(self.path)
+        return before, self.file_bytes()
+
+    def _reopen(self, swap: Callable[[], None]) -> None:
         """Close the environment, run `swap` (which replaces the data file), open it again."""
         size = self.env.info()["map_size"]
         self.env.close()
@@ -347,7 +474,15 @@ class Store:
         self.env.set_mapsize(size)
 
 
-def _lock_open(path: Path):
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_open(path: Path) -> BinaryIO:
     """Take the shared open lock (see Store.exclusive); waits while a compaction runs."""
     lock = open(path / "open.lock", "a+b")
     fcntl.flock(lock, fcntl.LOCK_SH)

@@ -9,22 +9,43 @@ chunk is reported with a tensor or file that uses it, so the user knows which mo
 
 from __future__ import annotations
 
-from ..merge import catalog
-from .ids import digest
-from .objects import Commit, decode
+from dataclasses import dataclass, field
+
 from ..errors import CorruptData
+from .derived import CatalogRules
+from .env import Store, stored_payload
+from .ids import digest
+from .objects import decode
 from .reach import walk
-from .env import CODEC_RAW, Store
 
 
+@dataclass
+class FsckResult:
+    """Every problem found, one line each, and counts of what was checked."""
 
-def fsck(store: Store) -> tuple[list[str], dict]:
-    """(problems, counts of what was checked)."""
-    problems: list[str] = []
-    counts = {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0, "catalog": 0}
+    problems: list[str] = field(default_factory=list)
+    objects: int = 0
+    chunks: int = 0
+    refs: int = 0
+    chunk_bytes: int = 0
+    catalog: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "problems": self.problems,
+                "checked": {"objects": self.objects, "chunks": self.chunks, "refs": self.refs,
+                            "chunk_bytes": self.chunk_bytes, "catalog": self.catalog}}
+
+
+def fsck(store: Store, rules: CatalogRules) -> FsckResult:
+    out = FsckResult()
+    problems = out.problems
     with store.read() as txn:
-        for oid, data in txn.iter_db(b"objects"):
-            counts["objects"] += 1
+        for oid, data in txn.objects():
+            out.objects += 1
             if digest(data) != oid:
                 problems.append(f"object {oid.hex()}: bytes do not hash to its id")
                 continue
@@ -34,41 +55,39 @@ def fsck(store: Store) -> tuple[list[str], dict]:
                 problems.append(str(e))
         roots = []
         for name, cid in txn.refs().items():
-            counts["refs"] += 1
+            out.refs += 1
             try:
-                obj = txn.object(cid)
+                txn.commit(cid)
             except CorruptData as e:
                 problems.append(f"ref {name}: {e}")
-                continue
-            if not isinstance(obj, Commit):
-                problems.append(f"ref {name}: {cid.hex()} is not a commit")
                 continue
             roots.append((f"ref {name}", cid))
         reach = walk(txn, roots, name_users=True)
         problems.extend(reach.problems)
         stored: set[bytes] = set()
-        for key, value in txn.iter_db(b"chunks"):
-            counts["chunks"] += 1
-            counts["chunk_bytes"] += len(value) - 1
+        for key, value in txn.chunks():
+            out.chunks += 1
+            out.chunk_bytes += max(0, len(value) - 1)
             stored.add(key)
-            view = memoryview(value)
             user = reach.users.get(key)
             where = f" (used by {user})" if user else ""
-            if len(view) == 0 or view[0] != CODEC_RAW:
+            try:
+                data = stored_payload(key, value)
+            except CorruptData:
                 problems.append(f"chunk {key.hex()}: unknown codec{where}")
-            elif digest(view[1:]) != key:
+                continue
+            if digest(data) != key:
                 problems.append(f"chunk {key.hex()}: bytes do not match its digest{where}")
-            elif key in reach.sizes and reach.sizes[key] != len(view) - 1:
-                problems.append(f"chunk {key.hex()}: {len(view) - 1} bytes, expected "
-                                f"{reach.sizes[key]}{where}")
-            store.touched(len(view))
+            elif key in reach.sizes and reach.sizes[key] != len(data):
+                problems.append(f"chunk {key.hex()}: {len(data)} bytes, expected {reach.sizes[key]}{where}")
+            store.touched(len(value))
         for key in sorted(reach.chunks - stored):
             problems.append(f"chunk {key.hex()} is missing (used by {reach.users.get(key, '?')})")
-        for key, value in txn.iter_db(b"catalog"):
-            counts["catalog"] += 1
-            problem = catalog.verify(txn, key, value)
+        for key, value in txn.catalog_entries():
+            out.catalog += 1
+            problem = rules.verify(txn, key, value)
             if problem:
                 problems.append(problem)
             store.touched(2 << 20)
     store.release_pages()
-    return problems, counts
+    return out

@@ -2,105 +2,108 @@
 
 Marking walks from the refs and from every reflog entry younger than the expiry (as git keeps
 what its reflogs name), then unreachable objects, chunks, expired reflog entries and catalog
-entries whose chunks are gone (or whose layout is outdated) are deleted in one transaction, which first checks that no ref moved
-since the marking (else it marks again). The whole collection runs
-under the store's exclusive gc lock, which commands that write chunks hold shared while they
+entries whose chunks are gone (or whose layout is outdated) are deleted in one transaction,
+which first checks that no ref moved since the marking (else it marks again). The whole
+collection runs under the store's exclusive gc lock, which commands that write chunks hold shared while they
 work, so a commit in progress never loses its chunks. Readers are never disturbed: LMDB keeps
 every page a live read transaction can see.
 
-`compact` rewrites the data file with only live pages and renames it into place, which needs the
-store to itself (no other process may have it open) and is safe at any instant: until the rename
-the old file is untouched, after it the new one is complete.
+Giving the freed pages back to the disk is `Store.compact` (`mp gc --compact`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
-import msgpack
-
-from ..merge import catalog
 from ..errors import MpError, StoreBusy
-from .reach import walk
+from .derived import CatalogRules, catalog_chunks
 from .env import Store, Txn
+from .objects import timestamp
+from .reach import walk
 
 MAX_ATTEMPTS = 5
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass
 class Garbage:
+    """What a collection deletes (or, from `reclaimable`, would delete)."""
+
     objects: int = 0
     chunks: int = 0
     chunk_bytes: int = 0
     reflog_entries: int = 0
     catalog_entries: int = 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, int]:
         return asdict(self)
 
 
+@dataclass
+class _Dead:
+    objects: list[bytes] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    reflog: list[bytes] = field(default_factory=list)
+    catalog: list[bytes] = field(default_factory=list)
+
+    def by_database(self) -> dict[bytes, list[bytes]]:
+        return {b"objects": self.objects, b"chunks": self.chunks, b"reflog": self.reflog, b"catalog": self.catalog}
+
+
 def _cutoff(expire: timedelta) -> str:
-    return (datetime.now(timezone.utc) - expire).strftime(TIME_FORMAT)
+    return timestamp(datetime.now(timezone.utc) - expire)
 
 
-def _find(txn: Txn, cutoff: str) -> tuple[Garbage, dict[bytes, list[bytes]]]:
+def _find(txn: Txn, cutoff: str, rules: CatalogRules) -> tuple[Garbage, _Dead]:
     roots = [(f"ref {n}", cid) for n, cid in txn.refs().items()]
-    expired: list[bytes] = []
-    for key, value in txn.iter_db(b"reflog"):
-        entry = msgpack.unpackb(value, raw=False)
-        if entry["time"] <= cutoff:
-            expired.append(key)
+    dead = _Dead()
+    for key, entry in txn.reflog_entries():
+        if entry.time <= cutoff:
+            dead.reflog.append(key)
             continue
-        roots += [("reflog", x) for x in (entry["old"], entry["new"]) if x]
+        roots += [("reflog", x) for x in (entry.old, entry.new) if x]
     reach = walk(txn, roots)
-    found = Garbage(reflog_entries=len(expired))
-    dead: dict[bytes, list[bytes]] = {b"objects": [], b"chunks": [], b"reflog": expired, b"catalog": []}
-    for oid, _ in txn.iter_db(b"objects"):
-        if oid not in reach.objects:
-            dead[b"objects"].append(oid)
-    for key, value in txn.iter_db(b"chunks"):
+    found = Garbage(reflog_entries=len(dead.reflog))
+    dead.objects = [oid for oid, _ in txn.objects() if oid not in reach.objects]
+    for key, value in txn.chunks():
         if key not in reach.chunks:
-            dead[b"chunks"].append(key)
-            found.chunk_bytes += len(value) - 1
-    for key, value in txn.iter_db(b"catalog"):  # keyed by (expert chunk, base chunk, dtype)
-        if key[:16] not in reach.chunks or key[16:32] not in reach.chunks or not catalog.current(key, value):
-            dead[b"catalog"].append(key)
-    found.objects, found.chunks = len(dead[b"objects"]), len(dead[b"chunks"])
-    found.catalog_entries = len(dead[b"catalog"])
+            dead.chunks.append(key)
+            found.chunk_bytes += len(value) - 1 if len(value) else 0
+    for key, value in txn.catalog_entries():
+        expert, base = catalog_chunks(key)
+        if expert not in reach.chunks or base not in reach.chunks or not rules.current(key, value):
+            dead.catalog.append(key)
+    found.objects, found.chunks, found.catalog_entries = len(dead.objects), len(dead.chunks), len(dead.catalog)
     return found, dead
 
 
-def reclaimable(store: Store, expire: timedelta) -> Garbage:
+def reclaimable(store: Store, expire: timedelta, rules: CatalogRules) -> Garbage:
     """What gc would free now, without freeing it."""
     with store.read() as txn:
-        found, _ = _find(txn, _cutoff(expire))
+        found, _ = _find(txn, _cutoff(expire), rules)
     store.release_pages()
     return found
 
 
-def _roots(txn: Txn) -> tuple:
+def _roots(txn: Txn) -> tuple[tuple[tuple[str, bytes], ...], int]:
     """What marking depended on: any ref move since changes it (and adds a reflog entry)."""
     return tuple(sorted(txn.refs().items())), txn.entries(b"reflog")
 
 
-def collect(store: Store, expire: timedelta) -> Garbage:
+def collect(store: Store, expire: timedelta, rules: CatalogRules) -> Garbage:
     """Mark in a read transaction, then sweep everything in one write transaction that first
     checks no ref moved meanwhile (else mark again): a ref made to point at a commit during
     the collection either keeps it whole or finds it gone, never half deleted."""
     with store.collecting():
         for _ in range(MAX_ATTEMPTS):
             with store.read() as txn:
-                found, dead = _find(txn, _cutoff(expire))
+                found, dead = _find(txn, _cutoff(expire), rules)
                 marked = _roots(txn)
 
-            def sweep(t: Txn) -> bool:
+            def sweep(t: Txn, dead: _Dead = dead, marked: tuple = marked) -> bool:
                 if _roots(t) != marked:
                     return False
-                for db, keys in dead.items():
+                for db, keys in dead.by_database().items():
                     for k in keys:
                         t.delete(db, k)
                 return True
@@ -112,30 +115,6 @@ def collect(store: Store, expire: timedelta) -> Garbage:
         store.sync()
     store.release_pages()
     return found
-
-
-def compact(store: Store) -> tuple[int, int]:
-    """Rewrite the data file without free pages; (allocated bytes before, after)."""
-    data = store.path / "data.mdb"
-    before = os.stat(data).st_blocks * 512
-    with store.exclusive():
-        tmp = store.path / "compact.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a compaction that was killed
-        tmp.mkdir()
-        store.env.copy(str(tmp), compact=True)
-        fd = os.open(tmp / "data.mdb", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        store.reopen(lambda: os.replace(tmp / "data.mdb", data))
-        shutil.rmtree(tmp, ignore_errors=True)
-        dfd = os.open(store.path, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return before, os.stat(data).st_blocks * 512
 
 
 def parse_expire(text: str) -> timedelta:

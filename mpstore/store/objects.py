@@ -7,17 +7,46 @@ Objects are immutable: a change is a new object with a new id.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any, ClassVar
 
 import msgpack
 
 from ..errors import CorruptData
 from .ids import digest
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # commit and reflog times: UTC, sortable as text
+
+
+def timestamp(when: datetime | None = None) -> str:
+    """A commit or reflog time; gc compares these strings, so every writer uses this one."""
+    return (when or datetime.now(timezone.utc)).strftime(TIME_FORMAT)
+
+
+class Stored:
+    """What every object kind shares: canonical bytes and the id they hash to, computed once
+    (an object is immutable, and ids are asked for again and again while a commit is built)."""
+
+    TYPE: ClassVar[str]
+
+    def fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @cached_property
+    def encoded(self) -> bytes:
+        """The canonical bytes: msgpack of `type` then the fields in their fixed order."""
+        return msgpack.packb({"type": self.TYPE, **self.fields()}, use_bin_type=True)
+
+    @cached_property
+    def id(self) -> bytes:
+        return digest(self.encoded)
+
 
 @dataclass(frozen=True)
-class Chunked:
+class Chunked(Stored):
     """Bytes cut into `chunk_size` pieces, each stored under its digest (a blob or a tensor)."""
 
     size: int
@@ -30,6 +59,10 @@ class Chunked:
             (i * self.chunk_size, min((i + 1) * self.chunk_size, self.size))
             for i in range(len(self.chunks))
         ]
+
+    def chunk_len(self, c: int) -> int:
+        """Bytes of chunk c (the last one may be short)."""
+        return min(self.chunk_size, self.size - c * self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -91,7 +124,7 @@ class Shard:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(Stored):
     """A whole model folder: tensors by name, other files by path, and the shard layout."""
 
     TYPE: ClassVar[str] = "snapshot"
@@ -112,7 +145,7 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class Commit:
+class Commit(Stored):
     """A snapshot in history: who made it, when, from what, and (for merges) by which plan."""
 
     TYPE: ClassVar[str] = "commit"
@@ -148,7 +181,7 @@ class Commit:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(Stored):
     """Everything a merge needs to be executed again bit for bit, and nothing else."""
 
     TYPE: ClassVar[str] = "plan"
@@ -169,8 +202,9 @@ class Plan:
     estimate: dict | None = None  # the planner's prediction: bytes by source, error bound, time
 
     def fields(self) -> dict:
-        optional = {k: v for k, v in (("omit", None if self.omit is None else dict(sorted(self.omit.items()))), ("budget", self.budget),
-                                      ("estimate", self.estimate)) if v is not None}
+        omit = None if self.omit is None else dict(sorted(self.omit.items()))
+        optional = {k: v for k, v in (("omit", omit), ("budget", self.budget), ("estimate", self.estimate))
+                    if v is not None}
         return {
             "method": self.method,
             "base": self.base,
@@ -185,6 +219,16 @@ class Plan:
             **optional,  # absent when unset, so plans that predate them keep their ids
         }
 
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON: ids in hex, omission bitmaps as the omitted chunk numbers."""
+        out = self.fields()
+        out["base"] = self.base.hex() if self.base else None
+        out["models"] = [m.hex() for m in self.models]
+        if self.omit:
+            out["omit"] = {name: [None if bits is None else sorted(bitmap_members(bits)) for bits in per_input]
+                           for name, per_input in out["omit"].items()}
+        return out
+
     @classmethod
     def from_fields(cls, d: dict) -> Plan:
         return cls(
@@ -194,17 +238,20 @@ class Plan:
         )
 
 
+def bitmap(members: Iterable[int], n: int) -> bytes:
+    """A plan's omission bitmap: bit c (byte c // 8, bit c % 8) set for each member c < n."""
+    out = bytearray((n + 7) // 8)
+    for c in members:
+        out[c >> 3] |= 1 << (c & 7)
+    return bytes(out)
+
+
+def bitmap_members(bits: bytes) -> frozenset[int]:
+    return frozenset(c for c in range(len(bits) * 8) if bits[c >> 3] >> (c & 7) & 1)
+
+
 KINDS = {k.TYPE: k for k in (Blob, Tensor, Snapshot, Commit, Plan)}
 StoredObject = Blob | Tensor | Snapshot | Commit | Plan
-
-
-def encode(obj: StoredObject) -> bytes:
-    """The canonical bytes of `obj`: its id is `digest(encode(obj))`."""
-    return msgpack.packb({"type": obj.TYPE, **obj.fields()}, use_bin_type=True)
-
-
-def object_id(encoded: bytes) -> bytes:
-    return digest(encoded)
 
 
 def decode(data: bytes | memoryview, oid: bytes | None = None) -> StoredObject:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from .dtypes import ITEMSIZE
 from ..errors import CorruptData
-from .objects import Blob, Chunked, Commit, Plan, Snapshot, Tensor
+from .dtypes import ITEMSIZE
 from .env import Txn
+from .ids import short
+from .objects import Blob, Chunked, Commit, Plan, Snapshot, Stored, Tensor
+
+K = TypeVar("K", bound=Stored)
 
 
 @dataclass
@@ -41,7 +45,7 @@ def walk(txn: Txn, roots: Iterable[tuple[str, bytes]], name_users: bool = False)
         if commit is None:
             continue
         out.objects.add(cid)
-        where = f"commit {cid.hex()[:12]} ({commit.message})"
+        where = f"commit {short(cid)} ({commit.message})"
         for p in commit.parents:
             todo.append((f"parent of {where}", p))
         if commit.base:
@@ -55,7 +59,8 @@ def walk(txn: Txn, roots: Iterable[tuple[str, bytes]], name_users: bool = False)
         if snap is None:
             continue
         out.objects.add(commit.snapshot)
-        parts = [(f"tensor {n!r} of {where}", tid, Tensor) for n, tid in snap.tensors.items()]
+        parts: list[tuple[str, bytes, type[Tensor] | type[Blob]]] = [
+            (f"tensor {n!r} of {where}", tid, Tensor) for n, tid in snap.tensors.items()]
         parts += [(f"file {f!r} of {where}", bid, Blob) for f, bid in snap.files.items()]
         parts += [(f"header of {s.file!r} of {where}", s.header, Blob) for s in snap.shards]
         for what, oid, kind in parts:
@@ -74,16 +79,12 @@ def walk(txn: Txn, roots: Iterable[tuple[str, bytes]], name_users: bool = False)
     return out
 
 
-def _get(txn: Txn, oid: bytes, kind: type, what: str, out: Reach):
+def _get(txn: Txn, oid: bytes, kind: type[K], what: str, out: Reach) -> K | None:
     try:
-        obj = txn.object(oid)
+        return txn.object_of(oid, kind)
     except CorruptData as e:
         out.problems.append(f"{what}: {e}")
         return None
-    if not isinstance(obj, kind):
-        out.problems.append(f"{what}: object {oid.hex()} is a {type(obj).__name__.lower()}, not a {kind.__name__.lower()}")
-        return None
-    return obj
 
 
 def _check_cover(obj: Chunked, what: str, out: Reach) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 
 from ..errors import AmbiguousRef, BadRefName, UnknownRef
-from .objects import Commit
 from .env import Txn
+from .ids import short
+from .objects import Commit
 
 BRANCH_PREFIX = "heads/"
 TAG_PREFIX = "tags/"
@@ -54,10 +55,10 @@ def _commit_by_prefix(txn: Txn, prefix: str) -> bytes | None:
     for oid in txn.object_ids_from(start):
         if not oid.hex().startswith(prefix):
             break
-        if isinstance(txn.object(oid), Commit):
+        if isinstance(txn.object(oid), Commit):  # ids of other kinds share the key space
             found.append(oid)
     if len(found) > 1:
-        listed = ", ".join(f.hex()[:12] for f in found[:5])
+        listed = ", ".join(short(f) for f in found[:5])
         raise AmbiguousRef(f"id prefix {prefix!r} is ambiguous: matches commits {listed}")
     return found[0] if found else None
 
@@ -81,8 +82,8 @@ def resolve(txn: Txn, spec: str) -> bytes:
     oid = _resolve_plain(txn, base)
     for step in steps.split("~")[1:]:
         for _ in range(int(step) if step else 1):
-            commit = txn.object(oid)
+            commit = txn.commit(oid)
             if not commit.parents:
-                raise UnknownRef(f"unknown ref {spec!r}: {oid.hex()[:12]} has no parent")
+                raise UnknownRef(f"unknown ref {spec!r}: {short(oid)} has no parent")
             oid = commit.parents[0]
     return oid

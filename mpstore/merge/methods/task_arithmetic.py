@@ -1,0 +1,122 @@
+"""The task-arithmetic family: base + lambda * a weighted mix of (sparsified) deltas.
+
+task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della and
+della_linear differ in two choices only, as in MergeKit's generalized task arithmetic: which
+sparsifier keeps which entries of each delta (methods/sparsify.py), and whether the mix is a plain
+weighted sum or a sign consensus (TIES: per element, only the deltas agreeing with the sign of
+the weighted sum count, normalised by their weights). Parameter names and defaults are MergeKit's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import BadMerge
+from .base import Block, MergeMethod, ParamDef, Params, Pass, TensorContext
+from .radix import RADIX
+from .sparsify import CRUMBS, DARE, DELLA, TOPK, Sparsifier, rescale_pass, sparsified
+
+WEIGHT = ParamDef("weight", None, float)
+DENSITY = ParamDef("density", 1.0, float)
+GAMMA = ParamDef("gamma", 0.01, float)
+EPSILON = ParamDef("epsilon", 0.15, float)
+LAMBDA = ParamDef("lambda", 1.0)
+
+
+def _plain_mix(weighted: torch.Tensor, weight_sum: float) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Sum of the weighted deltas, and the divisor `normalize` uses: every input's weight (present
+    in the block or not), as MergeKit, or 1 when they cancel."""
+    total = torch.tensor(weight_sum, dtype=weighted.dtype)
+    return weighted.sum(dim=0), 1.0 if abs(float(total)) < 1e-8 else total
+
+
+def _consensus_mix(weighted: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election: per element, the sign of the weighted sum wins and only the deltas of
+    that sign are summed; the divisor is the weight of those deltas (1 where there are none)."""
+    positive = weighted.sum(dim=0) >= 0
+    agree = torch.where(positive, weighted > 0, weighted < 0)
+    mixed = torch.where(agree, weighted, 0).sum(dim=0)
+    divisor = (agree.to(w.dtype) * w).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
+
+
+def check_density(p: list[Params], g: Params, name: str, numel: int) -> None:
+    for i, q in enumerate(p):
+        if not 0 < q.get("density", 1) <= 1:
+            raise BadMerge(f"density {q['density']} of model {i + 1} on {name} is outside (0, 1]")
+        if "gamma" in q and not 0 <= q["gamma"] < 1:
+            raise BadMerge(f"gamma {q['gamma']} of model {i + 1} on {name} is outside [0, 1)")
+        if "epsilon" in q and q["density"] < 1:
+            lo, hi = q["density"] - q["epsilon"], q["density"] + q["epsilon"]
+            if q["epsilon"] < 0 or lo <= 0 or hi >= 1:
+                raise BadMerge(
+                    f"epsilon {q['epsilon']} of model {i + 1} on {name}: density +/- epsilon "
+                    f"must lie inside (0, 1), got ({lo:g}, {hi:g})"
+                )
+
+
+class TaskArithmetic(MergeMethod):
+    """One member of the family: a sparsifier (or none) and a mix (plain or consensus)."""
+
+    base = "required"
+    sparse_inputs = True
+
+    def __init__(self, name: str, sparsifier: Sparsifier | None, consensus: bool, normalize: bool,
+                 rescale: bool, extra: tuple[ParamDef, ...] = ()):
+        self.name = name
+        self.sparsifier = sparsifier
+        self.consensus = consensus
+        self.model_params = (WEIGHT, DENSITY, *extra)
+        self.global_params = (ParamDef("normalize", normalize, bool), ParamDef("rescale", rescale, bool),
+                              LAMBDA, ParamDef("int8_mask", False, bool))
+        passes: tuple[Pass, ...] = ()
+        if sparsifier is not None and sparsifier.ranks is not None:
+            passes = RADIX
+        if sparsifier is not None:
+            passes = (*passes, rescale_pass(sparsifier))
+        self.passes = passes
+        self.additive = sparsifier is None and not consensus
+
+    def prepare(self, ctx: TensorContext) -> None:
+        """The ranks of |delta| the sparsifier cuts at, for every input it sparsifies."""
+        sp = self.sparsifier
+        if sp is not None and sp.ranks is not None:
+            ctx.set_ranks({i: sp.ranks(q, ctx.numel) for i, q in enumerate(ctx.p) if q["density"] < 1})
+
+    def row_local(self, g: Params) -> bool:
+        return self.sparsifier is not None and self.sparsifier.row_local
+
+    def check(self, p: list[Params], g: Params, name: str, numel: int) -> None:
+        check_density(p, g, name, numel)
+
+    def combine(self, b: Block, ctx: TensorContext) -> torch.Tensor:
+        base = b.require_base()
+        d = sparsified(b, ctx, self.sparsifier)
+        if ctx.scale is not None:
+            factors = torch.tensor([ctx.scale[i] for i in b.index], dtype=d.dtype).unsqueeze(1)
+            d = d * factors
+        w = torch.tensor([q["weight"] for q in b.p], dtype=d.dtype).unsqueeze(1)
+        weighted = d * w
+        divisor: torch.Tensor | float
+        if self.consensus:
+            mixed, divisor = _consensus_mix(weighted, w)
+        else:
+            mixed, divisor = _plain_mix(weighted, b.weight_sum)
+        if b.g["normalize"]:
+            mixed = mixed / divisor
+        if b.g["lambda"] != 1:
+            mixed = mixed * b.g["lambda"]
+        return (base + mixed).to(base.dtype)
+
+
+TASK_ARITHMETIC = TaskArithmetic("task_arithmetic", None, False, False, False)
+TIES = TaskArithmetic("ties", TOPK, True, True, False)
+DARE_LINEAR = TaskArithmetic("dare_linear", DARE, False, False, True)
+DARE_TIES = TaskArithmetic("dare_ties", DARE, True, False, True)
+BREADCRUMBS = TaskArithmetic("breadcrumbs", CRUMBS, False, False, False, (GAMMA,))
+BREADCRUMBS_TIES = TaskArithmetic("breadcrumbs_ties", CRUMBS, True, False, False, (GAMMA,))
+DELLA_TIES = TaskArithmetic("della", DELLA, True, True, True, (EPSILON,))
+DELLA_LINEAR = TaskArithmetic("della_linear", DELLA, False, False, True, (EPSILON,))
+
+FAMILY = (TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES, DELLA_TIES, DELLA_LINEAR)
