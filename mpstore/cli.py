@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -15,8 +16,9 @@ if TYPE_CHECKING:
 
     from .merge.catalog import AnalyzeResult
 
-from .errors import MpError
+from .errors import CorruptData, MpError
 from .merge.request import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model
+from .model.checkout import too_long
 from .repo import DEFAULT_CHUNK_SIZE, Repo
 from .store.ids import short
 from .units import parse_size
@@ -73,6 +75,13 @@ def _say(text: str) -> None:
         print(text)
 
 
+def _clean(text: str) -> str:
+    """`text` as a terminal may show it: a name or message holding control or other unprintable
+    characters (an ANSI escape, a newline) is shown escaped, repr-style, so it can neither drive
+    the terminal nor forge lines. JSON output keeps every name exact."""
+    return text if text.isprintable() else repr(text)
+
+
 def _open() -> Repo:
     return Repo.open(STATE.repo_dir)
 
@@ -88,6 +97,9 @@ def _global(
 ) -> None:
     STATE.repo_dir = repo_dir or os.environ.get("MP_REPO") or "."
     STATE.quiet = quiet
+    problem = too_long(Path(STATE.repo_dir).absolute())
+    if problem:  # every command, init included, would trip on it
+        raise MpError(f"{'-C' if repo_dir else 'MP_REPO'} {_clean(STATE.repo_dir)}: {problem}")
 
 
 @app.command()
@@ -145,11 +157,11 @@ def checkout(
     """Rebuild a commit's model folder, byte-identical to what was added."""
     with _open() as repo:
         cid = repo.checkout(ref, out, force=force, progress=_Bar())
-    _say(f"checked out {short(cid)} to {out}")
+    _say(f"checked out {short(cid)} to {_clean(str(out))}")
 
 
 def _draw(node: dict, prefix: str = "", last: bool = True, top: bool = True) -> None:
-    label = f"{node['id'][:12]}  {node['message']}"
+    label = f"{node['id'][:12]}  {_clean(node['message'])}"
     if node.get("method"):
         label += f"  [{node['method']}]"
     if node.get("seen"):
@@ -184,7 +196,7 @@ def log(
     for e in entries:
         c = e.commit
         extra = f"  (base {short(c.base)})" if c.base else ""
-        print(f"{short(e.id)}  {c.time}  {c.author}  {c.message}{extra}")
+        print(f"{short(e.id)}  {c.time}  {_clean(c.author)}  {_clean(c.message)}{extra}")
 
 
 @app.command()
@@ -199,7 +211,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     print(f"parents   {' '.join(p[:12] for p in info['parents']) or '-'}")
     if info["base"]:
         print(f"base      {info['base'][:12]}")
-    print(f"author    {info['author']}")
+    print(f"author    {_clean(info['author'])}")
     print(f"time      {info['time']}")
     print(f"snapshot  {info['snapshot'][:12]}")
     print(f"size      {_human(info['size'])} ({info['size']} bytes) in {len(info['files'])} files")
@@ -227,7 +239,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     if info.get("stats"):
         _print_io((plan or {}).get("estimate") or {}, info["stats"])
     print()
-    print(f"    {info['message']}")
+    print(f"    {_clean(info['message'])}")
 
 
 @app.command("ls")
@@ -238,10 +250,11 @@ def ls_(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _emit_json(rows)
         return
-    width = max((len(r["name"]) for r in rows), default=0)
-    for r in rows:
+    names = [_clean(r["name"]) for r in rows]
+    width = max(map(len, names), default=0)
+    for name, r in zip(names, rows):
         shape = "x".join(map(str, r["shape"])) or "scalar"
-        print(f"{r['name']:<{width}}  {r['dtype']:<8} {shape:<16} {_human(r['bytes'])}")
+        print(f"{name:<{width}}  {r['dtype']:<8} {shape:<16} {_human(r['bytes'])}")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -254,32 +267,48 @@ def diff(
     b: str,
     as_json: bool = typer.Option(False, "--json"),
     show_all: bool = typer.Option(False, "--all", help="Also list unchanged tensors."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write a heatmap of relative change (PNG)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write a heatmap of relative change: PNG, or the format the extension names "
+                             "(.pdf, .svg, ...); a folder gets DIR/diff.png."),
 ) -> None:
-    """What changed from A to B, tensor by tensor."""
+    """What changed from A to B, tensor by tensor (NaN and Inf counted, never hidden)."""
+    if plot:
+        from .model.plot import plot_target
+
+        plot_target(plot)  # an unknown format is refused before any work
     with _open() as repo:
         result = repo.diff(a, b)
     if plot:
         from .model.plot import plot_diff
 
-        plot_diff(result, plot)
+        written = plot_diff(result, plot)
+        if written != plot:
+            print(f"heatmap written to {_clean(str(written))}", file=sys.stderr)
     if as_json:
         _emit_json(result.to_json())
         return
-    width = max((len(t.name) for t in result.tensors), default=0)
+    names = {t.name: _clean(t.name) for t in result.tensors}
+    width = max(map(len, names.values()), default=0)
     for t in result.tensors:
         if t.status == "unchanged" and not show_all:
             continue
-        line = f"{t.status:<9} {t.name:<{width}}"
+        line = f"{t.status:<9} {names[t.name]:<{width}}"
         if t.status == "changed":
             line += (f"  chunks {t.changed_chunks}/{t.total_chunks}  rel_l2 {_fmt(t.rel_l2, '.3e')}"
                      f"  cos {_fmt(t.cosine, '.6f')}  max|d| {_fmt(t.max_abs, '.3e')}")
             if t.note:
                 line += f"  ({t.note})"
+            if t.nonfinite:
+                c = t.nonfinite
+                line += "  non-finite: " + "; ".join(
+                    f"{side} {c['nan_' + key]} NaN, {c['inf_' + key]} Inf"
+                    for side, key in (("A", "a"), ("B", "b"), ("diff", "diff")))
         print(line)
     n = result.counts()
+    bad = result.nonfinite()
     print(f"{n['changed']} of {len(result.tensors)} tensors changed, {n['only_a']} only in A, "
-          f"{n['only_b']} only in B; {_human(result.bytes_changed())} changed")
+          f"{n['only_b']} only in B; {_human(result.bytes_changed())} changed"
+          + (f"; {bad} with NaN/Inf" if bad else ""))
 
 
 def _change_ref(repo: Repo, kind: str, name: str | None, ref: str | None, delete: bool) -> bool:
@@ -297,7 +326,7 @@ def _change_ref(repo: Repo, kind: str, name: str | None, ref: str | None, delete
         ref = repo.current_branch()
         if ref is None:
             raise MpError("no commit to point at: give a REF")
-    _say(f"{kind} {name} -> {repo.describe(create(name, ref))}")
+    _say(f"{kind} {name} -> {_clean(repo.describe(create(name, ref)))}")
     return True
 
 
@@ -317,7 +346,7 @@ def branch(
         _emit_json([r.to_json() for r in rows])
         return
     for r in rows:
-        print(f"{'*' if r.current else ' '} {r.name:<20} {short(r.id)} {r.message}")
+        print(f"{'*' if r.current else ' '} {r.name:<20} {short(r.id)} {_clean(r.message)}")
 
 
 @app.command()
@@ -336,7 +365,7 @@ def tag(
         _emit_json([r.to_json() for r in rows])
         return
     for r in rows:
-        print(f"  {r.name:<20} {short(r.id)} {r.message}")
+        print(f"  {r.name:<20} {short(r.id)} {_clean(r.message)}")
 
 
 @app.command()
@@ -344,7 +373,7 @@ def reset(branch: str, ref: str) -> None:
     """Move BRANCH to REF (the old head stays in the reflog)."""
     with _open() as repo:
         cid = repo.reset(branch, ref)
-        _say(f"{branch} -> {repo.describe(cid)}")
+        _say(f"{branch} -> {_clean(repo.describe(cid))}")
 
 
 @app.command()
@@ -355,17 +384,19 @@ def reflog(branch: str, as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _emit_json(log.to_json())
         return
+    if not log.entries and log.head is not None:
+        print(f"{branch}  at {short(log.head)}: no recorded moves (its reflog expired in gc)")
     for n, e in enumerate(reversed(log.entries)):
         old = short(e.old) if e.old else "(new)"
         new = short(e.new) if e.new else "(deleted)"
-        print(f"{branch}@{{{n}}}  {old} -> {new}  {e.time}  {e.command}")
+        print(f"{branch}@{{{n}}}  {old} -> {new}  {e.time}  {_clean(e.command)}")
 
 
 @app.command()
 def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every object, ref and chunk; each problem on its own line; exit 1 if any."""
     with _open() as repo:
-        res = repo.fsck()
+        res = repo.fsck(isolate=True)
     if as_json:
         _emit_json(res.to_json())
     else:
@@ -407,9 +438,9 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         _emit_json(st.to_json())
         return
     for r in st.branches:
-        print(f"{'*' if r.current else ' '} {r.name:<20} {short(r.id)} {r.message}")
+        print(f"{'*' if r.current else ' '} {r.name:<20} {short(r.id)} {_clean(r.message)}")
     for r in st.tags:
-        print(f"  tags/{r.name:<15} {short(r.id)} {r.message}")
+        print(f"  tags/{r.name:<15} {short(r.id)} {_clean(r.message)}")
     e, g = st.entries, st.reclaimable
     print(f"store: {_human(st.store_bytes)} on disk ({_human(st.used_bytes)} in use), "
           f"{e['chunks']} chunks, {e['objects']} objects, chunk size {_human(st.chunk_size)}")
@@ -531,7 +562,7 @@ def _print_plan(p: dict, as_json: bool) -> None:
         print(f"budget    {b['spec']} = {_human(b['bytes'])} of expert reads ({b['select']})")
     print("tensor                                              expert bytes read / differing")
     for name, (read, differing) in e["tensors"].items():
-        print(f"  {name:<50} {_human(read):>10} / {_human(differing):<10} {_ratio(read, differing):>6}")
+        print(f"  {_clean(name):<50} {_human(read):>10} / {_human(differing):<10} {_ratio(read, differing):>6}")
     print(f"experts   {_human(e['expert_bytes'])} of {_human(e['expert_total'])} that differ from the base "
           f"({_ratio(e['expert_bytes'], e['expert_total'])}); {e['chunks_omitted']} chunks left out")
     print(f"base      {_human(e['base_bytes'])} read")
@@ -552,7 +583,7 @@ def replay(ref: str, threads: int | None = typer.Option(None)) -> None:
         return
     print(f"differs from {short(res.commit)} in {len(res.differing)} tensors/files:")
     for name in res.differing:
-        print(f"  {name}")
+        print(f"  {_clean(name)}")
     raise typer.Exit(1)
 
 
@@ -573,6 +604,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr; exit 1 for bad input, 2 for bad usage."""
     try:
         code = app(standalone_mode=False)
+    except CorruptData as e:
+        print(f"mp: error: {e} (`mp fsck` lists everything that is damaged)", file=sys.stderr)
+        sys.exit(1)
     except MpError as e:
         print(f"mp: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -584,5 +618,10 @@ def main() -> None:
     except typer.Abort:
         sys.exit(130)
     except BrokenPipeError:
+        sys.exit(1)
+    except OSError as e:  # the system refused something plumbing did not expect to fail
+        where = f": {e.filename}" if e.filename else ""
+        reason = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        print(f"mp: error: {reason}{where}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

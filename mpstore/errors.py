@@ -56,3 +56,15 @@ class BadMerge(MpError):
 
 class StoreBusy(MpError):
     """An operation that needs the repository to itself found another process using it."""
+
+
+class DiskFull(MpError):
+    """The device holding the store (or a checkout) has no space left; nothing was committed."""
+
+
+class ReadOnlyStore(MpError):
+    """A writing command on a store that cannot be written (a read-only mount)."""
+
+
+class StoreDamaged(MpError):
+    """The store's data file itself is damaged (truncated, overwritten pages)."""

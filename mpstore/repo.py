@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import functools
 import getpass
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -87,6 +91,11 @@ def _author() -> str:
     return os.environ.get("MP_AUTHOR") or getpass.getuser()
 
 
+def _import_root() -> str:
+    """Where this mpstore package is imported from, for a child interpreter to import the same."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
 def _catalog_rules() -> CatalogRules:
     """The merge layer's rules for catalog entries (numpy only, no torch)."""
     from .merge.catalog import RULES
@@ -112,6 +121,8 @@ class Repo:
         root = Path(path)
         if (root / STORE_DIR).exists():
             raise RepositoryExists(f"{root / STORE_DIR} already exists")
+        if type(chunk_size) is not int:  # 4096.0 would be stored as "4096.0", which no open can read
+            raise MpError(f"invalid chunk size {chunk_size!r}: must be an int (a whole number of bytes)")
         if chunk_size % MAX_ITEMSIZE or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise MpError(
                 f"invalid chunk size {chunk_size}: must be a multiple of {MAX_ITEMSIZE} "
@@ -124,8 +135,15 @@ class Repo:
     def open(cls, path: Path | str = ".") -> Repo:
         """Open the repository at `path` or in the nearest folder above it that has one."""
         start = Path(path).absolute()
+        problem = _checkout.too_long(start)
+        if problem:
+            raise NotARepository(f"{start}: {problem}")
         for folder in (start, *start.parents):
-            if (folder / STORE_DIR / "data.mdb").is_file():
+            try:
+                found = (folder / STORE_DIR / "data.mdb").is_file()
+            except OSError as e:  # a folder on the way that cannot be looked into
+                raise NotARepository(f"{folder}: {e.strerror or e}") from None
+            if found:
                 return cls(folder, Store.open(folder / STORE_DIR))
         raise NotARepository(f"not an mpstore repository (no {STORE_DIR} in {start} or above); run `mp init`")
 
@@ -169,9 +187,10 @@ class Repo:
         """Every move of a branch, oldest first: old and new ids, time, command."""
         with self.store.read() as r:
             entries = r.reflog(BRANCH_PREFIX + branch)  # kept after a delete, until gc expires it
-        if not entries:
+            head = r.ref(BRANCH_PREFIX + branch)
+        if not entries and head is None:
             raise UnknownRef(f"unknown branch {branch!r}")
-        return ReflogResult(branch, entries)
+        return ReflogResult(branch, entries, head)  # a live branch whose history gc expired: none
 
     def _move(self, ref: str, target: str | None, command: str, must_exist: bool | None) -> bytes | None:
         """Point `ref` at `target`'s commit (None: delete it) in one transaction, with a reflog
@@ -265,7 +284,7 @@ class Repo:
         progress = progress or Silent()
         check_name(name)
         base_id = self.resolve(base) if base else None
-        src = ingest.scan(Path(source))
+        src = ingest.scan(Path(source), store=self.store.path)  # never the repository's own store
         total = ingest.total_bytes(src)
         sink = ChunkSink(self.store, self.chunk_size, progress)
         progress.start(f"add {name}", total)
@@ -293,7 +312,8 @@ class Repo:
             with self.store.read() as r:
                 pairs = _pairs(r, snapshot.tensors, r.snapshot_of(base_id), {t.id: t for t in tensors.values()})
             analyzed = analyze(self.store, pairs, progress, os.cpu_count() or 1)
-        cid = self._commit(name, snapshot, objects, message if message is not None else f"add {Path(source).name}",
+        folder_name = Path(os.path.abspath(source)).name or str(source)  # `mp add .`: the folder's real name
+        cid = self._commit(name, snapshot, objects, message if message is not None else f"add {folder_name}",
                            f"add {source}", lambda head: [head] if head else [], base=base_id,
                            new_bytes=sink.new_bytes)
         return AddResult(cid, sink.new_bytes, total, analyzed)
@@ -305,16 +325,36 @@ class Repo:
             return CommitInfo(cid, r.commit(cid))
 
     def _default_ref(self, spec: str | None) -> str:
-        spec = spec or self.current_branch()
-        if spec is None:
-            raise UnknownRef("nothing to log: the repository has no commits yet")
-        return spec
+        """`spec`, or the branch last written (HEAD). Without either, say what there is to ask
+        for: the branches (HEAD's was deleted), the tags, or truly nothing."""
+        if spec:
+            return spec
+        with self.store.read() as r:
+            head = r.meta("HEAD")
+            if head is not None and r.ref(BRANCH_PREFIX + head) is not None:
+                return head
+            branches = sorted(k[len(BRANCH_PREFIX):] for k in r.refs(BRANCH_PREFIX))
+            tags = sorted(k[len(TAG_PREFIX):] for k in r.refs(TAG_PREFIX))
+            history = r.entries(b"reflog") > 0
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+        if branches:
+            raise UnknownRef(f"no current branch (the branch last written was deleted): give a ref, "
+                             f"e.g. one of the branches {listed(branches)}")
+        if tags:
+            raise UnknownRef(f"no branch left: give a ref, e.g. one of the tags {listed(tags)}")
+        if history:
+            raise UnknownRef("no branch or tag left (deleted branches keep their history: mp reflog NAME)")
+        raise UnknownRef("nothing to log: the repository has no commits yet")
 
     def log(self, spec: str | None = None) -> list[CommitInfo]:
         """Every commit reachable from `spec` (default: HEAD's branch), newest first."""
+        ref = self._default_ref(spec)
         with self.store.read() as r:
             seen: dict[bytes, Commit] = {}
-            todo = [resolve(r, self._default_ref(spec))]
+            todo = [resolve(r, ref)]
             while todo:
                 cid = todo.pop()
                 if cid not in seen:
@@ -484,6 +524,7 @@ class Repo:
     def lineage(self, spec: str | None = None, depth: int = 6) -> LineageNode:
         """A commit and, recursively, its parents: what `mp log --graph` draws."""
         seen: set[bytes] = set()
+        ref = self._default_ref(spec)
         with self.store.read() as r:
             def node(cid: bytes, level: int) -> LineageNode:
                 c = r.commit(cid)
@@ -494,12 +535,31 @@ class Repo:
                 parents = [node(p, level + 1) for p in c.parents] if level < depth else []
                 return LineageNode(cid, c.message, c.time, method, parents=parents)
 
-            return node(resolve(r, self._default_ref(spec)), 0)
+            return node(resolve(r, ref), 0)
 
     # integrity and space ------------------------------------------------------------------
-    def fsck(self) -> FsckResult:
-        """Every problem in the store, one line each, and counts of what was checked."""
-        return _fsck(self.store, _catalog_rules())
+    def fsck(self, isolate: bool = False) -> FsckResult:
+        """Every problem in the store, one line each, and counts of what was checked.
+
+        LMDB meets some damage to its B-trees (a zeroed page) with an assertion that aborts the
+        process. With `isolate` (what `mp fsck` does) the check runs in a child interpreter, so
+        such damage becomes a problem line instead of killing the caller."""
+        if not isolate:
+            return _fsck(self.store, _catalog_rules())
+        child = subprocess.run(
+            [sys.executable, "-c", "import json, sys; from mpstore import Repo; r = Repo.open(sys.argv[1]); "
+             "print(json.dumps(r.fsck().to_json()))", str(self.root)],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _import_root()},
+        )
+        if child.returncode == 0:
+            return FsckResult.from_json(json.loads(child.stdout))
+        last = (child.stderr.strip().splitlines() or ["no message"])[-1]
+        if child.returncode < 0:
+            what = f"LMDB stopped on it with signal {signal.Signals(-child.returncode).name} ({last})"
+        else:
+            what = last.removeprefix("mp: error: ")
+        return FsckResult([f"{self.store.path / 'data.mdb'}: the file is damaged: {what}; check out what "
+                           "you need (`mp checkout`) and restore .mp from a backup"])
 
     def gc(self, expire: str = "30d", compact: bool = False) -> GcResult:
         """Delete what nothing live reaches; with `compact`, give the space back to the disk."""

@@ -160,7 +160,8 @@ class GcResult:
 @dataclass(frozen=True)
 class ReflogResult:
     branch: str
-    entries: list[ReflogEntry] = field(default_factory=list)  # oldest first
+    entries: list[ReflogEntry] = field(default_factory=list)  # oldest first; [] once gc expired them all
+    head: bytes | None = None  # where the branch points now (None: deleted)
 
     def to_json(self) -> list[dict[str, str | None]]:
         return [e.to_json() for e in self.entries]

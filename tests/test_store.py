@@ -191,9 +191,9 @@ def test_an_undecodable_object_is_reported_as_corruption(corrupt_setup, tmp_path
         cid = repo.resolve("base")
     edit_db(root, b"objects", lambda txn, db: txn.put(cid, b"\xc1 not msgpack", db=db))
     with Repo.open(root) as repo:
-        with pytest.raises(CorruptData, match=f"object {cid.hex()} does not decode"):
+        with pytest.raises(CorruptData, match=f"object {cid.hex()} does not match its id"):
             repo.show("base")
-    assert_user_error(run_mp("-C", root, "checkout", "base", "-o", tmp_path / "o"), "does not decode")
+    assert_user_error(run_mp("-C", root, "checkout", "base", "-o", tmp_path / "o"), "does not match its id")
     assert not (tmp_path / "o").exists()
 
 

@@ -35,6 +35,7 @@ NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 BINS = 1 << 16
 WRITE_BATCH = 2048  # entries per write transaction
 WINDOW = 16  # chunk pairs in flight per worker thread
+ENTRY_BOUND = 6 * BINS + 128  # bytes of the largest entry: every bin used (uint16 bin, uint32 count)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
         progress.advance(1)
 
     pending: deque[tuple[bytes, Future]] = deque()
+    store.reserve(len(todo) * ENTRY_BOUND)  # entries are written while chunks are read: no map growth then
     try:
         with store.read() as txn, ThreadPoolExecutor(max_workers=threads) as pool:
             for e, b, dtype in todo:

@@ -442,6 +442,10 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     method = methods.get(plan.method)
     began = time.perf_counter()
     with store.read() as txn:
+        todo = tasks(txn, plan, method)
+    # The output is written while the inputs are read, and the map cannot grow under an open read.
+    store.reserve(sum(_out_size(t) for t in todo) + (16 << 20))
+    with store.read() as txn:
         template = _snapshots(txn, plan, method)[0]
         todo = tasks(txn, plan, method)
         progress.start(f"merge {plan.method}", sum(_out_size(t) for t in todo))

@@ -2,12 +2,18 @@
 
 Every chunk is hash-checked as it is read. The folder is written under a temporary sibling name
 and renamed into place only when complete, so the target is either untouched or whole; file names
-are checked again here so that no snapshot, however it was made, writes outside its target.
+are checked again here so that no snapshot, however it was made, writes outside its target, and
+no target may lie inside the store. A checkout killed before its rename leaves the temporary
+folder; the next checkout into the same parent folder removes it once it can prove its writer
+dead (see `remove_stale`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -31,9 +37,42 @@ def chunk_views(txn: Txn, obj: Chunked, what: str) -> Iterator[memoryview]:
             raise CorruptData(f"{what}: {e}") from None
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, where the file system does not say
+# A leftover of a checkout: `.NAME.mp-tmp-PID-START-TOKEN` (the folder being written) or
+# `.NAME.mp-old-PID-START-TOKEN` (a replaced folder moved aside), NAME cut to STEM_BYTES.
+_LEFTOVER = re.compile(r"\.(.*)\.mp-(tmp|old)-(\d+)-(\d+)-[0-9a-f]{8}", re.S)
+STEM_BYTES = 120
+_CUT = "\u2026"  # marks a stem cut short: its target cannot be named
+
+
+def too_long(path: Path) -> str | None:
+    """Why the system cannot name `path` (a component or the whole path too long), or None."""
+    name_max, path_max = NAME_MAX, PATH_MAX
+    ancestor = next((p for p in (path, *path.parents) if os.path.isdir(p)), None)
+    if ancestor is not None:
+        with contextlib.suppress(OSError, ValueError):
+            name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+            path_max = os.pathconf(ancestor, "PC_PATH_MAX")
+    for part in path.parts:
+        n = len(os.fsencode(part))
+        if n > name_max:
+            shown = part if len(part) <= 24 else part[:24] + "..."
+            return f"the name {shown!r} is too long: {n} bytes, where the file system allows {name_max}"
+    n = len(os.fsencode(str(path)))
+    if n >= path_max:
+        return f"the path is too long: {n} bytes, where the system allows {path_max - 1}"
+    return None
+
+
 def _prepare_target(out: Path, force: bool, store_path: Path) -> None:
+    problem = too_long(out)
+    if problem:
+        raise WriteFailed(f"cannot check out to {out}: {problem}")
     store_path = store_path.resolve()
-    if out.resolve() == store_path or out.resolve() in store_path.parents:
+    target = out.resolve()
+    if target == store_path or store_path in target.parents:
+        raise TargetExists(f"{out} is inside the repository's store {store_path}; choose a folder outside it")
+    if target in store_path.parents:
         raise TargetExists(f"{out} holds the repository itself; choose another folder")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
@@ -42,15 +81,123 @@ def _prepare_target(out: Path, force: bool, store_path: Path) -> None:
             raise TargetExists(f"{out} is not empty (use --force to replace it)")
 
 
+# ---------------------------------------------------------------------------- leftovers
+# A checkout writes beside its target. Killed (SIGKILL, power cut), it leaves its temporary
+# folder there; the next checkout into the same parent folder removes it once it can prove its
+# writer dead: the folder's name carries the writer's pid and process start time, and the writer
+# holds an flock on the folder for as long as it lives (the kernel drops it when it dies). Both
+# must say "dead": the lock is free, and no process with that pid and start time exists.
+
+
+def _process(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, from /proc; None if there is
+    no such process or no /proc to ask."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold anything
+    return fields[0].decode(), int(fields[19])  # fields 3 (state) and 22 (starttime) of proc(5)
+
+
+def _start_time() -> int:
+    """This process's start time (0 where /proc cannot tell)."""
+    me = _process(os.getpid())
+    return me[1] if me else 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process that wrote a leftover may still be running (True when unsure)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # EPERM: it exists, and belongs to someone else
+    proc = _process(pid)
+    if proc is None:
+        return start == 0 or os.path.isdir(f"/proc/{pid}")  # vanished just now, or no /proc to ask
+    state, started = proc
+    if state in ("Z", "X"):  # killed, not yet reaped: it holds nothing any more
+        return False
+    return start == 0 or started == start  # another process that got the pid later is not it
+
+
+def _lock_dir(path: Path, wait: bool) -> int | None:
+    """An fd of folder `path` holding an exclusive flock on it, or None if that is not possible
+    now (held by a live process, or gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh name beside `out` for a folder this process writes (`kind`: tmp or old)."""
+    name = os.fsencode(out.name)
+    stem = name.decode(errors="surrogateescape")
+    if len(name) > STEM_BYTES:
+        stem = name[:STEM_BYTES].decode(errors="ignore") + _CUT
+    return out.parent / f".{stem}.mp-{kind}-{os.getpid()}-{_START}-{secrets.token_hex(4)}"
+
+
+def remove_stale(parent: Path) -> list[str]:
+    """Remove the leftovers of checkouts into `parent` whose writer is provably dead; returns
+    their names. A replaced folder moved aside is removed only once its target is in place (a
+    writer killed between the two renames leaves the old folder as the only one)."""
+    removed: list[str] = []
+    try:
+        entries = [e for e in os.scandir(parent) if _LEFTOVER.fullmatch(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _LEFTOVER.fullmatch(entry.name)
+        assert m is not None
+        stem, kind, pid, start = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if kind == "old" and (stem.endswith(_CUT) or not (parent / stem).is_dir()):
+                continue
+        except OSError:
+            continue
+        fd = _lock_dir(parent / entry.name, wait=False)
+        if fd is None:
+            continue  # a live writer holds it
+        try:
+            if _alive(pid, start):
+                continue
+            shutil.rmtree(parent / entry.name, ignore_errors=True)
+            removed.append(entry.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Atomically put `tmp` at `out`; an existing folder is moved aside first and then removed."""
     if out.exists():
-        aside = out.parent / f".{out.name}.mp-old-{secrets.token_hex(4)}"
-        os.rename(out, aside)
-        os.rename(tmp, out)
-        shutil.rmtree(aside)
+        aside = _sibling(out, "old")
+        fd = _lock_dir(out, wait=False)  # marks the moved-aside folder as this live process's
+        try:
+            os.rename(out, aside)
+            os.rename(tmp, out)
+            shutil.rmtree(aside)
+        finally:
+            if fd is not None:
+                os.close(fd)
     else:
         os.rename(tmp, out)
+
+
+_START = _start_time()
 
 
 def snapshot_size(txn: Txn, snap: Snapshot) -> int:
@@ -78,15 +225,21 @@ class _Writer:
 def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress: Progress) -> None:
     """Write the snapshot's folder at `out`; raises before touching `out` if anything is wrong."""
     out = Path(os.path.abspath(out))
-    _prepare_target(out, force, store.path)
+    try:
+        _prepare_target(out, force, store.path)
+    except OSError as e:
+        raise WriteFailed(f"cannot check out to {out}: {e.strerror or e}") from None
     with store.read() as txn:
         snap = txn.snapshot(snapshot_id)
         for rel in [*snap.files, *(s.file for s in snap.shards)]:
             check_relpath(rel)
-        tmp = out.parent / f".{out.name}.mp-tmp-{secrets.token_hex(4)}"
+        tmp = _sibling(out, "tmp")
+        lock: int | None = None
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(out.parent)
             tmp.mkdir()
+            lock = _lock_dir(tmp, wait=True)  # held until this process ends or the folder is in place
         except OSError as e:
             raise WriteFailed(f"{out}: cannot create the folder: {e.strerror}") from None
         progress.start("checkout", snapshot_size(txn, snap))
@@ -112,5 +265,7 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
+            if lock is not None:
+                os.close(lock)
             progress.finish()
             store.release_pages()

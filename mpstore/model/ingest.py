@@ -9,6 +9,7 @@ that transaction leaves only unreferenced chunks, which the branch never points 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -25,6 +26,7 @@ WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SKIP_DIRS = {".git"}
+HF_CACHE_PREFIXES = ("models--", "datasets--", "spaces--")  # huggingface_hub cache repository folders
 
 
 @dataclass(frozen=True)
@@ -36,34 +38,89 @@ class Source:
     files: list[str]  # relative paths of non-tensor files
 
 
-def _walk(root: Path) -> list[str]:
-    """Every regular file below `root`, as '/'-paths; symlinks must stay inside `root`."""
+def _cannot_read(path: Path, e: OSError) -> BadInput:
+    return BadInput(f"{path}: cannot read: {e.strerror or e}")
+
+
+def link_root(real_root: Path) -> Path:
+    """Where symlinks below the (resolved) folder may point: the folder itself, or, for a
+    Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/...`, whose files are links
+    to `../../blobs/<hash>`), the whole cache repository folder `models--org--name/`."""
+    for folder in (real_root, *real_root.parents):
+        cache_repo = folder.parent.parent
+        if folder.parent.name == "snapshots" and cache_repo.name.startswith(HF_CACHE_PREFIXES):
+            return cache_repo
+    return real_root
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _walk(root: Path, skip: tuple[int, int] | None = None) -> list[str]:
+    """Every regular file below `root`, as '/'-paths, files of a folder before its subfolders.
+
+    Refuses (BadInput, naming the path) anything that would not come back as it is at checkout:
+    an unreadable file or folder, an empty folder, a symlinked folder, a symlink that is broken
+    or leads outside the folder (see `link_root`), anything not a regular file. Folders named
+    in SKIP_DIRS and the folder with identity `skip` (the repository's own store) are left out.
+    """
     real_root = root.resolve()
+    allowed = link_root(real_root)
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        here = Path(dirpath)
-        for d in dirnames:
-            if (here / d).is_symlink():
-                raise BadInput(f"{here / d}: symlinked folders are not supported")
-        for name in sorted(filenames):
-            p = here / name
-            rel = p.relative_to(root).as_posix()
-            check_relpath(rel)
-            if p.is_symlink():
+
+    def visit(folder: Path, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise BadInput(f"{folder}: cannot read the folder: {e.strerror or e}") from None
+        if prefix and not entries:
+            raise BadInput(f"{folder}: empty folder {prefix[:-1]!r}: a snapshot holds files only, so it would "
+                           "not come back at checkout; remove it or put a file in it")
+        subfolders: list[tuple[Path, str]] = []
+        for entry in entries:
+            p = folder / entry.name
+            rel = check_relpath(prefix + entry.name)
+            try:  # from the folder listing; a stat (which may fail) only where it lacks the type
+                is_link, is_dir = entry.is_symlink(), entry.is_dir(follow_symlinks=False)
+            except OSError as e:
+                raise _cannot_read(p, e) from None
+            if is_link:
                 try:
                     target = p.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    raise BadInput(f"{p}: broken or looping symlink") from None
-                if real_root not in target.parents:
+                except (OSError, RuntimeError) as e:
+                    why = f" ({e.strerror})" if isinstance(e, OSError) and e.strerror else ""
+                    raise BadInput(f"{p}: broken or looping symlink{why}") from None
+                if target.is_dir():
+                    if entry.name in SKIP_DIRS:
+                        continue
+                    raise BadInput(f"{p}: symlinked folders are not supported")
+                if allowed not in target.parents:
                     raise BadInput(f"{p}: symlink points outside the folder")
+            elif is_dir:
+                if entry.name in SKIP_DIRS:
+                    continue
+                try:
+                    ident = _identity(entry.stat(follow_symlinks=False))
+                except OSError as e:
+                    raise _cannot_read(p, e) from None
+                if ident != skip:
+                    subfolders.append((p, rel + "/"))
+                continue
             try:
                 mode = os.stat(p).st_mode
+                if stat.S_ISREG(mode):
+                    os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK))  # readable: refuse it now, not halfway
             except OSError as e:
-                raise BadInput(f"{p}: cannot read: {e.strerror}") from None
+                raise _cannot_read(p, e) from None
             if not stat.S_ISREG(mode):
                 raise BadInput(f"{p}: not a regular file")
             found.append(rel)
+        for sub, sub_prefix in subfolders:
+            visit(sub, sub_prefix)
+
+    visit(root, "")
     return found
 
 
@@ -88,18 +145,35 @@ def _check_index(root: Path, index_name: str, weights: dict[str, Header]) -> Non
             raise BadInput(f"{path}: says {tensor!r} is in {shard!r}, but it is not")
 
 
-def scan(path: Path) -> Source:
-    """Validate `path` completely (headers, index, names) without storing anything."""
-    if not path.exists():
-        raise BadInput(f"{path}: no such file or folder")
-    if path.is_file():
+def scan(path: Path, store: Path | None = None) -> Source:
+    """Validate `path` completely (headers, index, names) without storing anything.
+
+    `store`: the repository's own store folder, which is never ingested (`mp add .` in the
+    repository, or any folder holding it); adding the store itself, or a path in it, is refused."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise BadInput(f"{path}: no such file or folder") from None
+        raise _cannot_read(path, e) from None
+    skip = None
+    if store is not None:
+        try:
+            skip = _identity(os.stat(store))
+        except OSError:
+            skip = None
+        real_store = store.resolve()
+        real = path.resolve()
+        if real == real_store or real_store in real.parents:
+            raise BadInput(f"{path}: is the repository's own store ({store}); add a model folder instead")
+    if stat.S_ISREG(st.st_mode):
         if not path.name.endswith(WEIGHTS_SUFFIX):
             raise BadInput(f"{path}: not a .safetensors file or a model folder")
         check_relpath(path.name)
         return Source(path.parent, {path.name: read_header(path)}, [])
-    if not path.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise BadInput(f"{path}: not a regular file or folder")
-    rels = _walk(path)
+    rels = _walk(path, skip)
     weight_names = [r for r in rels if "/" not in r and r.endswith(WEIGHTS_SUFFIX)]
     if not weight_names:
         pickles = [r for r in rels if r.endswith(PICKLE_SUFFIXES)]
@@ -119,26 +193,37 @@ def scan(path: Path) -> Source:
 
 
 def read_blob(sink: ChunkSink, path: Path, where: str) -> Blob:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        return Blob(size, sink.chunk_size, sink.consume(f, size, where))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            return Blob(size, sink.chunk_size, sink.consume(f, size, where))
+    except OSError as e:  # validated readable; this is the file changing or failing under us
+        raise _cannot_read(path, e) from None
 
 
 def read_weights(sink: ChunkSink, path: Path, header: Header) -> dict[str, Tensor]:
     """Every tensor of one safetensors file, read in file order."""
     tensors: dict[str, Tensor] = {}
-    with open(path, "rb") as f:
-        f.seek(header.data_start)
-        for t in header.tensors:
-            size = t.end - t.begin
-            chunks = sink.consume(f, size, f"{path}: tensor {t.name!r}")
-            tensors[t.name] = Tensor(size, sink.chunk_size, chunks, t.dtype, t.shape)
+    try:
+        with open(path, "rb") as f:
+            f.seek(header.data_start)
+            for t in header.tensors:
+                size = t.end - t.begin
+                chunks = sink.consume(f, size, f"{path}: tensor {t.name!r}")
+                tensors[t.name] = Tensor(size, sink.chunk_size, chunks, t.dtype, t.shape)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
     return tensors
 
 
-
 def total_bytes(source: Source) -> int:
-    return sum((source.root / r).stat().st_size for r in [*source.weights, *source.files])
+    total = 0
+    for rel in [*source.weights, *source.files]:
+        try:
+            total += (source.root / rel).stat().st_size
+        except OSError as e:
+            raise _cannot_read(source.root / rel, e) from None
+    return total
 
 
 def shard_record(file: str, header: Header, header_id: bytes) -> Shard:

@@ -7,9 +7,15 @@ folder or confuse a terminal is refused.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import BadInput
+
+# A first component `C:` names a drive on Windows, where `C:/x` is absolute and `C:x` is not (it
+# is relative to drive C's current folder: still outside the target). Other colons (`a:b.txt`)
+# are ordinary characters on POSIX systems and are accepted.
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 def utf8(text: str) -> bool:
@@ -23,7 +29,11 @@ def utf8(text: str) -> bool:
 
 
 def check_relpath(rel: str) -> str:
-    """Return `rel` (a '/'-separated path) if it stays inside its folder, else raise BadInput."""
+    """Return `rel` (a '/'-separated path) if it stays inside its folder, else raise BadInput.
+
+    Refused: empty, '.' and '..' components, a leading '/', control characters, undecodable
+    bytes, and what Windows would read as a path of its own: a backslash (a separator there) or
+    a drive (`C:`) as the first component, so that no name escapes its folder on Windows either."""
     problem = None
     if not rel:
         problem = "is empty"
@@ -31,8 +41,8 @@ def check_relpath(rel: str) -> str:
         problem = "is not valid UTF-8"
     elif any(ord(c) < 32 or ord(c) == 127 for c in rel):
         problem = "contains a control character"
-    elif rel.startswith("/") or "\\" in rel or (len(rel) > 1 and rel[1] == ":"):
-        problem = "is absolute"
+    elif rel.startswith("/") or "\\" in rel or _WINDOWS_DRIVE.fullmatch(rel.split("/", 1)[0]):
+        problem = "is absolute (or would be on Windows)"
     elif any(part in ("", ".", "..") for part in rel.split("/")):
         problem = "has an empty, '.' or '..' component"
     if problem:

@@ -6,11 +6,16 @@ Layout (one environment in `.mp/`): `meta` (format version, chunk size, HEAD), `
 run inside one LMDB write transaction: LMDB serialises writers across processes, readers see
 only committed transactions, and a transaction that fills the map is rerun on a larger map, so
 no MapFullError reaches a caller. The store never interprets chunk bytes beyond their codec byte.
+
+Every failure of the environment reaches callers as one `MpError` saying what happened and what
+to do: a full disk (`DiskFull`: the transaction is aborted, the store unchanged), a read-only
+store (`ReadOnlyStore`: reading works, writing says so), a damaged data file (`StoreDamaged`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
@@ -23,14 +28,28 @@ from typing import BinaryIO, TypeVar
 import lmdb
 import msgpack
 
-from ..errors import CorruptData, FormatMismatch, NotARepository, StoreBusy
+from ..errors import (
+    CorruptData,
+    DiskFull,
+    FormatMismatch,
+    MpError,
+    NotARepository,
+    ReadOnlyStore,
+    StoreBusy,
+    StoreDamaged,
+    WriteFailed,
+)
 from .ids import digest
 from .objects import Blob, Commit, Plan, Snapshot, Stored, StoredObject, Tensor, decode
 
 FORMAT_VERSION = 1
 CODEC_RAW = 0
 DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"reflog", b"catalog")
-DEFAULT_MAP_SIZE = 1 << 30  # address space only: the file grows with what is written
+# Address space only: without writemap the data file grows with what is written, never to the map
+# size, so a large map costs nothing on disk and spares resizes (which LMDB allows only while this
+# process has no transaction open).
+DEFAULT_MAP_SIZE = 1 << 40
+MIN_MAP_SIZE = 1 << 30  # where address space is limited (ulimit -v), open with less
 MAP_SLACK = 64 << 20
 MADV_DONTNEED = 4
 RELEASE_EVERY = 64 << 20  # bytes of the map touched between releases of this process's mapping
@@ -148,6 +167,8 @@ class Txn:
         data = self._t.get(oid, db=self._db(b"objects"), default=None)
         if data is None:
             raise CorruptData(f"object {oid.hex()} is missing")
+        if digest(data) != oid:  # a few KB hashed per object: every read on the way to output
+            raise CorruptData(f"object {oid.hex()} does not match its id: the store is damaged")
         return decode(data, oid)
 
     def object_of(self, oid: bytes, kind: type[K]) -> K:
@@ -280,46 +301,69 @@ class Txn:
 class Store:
     """An open LMDB environment; `read()` and `write()` are the only ways in."""
 
-    def __init__(self, path: Path, env: lmdb.Environment, open_lock: BinaryIO):
+    def __init__(self, path: Path, env: lmdb.Environment, open_lock: BinaryIO | None, readonly: bool = False):
         self.path = path
         self.env = env
+        self.readonly = readonly  # opened on a read-only file system: no lock files, no writes
         self._open_lock: BinaryIO | None = open_lock  # held shared for as long as the store is open
         self._touched = 0
+        self._live = 0  # transactions open in this process: the map may be resized only at 0
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod
     def create(cls, path: Path, settings: dict[str, str], map_size: int = DEFAULT_MAP_SIZE) -> Store:
-        path.mkdir(parents=True)
-        lock = _lock_open(path)
+        try:
+            path.mkdir(parents=True)
+            lock = _lock_open(path)
+        except OSError as e:
+            raise _os_error(e, path) from None
         env = _open_env(path, map_size)
-        with env.begin(write=True) as txn:
-            for name in DATABASES:
-                env.open_db(name, txn=txn, create=True)
-            meta = env.open_db(b"meta", txn=txn)
-            txn.put(b"format", str(FORMAT_VERSION).encode(), db=meta)
-            for key, value in settings.items():
-                txn.put(key.encode(), value.encode(), db=meta)
-        env.sync(True)
+        try:
+            with env.begin(write=True) as txn:
+                for name in DATABASES:
+                    env.open_db(name, txn=txn, create=True)
+                meta = env.open_db(b"meta", txn=txn)
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=meta)
+                for key, value in settings.items():
+                    txn.put(key.encode(), value.encode(), db=meta)
+            env.sync(True)
+        except lmdb.Error as e:
+            env.close()
+            lock.close()
+            raise _lmdb_error(e, path) from None
         return cls(path, env, lock)
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        if not (path / "data.mdb").is_file():
+        data = path / "data.mdb"
+        if not data.is_file():
             raise NotARepository(f"{path} is not an mpstore repository")
         # The lock comes first: a compaction holds it exclusively while it swaps the data file,
         # and an environment opened before the swap would write into the replaced file.
-        lock = _lock_open(path)
+        readonly = False
         try:
-            env = _open_env(path, max(DEFAULT_MAP_SIZE, os.path.getsize(path / "data.mdb")))
+            lock: BinaryIO | None = _lock_open(path)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise _os_error(e, path) from None
+            lock, readonly = None, True  # a read-only mount: nobody can write, nothing to lock
+        try:
+            env = _open_env(path, max(DEFAULT_MAP_SIZE, 2 * data.stat().st_size), readonly=readonly)
         except lmdb.Error as e:
-            lock.close()
-            raise NotARepository(f"{path} is not a readable mpstore repository: {e}") from None
+            if lock is not None:
+                lock.close()
+            raise StoreDamaged(f"{path} cannot be opened as an mpstore repository ({reason(e)}): "
+                               "its data.mdb is damaged or not LMDB; restore .mp from a backup") from None
         try:
-            store = cls(path, env, lock)
-        except lmdb.Error:
+            store = cls(path, env, lock, readonly)
+        except lmdb.Error as e:
             env.close()
-            lock.close()
-            raise NotARepository(f"{path} is not an mpstore repository") from None
+            if lock is not None:
+                lock.close()
+            if isinstance(e, lmdb.NotFoundError):  # an LMDB environment, but not ours
+                raise NotARepository(f"{path} is not an mpstore repository") from None
+            raise _lmdb_error(e, path) from None
+        store._check_length()
         with store.read() as r:
             found = r.meta("format")
         if found != str(FORMAT_VERSION):
@@ -328,6 +372,16 @@ class Store:
                 f"{path} has store format {found}, this mpstore reads format {FORMAT_VERSION}"
             )
         return store
+
+    def _check_length(self) -> None:
+        """A data file shorter than its pages in use was truncated (a failed copy, a full disk
+        during a backup): reading a page past its end would kill the process with SIGBUS."""
+        need = self.used_bytes()
+        have = (self.path / "data.mdb").stat().st_size
+        if have < need:
+            self.close()
+            raise StoreDamaged(f"{self.path / 'data.mdb'} is truncated ({have} bytes, its pages need {need}): "
+                               "restore .mp from a backup")
 
     def close(self) -> None:
         self.env.close()
@@ -339,23 +393,35 @@ class Store:
     def writing(self) -> Iterator[None]:
         """Held (shared) by every command that writes chunks before its commit, and taken
         exclusively by gc: gc never deletes the unreferenced chunks of a commit in progress."""
-        with open(self.path / "gc.lock", "a+b") as f:
+        with self._lock_file("gc.lock") as f:
             fcntl.flock(f, fcntl.LOCK_SH)
             yield
 
     @contextmanager
     def collecting(self) -> Iterator[None]:
         """gc's side of `writing`: waits for writers in progress, keeps new ones waiting."""
-        with open(self.path / "gc.lock", "a+b") as f:
+        with self._lock_file("gc.lock") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+    def _lock_file(self, name: str) -> BinaryIO:
+        """A lock file of the store, opened for a command that writes: a read-only store says so
+        here, before the command has done anything."""
+        if self.readonly:
+            raise ReadOnlyStore(f"{self.path} is on a read-only file system: reading commands work, "
+                                "this one writes")
+        try:
+            return open(self.path / name, "a+b")
+        except OSError as e:
+            raise _os_error(e, self.path) from None
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """This process alone has the store open (every open holds a shared lock), or MpError."""
         lock = self._open_lock
         if lock is None:
-            raise StoreBusy(f"{self.path}: the repository is closed")
+            raise ReadOnlyStore(f"{self.path} is on a read-only file system: reading commands work, "
+                                "this one writes")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -383,9 +449,15 @@ class Store:
         with self.exclusive():
             tmp = self.path / "compact.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            self.env.copy(str(tmp), compact=True)
-            _fsync(tmp / "data.mdb")
+            try:
+                tmp.mkdir()
+                self.env.copy(str(tmp), compact=True)
+                _fsync(tmp / "data.mdb")
+            except (OSError, lmdb.Error) as e:  # a full disk: the copy goes, the store is untouched
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, lmdb.Error):
+                    raise _lmdb_error(e, self.path) from None
+                raise _os_error(e, self.path) from None
             self._reopen(lambda: os.replace(tmp / "data.mdb", data))
             shutil.rmtree(tmp, ignore_errors=True)
             _fsync(self.path)
@@ -406,15 +478,22 @@ class Store:
         txn = self._begin(write=False)
         try:
             yield Txn(self, txn)
+        except lmdb.Error as e:
+            raise _lmdb_error(e, self.path) from None
         finally:
             txn.abort()
+            self._live -= 1
 
     def write(self, fn: Callable[[Txn], T], reserve: int = 0) -> T:
         """Run `fn` in one write transaction and commit; rerun it on a larger map if it filled.
 
         `fn` must be safe to rerun (it only writes through the Txn it is given). `reserve` is how
-        many bytes it may add; the map is grown beforehand so a rerun is the exception.
+        many bytes it may add; the map is grown beforehand so a rerun is the exception. A full
+        disk aborts the transaction: the store is as it was, and the caller gets `DiskFull`.
         """
+        if self.readonly:
+            raise ReadOnlyStore(f"{self.path} is on a read-only file system: reading commands work, "
+                                "this one writes")
         self._ensure_room(reserve)
         while True:
             txn = self._begin(write=True)
@@ -424,10 +503,22 @@ class Store:
                 return result
             except lmdb.MapFullError:
                 txn.abort()
-                self._grow(2 * self.env.info()["map_size"])
+            except lmdb.Error as e:
+                txn.abort()
+                raise _lmdb_error(e, self.path) from None
             except BaseException:
                 txn.abort()
                 raise
+            finally:
+                self._live -= 1
+            self._grow(2 * self.env.info()["map_size"])
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room in the map for `nbytes` of writes to come, before a long read transaction
+        opens (a merge writes its output while it reads its inputs, and the map cannot grow while
+        this process has a transaction open)."""
+        if not self.readonly:
+            self._ensure_room(nbytes)
 
     def sync(self) -> None:
         """Make every committed transaction durable (data pages are synced at each commit; this
@@ -458,19 +549,32 @@ class Store:
 
     def _begin(self, write: bool) -> lmdb.Transaction:
         try:
-            return self.env.begin(write=write, buffers=True)
-        except lmdb.MapResizedError:  # another process grew the map: adopt its size
-            self.env.set_mapsize(0)
-            return self.env.begin(write=write, buffers=True)
+            try:
+                txn = self.env.begin(write=write, buffers=True)
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                self._resize(0)
+                txn = self.env.begin(write=write, buffers=True)
+        except lmdb.Error as e:
+            raise _lmdb_error(e, self.path) from None
+        self._live += 1
+        return txn
 
     def _ensure_room(self, reserve: int) -> None:
         info = self.env.info()
-        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
-        need = used + reserve + reserve // 8 + MAP_SLACK
+        need = self.used_bytes() + reserve + reserve // 8 + MAP_SLACK
         if need > info["map_size"]:
             self._grow(max(need, 2 * info["map_size"]))
 
     def _grow(self, size: int) -> None:
+        self._resize(size)
+
+    def _resize(self, size: int) -> None:
+        """LMDB resizes the map only while this process has no transaction open: one open across
+        a resize would be invalidated mid-read. A command that reads while it writes reserves its
+        writes beforehand (`reserve`), so this refusal means another process grew the store."""
+        if self._live:
+            raise StoreBusy(f"{self.path}: the store's map must grow while a read is in progress "
+                            "(another process wrote much since); run the command again")
         self.env.set_mapsize(size)
 
 
@@ -489,17 +593,68 @@ def _lock_open(path: Path) -> BinaryIO:
     return lock
 
 
-def _open_env(path: Path, map_size: int) -> lmdb.Environment:
-    # metasync=False: data pages are fsynced at every commit, the meta page at the next sync;
-    # a power cut can lose the last commit but never corrupt the store.
-    # writemap=True: chunk bytes are copied once, straight into the file's pages, instead of into
-    # malloc'd dirty pages that are then written out (add ran 1.5-2.5x faster, see
-    # docs/benchmarks.md). The file is sparse up to the map size: its apparent size is the map
-    # size, its allocated blocks are what the store uses.
-    return lmdb.open(
-        str(path), subdir=True, max_dbs=len(DATABASES), map_size=map_size,
-        metasync=False, writemap=True, readahead=True, create=True,
-    )
+def _open_env(path: Path, map_size: int, readonly: bool = False) -> lmdb.Environment:
+    """The environment. metasync=False: data pages are fsynced at every commit, the meta page at
+    the next sync; a power cut can lose the last commit but never corrupt the store. No writemap:
+    LMDB then writes pages with pwrite at commit, so a full disk is an error the transaction
+    reports (not SIGBUS on a page of a sparse file), the file is only as large as its pages in use,
+    and a large map costs address space only (see docs/benchmarks.md, "writemap", for add speed).
+    Read-only (a read-only mount): no lock file, as no process can write there."""
+    size = map_size
+    while True:
+        try:
+            return lmdb.open(
+                str(path), subdir=True, max_dbs=len(DATABASES), map_size=size, metasync=False,
+                writemap=False, readahead=True, create=not readonly, readonly=readonly, lock=not readonly,
+            )
+        except lmdb.MemoryError:  # address space limited (ulimit -v): a smaller map
+            if size // 2 < MIN_MAP_SIZE:
+                raise
+            size //= 2
+
+
+def reason(e: BaseException) -> str:
+    """An LMDB or OS error's reason without its code number or the path we name ourselves."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e.args[1] if isinstance(e, lmdb.Error) and len(e.args) > 1 and isinstance(e.args[1], str)
+               else e.args[0] if e.args else e)
+    return text.split(": ", 1)[-1].strip() or type(e).__name__
+
+
+def _lmdb_error(e: lmdb.Error, path: Path) -> MpError:
+    """One line for a failure inside LMDB: what happened to the store, and what to do."""
+    io_error = os.strerror(errno.EIO) in str(e)  # py-lmdb gives the C library's message only
+    if isinstance(e, lmdb.DiskError) or (io_error and _nearly_full(path)):
+        # LMDB reports a short write (the disk filled up under it) as EIO
+        return DiskFull(f"no space left on the device holding {path}: nothing was written (the store is as "
+                        "it was); free some space and run the command again")
+    if isinstance(e, lmdb.ReadonlyError):
+        return ReadOnlyStore(f"{path} cannot be written ({reason(e)}): reading commands work, this one writes")
+    if isinstance(e, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
+                      lmdb.BadChecksumError, lmdb.ProblemError)):
+        return StoreDamaged(f"{path / 'data.mdb'} is damaged ({reason(e)}): run `mp fsck` to see what is "
+                            "affected; restore .mp from a backup")
+    if io_error:
+        return WriteFailed(f"the device holding {path} failed to read or write (I/O error): nothing was "
+                           "committed; check the disk and run `mp fsck`")
+    return StoreDamaged(f"{path}: the store failed ({type(e).__name__}: {reason(e)})")
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < MAP_SLACK
+    except OSError:
+        return False
+
+
+def _os_error(e: OSError, path: Path) -> MpError:
+    """One line for an operating-system refusal around the store (lock files, folders)."""
+    if e.errno == errno.ENOSPC:
+        return DiskFull(f"no space left on the device holding {path}: nothing was written")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ReadOnlyStore(f"{path} cannot be written ({e.strerror}): reading commands work, this one writes")
+    return WriteFailed(f"{path}: {e.strerror or e}")
 
 
 _LIBC: ctypes.CDLL | None = None

@@ -117,14 +117,22 @@ def collect(store: Store, expire: timedelta, rules: CatalogRules) -> Garbage:
     return found
 
 
+NEVER = timedelta(days=365 * 1000)
+
+
 def parse_expire(text: str) -> timedelta:
-    """'30d', '12h', '90m', 'now' (expire everything), or 'never'."""
+    """'30d', '12h', '90m', '45s', '2w', 'now' (expire everything), or 'never'. An expiry longer
+    than 'never' (1000 years: before any reflog entry) is 'never'; it cannot overflow a date."""
     text = text.strip().lower()
     if text == "now":
         return timedelta(0)
     if text == "never":
-        return timedelta(days=365 * 1000)
+        return NEVER
     units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "w": "weeks"}
-    if len(text) >= 2 and text[-1] in units and text[:-1].isdigit():
-        return timedelta(**{units[text[-1]]: int(text[:-1])})
+    digits = text[:-1]
+    if len(text) >= 2 and text[-1] in units and digits.isascii() and digits.isdigit():
+        try:
+            return min(timedelta(**{units[text[-1]]: int(digits)}), NEVER)
+        except OverflowError:  # beyond what a timedelta holds: longer than 'never' anyway
+            return NEVER
     raise MpError(f"invalid expiry {text!r}: use e.g. 30d, 12h, now or never")

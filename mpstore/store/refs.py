@@ -17,6 +17,9 @@ from .objects import Commit
 BRANCH_PREFIX = "heads/"
 TAG_PREFIX = "tags/"
 MIN_PREFIX = 6
+# A name is an LMDB key (511 bytes at most, with its prefix and reflog suffix) and is typed back on
+# command lines; git caps components at the file system's 255 too.
+MAX_NAME = 255
 _ALLOWED = re.compile(r"[A-Za-z0-9._/+@-]+")
 _ANCESTRY = re.compile(r"^(.*?)((?:~\d*)+)$")
 _HEX = re.compile(r"[0-9a-f]+")
@@ -27,6 +30,8 @@ def check_name(name: str, what: str = "branch") -> str:
     problem = None
     if not name:
         problem = "is empty"
+    elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        problem = f"is longer than {MAX_NAME} bytes"
     elif any(ord(c) < 32 or ord(c) == 127 for c in name):
         problem = "contains a control character"
     elif name.startswith("-"):
