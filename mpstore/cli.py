@@ -229,10 +229,10 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
             print(f"  base    {plan['base'][:12]}")
         for m, q in zip(plan["models"], plan["model_params"]):
             shown = ", ".join(f"{k}={v[0]}" for k, v in q.items() if v)
-            print(f"  input   {m[:12]}  {shown}")
+            print(f"  input   {m[:12]}  {_clean(shown)}")
         shown = ", ".join(f"{k}={v[0]}" for k, v in plan["global_params"].items() if v)
         if shown:
-            print(f"  global  {shown}")
+            print(f"  global  {_clean(shown)}")
         if plan.get("budget"):
             b = plan["budget"]
             print(f"  budget  {b['spec']} = {_human(b['bytes'])} of expert reads ({b['select']})")
@@ -401,7 +401,7 @@ def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
         _emit_json(res.to_json())
     else:
         for p in res.problems:
-            print(p)
+            print(_clean(p))
         if not STATE.quiet:  # the problems are flushed first: on one terminal the summary follows them
             sys.stdout.flush()
             print(f"checked {res.refs} refs, {res.objects} objects, {res.chunks} chunks "
@@ -478,9 +478,20 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="plan: print the plan as JSON."),
 ) -> None:
     """Merge models with a MergeKit method and commit the result with its plan."""
+    from .merge.request import check_request, check_threads, parse_budget  # light: no torch
+
     planning = ctx.info_name == "plan"
     if not planning and branch is None:
         raise MpError("merge needs -b BRANCH: the branch to commit the merge on")
+    check_threads(threads)
+    if budget is not None:
+        parse_budget(budget)  # refused here, before torch starts; the planner parses it again
+    try:
+        memory = parse_size(memory_limit)
+    except MpError as e:
+        raise MpError(f"--memory-limit: {e}") from None
+    if memory < 1:
+        raise MpError("--memory-limit: the bound on blocks in flight must be at least 1 byte")
     _open().close()  # outside a repository, say so before planning anything
     if config is not None:
         if method or base or models:
@@ -508,14 +519,15 @@ def merge(
         request = MergeRequest(method, base, list(models), per_model, global_params,
                                dtype_name(dtype or "float32", "dtype"), dtype_name(out_dtype, "out_dtype"))
     request.seed = seed
+    check_request(request)  # every value usable before torch is imported and anything is read
     with _open() as repo:
         if planning:
-            plan = repo.plan(request, budget=budget, select=select, memory_limit=parse_size(memory_limit))
+            plan = repo.plan(request, budget=budget, select=select, memory_limit=memory)
             _print_plan(plan.to_json(), as_json)
             return
         assert branch is not None  # checked above: only `mp plan` goes without
         res = repo.merge(request, branch, message=message, threads=threads,
-                         memory_limit=parse_size(memory_limit), progress=_Bar(), budget=budget, select=select)
+                         memory_limit=memory, progress=_Bar(), budget=budget, select=select)
     print(res.commit.hex())
     st = res.realized
     if not STATE.quiet:

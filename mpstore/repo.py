@@ -184,7 +184,9 @@ class Repo:
             return [RefRow(n, cid, r.commit(cid).message) for n, cid in sorted(self.tags().items())]
 
     def reflog(self, branch: str) -> ReflogResult:
-        """Every move of a branch, oldest first: old and new ids, time, command."""
+        """Every move of a branch, oldest first: old and new ids, time, command. A branch whose
+        entries gc expired has none (`head` says where it is); one that neither exists nor has
+        entries is unknown."""
         with self.store.read() as r:
             entries = r.reflog(BRANCH_PREFIX + branch)  # kept after a delete, until gc expires it
             head = r.ref(BRANCH_PREFIX + branch)
@@ -513,7 +515,8 @@ class Repo:
             new, objects, conflicts, reverted = _revert(
                 r, sink, r.snapshot_of(c.parents[0]), r.snapshot_of(cid), r.snapshot_of(head_id), force)
         if conflicts:
-            shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+            shown = ", ".join(n if n.isprintable() else repr(n) for n in conflicts[:5])  # one line, always
+            shown += f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
             raise BadMerge(f"revert conflicts: changed again since {short(cid)}: {shown} (use --force)")
         if not reverted:
             raise BadMerge(f"nothing to revert: {short(cid)} changed nothing relative to its parent")

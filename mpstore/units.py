@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from fractions import Fraction
 
 from .errors import MpError
 
+MAX_SIZE = (1 << 63) - 1  # the largest size a plan (msgpack) or the store holds: 8 EiB
+_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+class SizeTooLarge(MpError):
+    """A size past MAX_SIZE."""
+
 
 def parse_size(text: str) -> int:
-    """'1MiB', '512k', '2GB', '4096' -> bytes (binary multiples, as chunk sizes are)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    """'1MiB', '512k', '2GB', '4096' -> bytes (binary multiples, as chunk sizes are).
+
+    Computed exactly (no float rounding), and refused beyond MAX_SIZE: a size no plan can
+    store is an error before anything runs, not an overflow after."""
+    m = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not m:
-        raise MpError(f"invalid size {text!r}: use a number of bytes, e.g. 1048576 or 1MiB")
-    n = Decimal(m.group(1)) * (1 << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2)])  # exact
-    if n != n.to_integral_value():
-        raise MpError(f"invalid size {text!r}: not a whole number of bytes ({n})")
-    return int(n)
+        raise MpError(f"invalid size {_short(text)}: use a number of bytes, e.g. 1048576 or 1MiB")
+    whole, frac = m.group(1).lstrip("0"), (m.group(2) or "")[:40]  # 40 digits decide the floor
+    if len(whole) > 20:  # more than 10**20 of any unit is past MAX_SIZE; and int() has a digit limit
+        raise SizeTooLarge(f"size {_short(text)} is too large (at most {MAX_SIZE} bytes)")
+    value = Fraction(int(whole or "0")) + (Fraction(int(frac), 10 ** len(frac)) if frac else 0)
+    size = int(value * (1 << _UNITS[m.group(3)]))
+    if size > MAX_SIZE:
+        raise SizeTooLarge(f"size {_short(text)} is too large (at most {MAX_SIZE} bytes)")
+    return size
+
+
+def _short(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 40 else f"{shown[:24]}...({len(text)} characters)"

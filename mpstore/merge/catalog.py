@@ -13,6 +13,7 @@ meets the same pair shares them, and gc drops them with their chunks.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -95,7 +96,16 @@ def verify(txn: Txn, k: bytes, value: bytes | memoryview) -> str | None:
         again = measure(bytearray(txn.chunk(expert)), bytearray(txn.chunk(base)), st.dtype)
     except (CorruptData, ValueError):
         return None  # a damaged chunk is reported by the chunk check
-    return None if again == st else f"catalog entry {k.hex()} does not match its chunks"
+    return None if same(again, st) else f"catalog entry {k.hex()} does not match its chunks"
+
+
+def same(a: DeltaStats, b: DeltaStats) -> bool:
+    """Equal statistics, NaN equal to NaN: a chunk holding NaN measures NaN norms every time
+    (whatever the NaN's sign or payload), and `==` would call that entry damaged forever."""
+    def eq(x: object, y: object) -> bool:
+        return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+
+    return all(eq(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
 
 
 class _Rules:

@@ -5,6 +5,9 @@ position), or a list of `{filter, value}` entries where the first entry whose fi
 substring of the tensor name wins. A plan keeps, per parameter, the chain of places it may be set
 (the model's entry, then the global `parameters`, then the method's default); the first level
 that yields a value for a tensor is used. Nothing here knows about any particular method.
+Every number in a value must be finite (NaN, ±inf and 1e999 — also written as text — are refused:
+they would merge into an all-NaN model) and every integer must fit the plan's 64-bit msgpack
+integers; `check_spec` enforces both before a plan is made.
 """
 
 from __future__ import annotations
@@ -40,8 +43,46 @@ def _is_conditional(spec: Spec) -> bool:
     return isinstance(spec, dict) or (isinstance(spec, list) and any(isinstance(v, dict) for v in spec))
 
 
-def check_spec(spec: Spec, where: str) -> Spec:
-    """Reject shapes of values MergeKit would reject; return the spec unchanged."""
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what a plan's msgpack integer holds
+MAX_DEPTH = 8  # {filter, value} entries nested in one another
+
+
+def check_number(value: object, where: str) -> None:
+    """Refuse a scalar no plan can hold or no merge can use: NaN, ±inf, a float written too big
+    for a double (1e999, also as text: 'nan', 'inf', '1e999'), an integer outside 64 bits."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise BadParameter(f"{where}: {_short(value)} is too large (integers are stored in 64 bits)")
+        return
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return  # a word (true, off, ...): `coerce` says whether it is a value for this parameter
+    elif isinstance(value, float):
+        number = value
+    else:
+        return
+    if not math.isfinite(number):
+        raise BadParameter(f"{where}: {_short(value)} is not a finite number")
+
+
+def _short(value: object) -> str:
+    """A value as it goes into a one-line message: its repr, cut short."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep; an int of more digits than repr allows
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def check_spec(spec: Spec, where: str, depth: int = 0) -> Spec:
+    """Reject shapes of values MergeKit would reject, and every number that is not finite or
+    does not fit in 64 bits, wherever it sits; return the spec unchanged."""
+    if depth > MAX_DEPTH:
+        raise BadParameter(f"{where}: {{filter, value}} entries nested more than {MAX_DEPTH} deep")
     if isinstance(spec, dict):
         spec = [spec]
     if isinstance(spec, list):
@@ -49,11 +90,18 @@ def check_spec(spec: Spec, where: str) -> Spec:
             for entry in spec:
                 if not isinstance(entry, dict) or set(entry) - {"filter", "value"} or "value" not in entry:
                     raise BadParameter(f"{where}: a filtered value is a list of {{filter, value}} entries")
-                check_spec(entry["value"], where)
+                if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                    raise BadParameter(f"{where}: a filter is a piece of a tensor name, got {_short(entry['filter'])}")
+                check_spec(entry["value"], where, depth + 1)
         elif not all(isinstance(v, (int, float, bool)) for v in spec):
-            raise BadParameter(f"{where}: a gradient is a list of numbers, got {spec!r}")
+            raise BadParameter(f"{where}: a gradient is a list of numbers, got {_short(spec)}")
+        else:
+            for v in spec:
+                check_number(v, where)
     elif not isinstance(spec, (int, float, bool, str)) and spec is not None:
-        raise BadParameter(f"{where}: unsupported value {spec!r}")
+        raise BadParameter(f"{where}: unsupported value {_short(spec)}")
+    else:
+        check_number(spec, where)
     return spec
 
 
@@ -106,9 +154,13 @@ def coerce(value: object, kind: type, where: str) -> float:
         raise BadParameter(f"{where}: expected true or false, got {value!r}")
     if isinstance(value, (int, float, str)):
         try:
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, OverflowError):
             pass
+        else:
+            if math.isfinite(number):
+                return number
+            raise BadParameter(f"{where}: {_short(value)} is not a finite number")
     raise BadParameter(f"{where}: expected a number, got {value!r}")
 
 

@@ -13,20 +13,21 @@ The planner reads no chunk and writes nothing; it returns a Plan.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import xxhash
 
-from ..errors import BadMerge, MpError
+from ..errors import BadMerge
 from ..store.env import Txn
 from ..store.objects import Plan, bitmap
-from ..units import parse_size
 from . import catalog, methods
 from .executor import omit, tasks
 from .methods.base import MergeMethod
 from .outline import Accountant, Task
+from .request import Budget, check_memory_limit, parse_budget
+
+__all__ = ["Budget", "parse_budget", "plan"]  # Budget and parse_budget live in request (no torch)
 
 # Rough cost of executing on the 2-core reference machine, fitted to warm merges of the 250M
 # family with K=8 (docs/benchmarks.md, "Budgeted merges"): seconds per unit of work (elements x
@@ -35,37 +36,9 @@ from .outline import Accountant, Task
 SECONDS_PER_WORK = {"task_arithmetic": 3.0e-9, "ties": 4.8e-9}
 SECONDS_PER_TENSOR = {"task_arithmetic": 0.75e-3, "ties": 5e-3}
 MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
+FLOAT8 = {"F8_E4M3", "F8_E5M2"}  # stored, converted, never computed in: torch has no float8 arithmetic
 SMALLEST = {"F64": 2.0 ** -1074, "F32": 2.0 ** -149, "F16": 2.0 ** -24, "BF16": 2.0 ** -133,
             "F8_E4M3": 2.0 ** -9, "F8_E5M2": 2.0 ** -16}  # spacing below the normal range
-
-
-@dataclass(frozen=True)
-class Budget:
-    spec: str  # as the user wrote it
-    fraction: float | None  # of the experts' differing bytes
-    nbytes: int | None
-
-    def limit(self, total: int) -> int:
-        """The budget in bytes, given the experts' distinct differing bytes."""
-        if self.nbytes is not None:
-            return self.nbytes
-        assert self.fraction is not None  # parse_budget sets one of the two
-        return math.floor(self.fraction * total)
-
-
-def parse_budget(text: str) -> Budget:
-    """'10%' (of the experts' bytes that differ from the base) or a size: '2GB', '512MiB'."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
-    if m:
-        fraction = float(m.group(1)) / 100
-        if not 0 <= fraction <= 1:
-            raise BadMerge(f"budget {text!r} is outside 0%..100%")
-        return Budget(text.strip(), fraction, None)
-    try:
-        return Budget(text.strip(), None, parse_size(text))
-    except MpError:
-        raise BadMerge(f"invalid budget {text!r}: use a share of the differing expert bytes (10%) "
-                       "or a size (2GB)") from None
 
 
 @dataclass(frozen=True)
@@ -107,8 +80,13 @@ def take_in_order(reads: list[Read], order: list[int], limit: int) -> set[int]:
 
 
 def greedy(reads: list[Read], limit: int) -> set[int]:
-    """Most weighted delta per byte first: optimal for additive methods up to the last chunk."""
-    return take_in_order(reads, sorted(range(len(reads)), key=lambda k: -reads[k].value / reads[k].nbytes), limit)
+    """Most weighted delta per byte first: optimal for additive methods up to the last chunk.
+    A NaN delta (an expert holding NaN) ranks as infinite: first, and a total order to sort by."""
+    def key(k: int) -> float:
+        v = reads[k].value
+        return -(math.inf if math.isnan(v) else v) / reads[k].nbytes
+
+    return take_in_order(reads, sorted(range(len(reads)), key=key), limit)
 
 
 def position_hash(reads: list[Read], limit: int) -> set[int]:
@@ -156,9 +134,21 @@ def candidates(txn: Txn, todo: list[Task], need_catalog: bool) -> tuple[list[Rea
 
 def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selector,
          memory_limit: int) -> Plan:
-    """`base_plan` with the reads a budget allows and the estimate of what execution will do."""
+    """`base_plan` with the reads a budget allows and the estimate of what execution will do.
+
+    Refuses, before anything runs, a memory limit outside 1 byte .. MAX_SIZE and a tensor to be
+    computed in float8 (a plan without a compute dtype computes each tensor in its own dtype, and
+    torch has no float8 arithmetic): such a merge needs `dtype` (the CLI's default is float32).
+    Float8 is refused rather than quietly widened because a plan has one compute dtype for all
+    tensors, and choosing float32 for the whole model would also change its output dtype."""
+    check_memory_limit(memory_limit)
     method = methods.get(base_plan.method)
     todo = tasks(txn, base_plan, method)
+    for task in todo:
+        if task.copy is None and task.compute in FLOAT8:
+            raise BadMerge(f"{task.name!r} is {task.compute} and float8 arithmetic is not implemented: "
+                           "set a compute dtype (YAML `dtype: float32`, or --dtype; the output is then "
+                           "float32 unless out_dtype says otherwise)")
     if budget is not None and (not method.sparse_inputs or base_plan.base is None):
         raise BadMerge(f"--budget needs a method that merges deltas from a base (task_arithmetic, "
                        f"ties, dare_*, breadcrumbs*, della*); {method.name} reads whole models")
@@ -260,7 +250,9 @@ def _bound(todo: list[Task], reads: list[Read], chosen: set[int], stats: Entries
         tiny = math.sqrt(catalog.elements(task.base, c)) * SMALLEST[task.out]
         total += (a + relative * norm + tiny) ** 2
         arith += a ** 2
-    return math.sqrt(total), math.sqrt(arith)
+    # a NaN delta left out (an expert holding NaN) leaves no finite bound: say inf, not NaN
+    bound, exact = math.sqrt(total), math.sqrt(arith)
+    return (math.inf if math.isnan(bound) else bound), (math.inf if math.isnan(exact) else exact)
 
 
 def _covers(method: MergeMethod, p: Plan) -> str:

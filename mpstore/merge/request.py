@@ -3,6 +3,11 @@
 Both front doors produce the same `MergeRequest`; `to_plan` resolves refs to commit ids, fills
 every parameter's chain of levels (model, global, default) and checks what can be checked before
 any tensor is read. Keys this engine does not implement are refused by name, never ignored.
+`check_request` (which `from_yaml`, `to_plan` and the CLI call) refuses, in one line, whatever no
+plan can hold or no merge can use: fields of the wrong type, a non-finite number or an integer
+past 64 bits anywhere in a parameter value, a seed outside -2**63 .. 2**64-1; `parse_budget`,
+`check_memory_limit` and `check_threads` do the same for the other knobs. All of it runs before
+anything is read or written, so a refused request leaves the store exactly as it was.
 This module must stay light: it does not import torch (the methods registry is imported inside
 `to_plan`), so parsing a request costs no torch start-up.
 """
@@ -10,12 +15,15 @@ This module must stay light: it does not import torch (the methods registry is i
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadMerge
+from ..errors import BadMerge, MpError
 from ..store.objects import Plan
+from ..units import MAX_SIZE, SizeTooLarge, parse_size
 from . import params as P
 
 YAML_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
@@ -53,6 +61,8 @@ def parse_value(text: str) -> object:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise P.BadParameter(f"value {P._short(text)} is nested too deeply") from None
 
 
 def split_per_model(text: str, n: int, name: str) -> list[object]:
@@ -67,53 +77,182 @@ def split_per_model(text: str, n: int, name: str) -> list[object]:
     return values
 
 
+SEED_MIN, SEED_MAX = P.INT_MIN, P.INT_MAX  # the plan stores the seed as a msgpack integer
+MAX_THREADS = 4096
+COMPUTE = {"F32", "F16", "BF16", "F64"}  # what `dtype`/`out_dtype` may name in a MergeRequest
+
+
+@dataclass(frozen=True)
+class Budget:
+    spec: str  # as the user wrote it
+    fraction: float | None  # of the experts' differing bytes
+    nbytes: int | None
+
+    def limit(self, total: int) -> int:
+        """The budget in bytes, given the experts' distinct differing bytes."""
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.fraction is not None  # parse_budget sets one of the two
+        return math.floor(self.fraction * total)
+
+
+def parse_budget(text: str) -> Budget:
+    """'10%' (of the experts' bytes that differ from the base) or a size: '2GB', '512MiB'."""
+    if not isinstance(text, str):
+        raise BadMerge(f"a budget is text such as '10%' or '2GB', got {P._short(text)}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
+    if m:
+        fraction = float(m.group(1)) / 100  # digits only: at worst inf, never NaN
+        if not 0 <= fraction <= 1:
+            raise BadMerge(f"budget {P._short(text)} is outside 0%..100%")
+        return Budget(text.strip(), fraction, None)
+    try:
+        return Budget(text.strip(), None, parse_size(text))
+    except SizeTooLarge as e:
+        raise BadMerge(f"budget {e}") from None
+    except MpError:
+        raise BadMerge(f"invalid budget {P._short(text)}: use a share of the differing expert bytes (10%) "
+                       "or a size (2GB)") from None
+
+
+def check_memory_limit(memory_limit: int) -> int:
+    """The bound on blocks in flight: a whole number of bytes, 1 .. MAX_SIZE."""
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or not 1 <= memory_limit <= MAX_SIZE:
+        raise BadMerge(f"the memory limit must be a size from 1 byte to {MAX_SIZE} bytes, "
+                       f"got {P._short(memory_limit)}")
+    return memory_limit
+
+
+def check_threads(threads: int | None) -> int | None:
+    """`threads` for merge, plan, replay and analyze: None (all cores) or 1..MAX_THREADS."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise BadMerge(f"--threads must be a whole number from 1 to {MAX_THREADS} "
+                       f"(leave it out to use every core), got {P._short(threads)}")
+    return threads
+
+
+def _ref(value: object, what: str) -> str:
+    """A model named in a request: a ref as text (YAML reads `model: 12345678` as a number)."""
+    if not isinstance(value, str) or not value:
+        raise BadMerge(f"{what} must be a ref (a branch, tag or commit id; quote one YAML would read "
+                       f"as a number: '12345678'), got {P._short(value)}")
+    return value
+
+
+def check_request(req: MergeRequest) -> None:
+    """What a request holds is usable whatever method it names: the types of its fields, a seed
+    that fits the plan (any integer from -2**63 to 2**64-1: it is hashed as text, so negative
+    seeds are seeds like any other), dtypes by safetensors name, and every parameter value finite
+    and within 64 bits (`params.check_spec`). Imports nothing heavy: the CLI calls it first."""
+    if not isinstance(req.method, str):
+        raise BadMerge(f"the merge method is a name such as ties, got {P._short(req.method)}")
+    if req.base is not None:
+        _ref(req.base, "the base model")
+    if not isinstance(req.models, list):
+        raise BadMerge(f"models must be a list of refs, got {P._short(req.models)}")
+    for i, m in enumerate(req.models):
+        _ref(m, f"models[{i}]")
+    if not isinstance(req.model_params, list) or req.model_params and len(req.model_params) != len(req.models):
+        raise BadMerge(f"per-model parameters must be a list with one mapping for each of the "
+                       f"{len(req.models)} models")
+    if not isinstance(req.global_params, dict) or not all(isinstance(q, dict) for q in req.model_params):
+        raise BadMerge("parameters must be a mapping of parameter name to value")
+    for what in ("dtype", "out_dtype"):
+        value = getattr(req, what)
+        if value is not None and value not in COMPUTE:
+            raise BadMerge(f"{what} {P._short(value)} is not one of {', '.join(sorted(COMPUTE))} "
+                           "(safetensors names; the CLI and YAML also take float32, bfloat16, ...)")
+    seed = req.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
+        raise BadMerge(f"seed must be a whole number from -2**63 to 2**64-1, got {P._short(seed)}")
+    for where, given in [("parameters", req.global_params)] + [
+        (f"parameters of {m!r}", q) for m, q in zip(req.models, req.model_params)
+    ]:
+        for name, spec in given.items():
+            P.check_spec(spec, f"{name} ({where})" if isinstance(name, str) else f"{P._short(name)} ({where})")
+
+
+def _mapping(value: object, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadMerge(f"{what} must be a mapping of parameter name to value, got {P._short(value)}")
+    return dict(value)
+
+
 def from_yaml(path: Path) -> MergeRequest:
     try:
         import yaml
     except ImportError:
         raise BadMerge("--config needs PyYAML: pip install 'mpstore[yaml]'") from None
     try:
-        doc = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except OSError as e:
         raise BadMerge(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadMerge(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise BadMerge(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise BadMerge(f"{path}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except RecursionError:
+        raise BadMerge(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadMerge(f"{path}: a merge config is a mapping with merge_method, models, ...")
     for key in doc:
         if key in UNSUPPORTED:
             raise BadMerge(f"{path}: key {key!r} is not supported by mpstore (use `models:`)")
         if key not in YAML_KEYS:
-            raise BadMerge(f"{path}: unknown key {key!r}")
+            raise BadMerge(f"{path}: unknown key {P._short(key)}")
     if "merge_method" not in doc or "models" not in doc:
         raise BadMerge(f"{path}: needs merge_method and models")
+    if not isinstance(doc["merge_method"], str):
+        raise BadMerge(f"{path}: merge_method is a name such as ties, got {P._short(doc['merge_method'])}")
+    entries = doc["models"] if doc["models"] is not None else []
+    if not isinstance(entries, list):
+        raise BadMerge(f"{path}: models must be a list of {{model: REF, parameters: {{...}}}}")
     models, model_params = [], []
-    for i, entry in enumerate(doc["models"] or []):
+    for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise BadMerge(f"{path}: models[{i}] must be {{model: REF, parameters: {{...}}}}")
-        models.append(str(entry["model"]))
-        model_params.append(dict(entry.get("parameters") or {}))
-    return MergeRequest(
-        str(doc["merge_method"]), str(doc["base_model"]) if doc.get("base_model") is not None else None,
-        models, model_params, dict(doc.get("parameters") or {}),
-        dtype_name(doc.get("dtype"), "dtype"), dtype_name(doc.get("out_dtype"), "out_dtype"),
+        models.append(_ref(entry["model"], f"{path}: models[{i}].model"))
+        model_params.append(_mapping(entry.get("parameters"), f"{path}: models[{i}].parameters"))
+    base = doc.get("base_model")
+    dtypes = []
+    for what in ("dtype", "out_dtype"):
+        value = doc.get(what)
+        if value is not None and not isinstance(value, str):
+            raise BadMerge(f"{path}: {what} is a name such as bfloat16, got {P._short(value)}")
+        dtypes.append(dtype_name(value, what))
+    req = MergeRequest(
+        doc["merge_method"], _ref(base, f"{path}: base_model") if base is not None else None,
+        models, model_params, _mapping(doc.get("parameters"), f"{path}: parameters"), dtypes[0], dtypes[1],
     )
+    try:
+        check_request(req)
+    except MpError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return req
 
 
 def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int, engine: int) -> Plan:
     """Check the request against its method and fix every input and parameter in a Plan."""
+    check_request(req)  # before the methods (and torch) are imported
     from . import methods  # imports torch: only when a plan is made
 
     method = methods.get(req.method)
     known = {d.name: d for d in (*method.model_params, *method.global_params)}
     per_model = req.model_params or [{} for _ in req.models]
     for where, given in [("parameters", req.global_params)] + [
-        (f"parameters of {m}", q) for m, q in zip(req.models, per_model)
+        (f"parameters of {m!r}", q) for m, q in zip(req.models, per_model)
     ]:
-        for name, spec in given.items():
+        for name in given:
             if name not in known:
-                raise BadMerge(f"{req.method} has no parameter {name!r} ({where})")
-            P.check_spec(spec, f"{name} ({where})")
+                raise BadMerge(f"{req.method} has no parameter {P._short(name)} ({where})")
     models, params = list(req.models), list(per_model)
     if req.base is not None and req.base in models and method.base != "none":
         at = models.index(req.base)

@@ -110,9 +110,7 @@ def plot_diff(result: DiffResult, path: Path) -> Path:
     top = float(positive.max()) if positive.size else 1.0
     shown = np.ma.masked_invalid(np.where(data == 0, floor / 10, data))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cols) + 3), max(3, 0.3 * len(rows) + 2)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#cccccc")
-    cmap.set_under("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#cccccc", under="white")
     image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=LogNorm(vmin=floor, vmax=max(top, floor * 1.0001)))
     ax.set_xticks(range(len(cols)), [_printable(c) for c in cols], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)

@@ -600,6 +600,7 @@ def _open_env(path: Path, map_size: int, readonly: bool = False) -> lmdb.Environ
     reports (not SIGBUS on a page of a sparse file), the file is only as large as its pages in use,
     and a large map costs address space only (see docs/benchmarks.md, "writemap", for add speed).
     Read-only (a read-only mount): no lock file, as no process can write there."""
+    _keep_dirty_pages_in_the_heap()
     size = map_size
     while True:
         try:
@@ -658,6 +659,27 @@ def _os_error(e: OSError, path: Path) -> MpError:
 
 
 _LIBC: ctypes.CDLL | None = None
+_TUNED = False
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _keep_dirty_pages_in_the_heap() -> None:
+    """Without writemap LMDB mallocs the dirty pages of a transaction (a chunk is a run of
+    overflow pages) and frees them at commit. glibc serves each allocation over 128 KiB with a
+    fresh mmap, whose pages fault in and are zeroed one by one, batch after batch: that made `mp
+    add` about 2x slower than with writemap. Serving them from the heap and keeping it between
+    batches reuses the same memory (bounded by one batch, see ChunkSink.BATCH_BYTES); measured
+    in docs/benchmarks.md, "writemap". Elsewhere than glibc this is skipped."""
+    global _TUNED
+    if _TUNED:
+        return
+    _TUNED = True
+    try:
+        libc = _libc()
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def _libc() -> ctypes.CDLL:
@@ -665,4 +687,6 @@ def _libc() -> ctypes.CDLL:
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
         _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        if hasattr(_LIBC, "mallopt"):
+            _LIBC.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return _LIBC
