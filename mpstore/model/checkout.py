@@ -10,7 +10,6 @@ dead (see `remove_stale`).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import re
@@ -45,14 +44,20 @@ STEM_BYTES = 120
 _CUT = "\u2026"  # marks a stem cut short: its target cannot be named
 
 
+def _limit(folder: Path | None, key: str, default: int) -> int:
+    """A pathconf limit of the file system holding `folder`; `default` where it names none."""
+    try:
+        value = os.pathconf(folder, key) if folder is not None else -1
+    except (OSError, ValueError):
+        value = -1
+    return value if value > 0 else default
+
+
 def too_long(path: Path) -> str | None:
     """Why the system cannot name `path` (a component or the whole path too long), or None."""
-    name_max, path_max = NAME_MAX, PATH_MAX
     ancestor = next((p for p in (path, *path.parents) if os.path.isdir(p)), None)
-    if ancestor is not None:
-        with contextlib.suppress(OSError, ValueError):
-            name_max = os.pathconf(ancestor, "PC_NAME_MAX")
-            path_max = os.pathconf(ancestor, "PC_PATH_MAX")
+    name_max = _limit(ancestor, "PC_NAME_MAX", NAME_MAX)
+    path_max = _limit(ancestor, "PC_PATH_MAX", PATH_MAX)
     for part in path.parts:
         n = len(os.fsencode(part))
         if n > name_max:
