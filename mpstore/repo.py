@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from .errors import BadMerge, BadRefName, MpError, NotARepository, RepositoryExists, UnknownRef
+from .merge.request import check_threads
 from .model import checkout as _checkout
 from .model import ingest
 from .model.diff import DiffResult, diff_snapshots
@@ -85,6 +86,11 @@ def _writes(fn: Callable[Concatenate[Repo, P], R]) -> Callable[Concatenate[Repo,
             return fn(self, *args, **kwargs)
 
     return wrapper
+
+
+def _workers(threads: int | None) -> int:
+    """Worker threads for a verb that computes: as asked (checked before any work), else every core."""
+    return check_threads(threads) or os.cpu_count() or 1
 
 
 def _author() -> str:
@@ -431,7 +437,7 @@ class Repo:
         from .merge.catalog import analyze
 
         with self.store.writing():
-            return analyze(self.store, pairs, progress or Silent(), threads or os.cpu_count() or 1)
+            return analyze(self.store, pairs, progress or Silent(), _workers(threads))
 
     @_writes
     def merge(
@@ -452,12 +458,12 @@ class Repo:
         from .merge.executor import execute
 
         check_name(branch)
+        workers = _workers(threads)
         began = time.perf_counter()
         plan = self.plan(request, budget, select, memory_limit)
         planned = time.perf_counter() - began
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
-        result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
-                         memory_limit)
+        result = execute(self.store, plan, sink, progress or Silent(), workers, memory_limit)
         result.realized.seconds = {"plan": round(planned, 3), **result.realized.seconds}
         inputs = [plan.base] if plan.base else []
         inputs += [m for m in plan.models if m not in inputs]
@@ -484,7 +490,7 @@ class Repo:
             plan = r.plan(info.commit.plan)
             stored = r.snapshot(info.commit.snapshot)
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent(), dry=True)
-        result = execute(self.store, plan, sink, progress or Silent(), threads or os.cpu_count() or 1,
+        result = execute(self.store, plan, sink, progress or Silent(), _workers(threads),
                          memory_limit)
         again = result.snapshot
         if again.id == info.commit.snapshot:

@@ -513,3 +513,27 @@ def test_generated_bad_flags_through_the_cli_get_one_line_and_exit_1(cli_store, 
     if bad[0] != "--weight":
         args += ["--weight", "0.5"]
     refused_cli(cli_store, *args, *bad)
+
+
+# ------------------------------------------------------------------------------ the Python API's threads, weight sums
+
+
+@pytest.mark.parametrize("threads", [-1, 0, 10**6])
+def test_nonpositive_threads_are_refused_by_every_verb_of_the_python_api(api, threads):
+    """`repo.merge/replay/analyze(threads=-1)` ended in ThreadPoolExecutor's ValueError."""
+    refused_api(api, ta(), "--threads", threads=threads)
+    api.merge(ta(), "for-replay")
+    before = store_fingerprint(api)
+    with pytest.raises(MpError, match="--threads"):
+        api.replay("for-replay", threads=threads)
+    with pytest.raises(MpError, match="--threads"):
+        api.analyze("e1", "base", threads=threads)
+    assert store_fingerprint(api) == before
+
+
+def test_finite_weights_whose_sum_overflows_are_refused(api):
+    """Each weight finite, their sum inf: normalize would divide every delta by inf."""
+    huge = [{"weight": 1e308}, {"weight": 1e308}]
+    refused_api(api, MergeRequest("ties", "base", ["e1", "e2"], huge, {"density": 0.5}, "F32", None),
+                "weights sum to inf")
+    refused_api(api, MergeRequest("linear", None, ["e1", "e2"], huge, {}, "F32", None), "weights sum to inf")

@@ -17,6 +17,7 @@ commits what it returns.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -135,6 +136,9 @@ def _tasks(txn: Txn, plan: Plan, method: MergeMethod, template: Snapshot,
             task.copy, task.out = ref, ref.dtype
         else:
             numel = ref.size // ITEMSIZE[ref.dtype]
+            weights = sum(float(q.get("weight", 0.0)) for q in p)
+            if not math.isfinite(weights):  # each weight is finite (checked), their sum may not be
+                raise BadMerge(f"tensor {name!r}: the weights sum to {weights}: too large to merge")
             method.check(p, g, name, numel)
             if distinct == 1 and method.equal_identity(g) and task.out == ref.dtype:
                 task.copy = ref
