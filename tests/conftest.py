@@ -91,6 +91,17 @@ def _dump(env: lmdb.Environment) -> dict[bytes, dict[bytes, bytes]]:
     return out
 
 
+def edit_db(root: Path, db: bytes, fn) -> None:
+    """fn(txn, db handle) in a raw LMDB write transaction, as a disk fault or a stray tool would
+    change the store: mpstore is out of the way (the repository must be closed)."""
+    env = lmdb.open(str(Path(root) / ".mp"), max_dbs=16, subdir=True)
+    try:
+        with env.begin(write=True) as txn:
+            fn(txn, env.open_db(db, txn=txn, create=False))
+    finally:
+        env.close()
+
+
 def leftovers(parent: Path) -> list[str]:
     """Temporary or moved-aside folders that checkout might leave next to its target."""
     return sorted(p.name for p in Path(parent).iterdir() if ".mp-tmp-" in p.name or ".mp-old-" in p.name)

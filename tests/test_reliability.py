@@ -23,7 +23,7 @@ import crash_stress
 import lmdb
 import psutil
 import pytest
-from conftest import MP, assert_user_error, leftovers, run_mp, store_fingerprint, tree_bytes
+from conftest import MP, assert_user_error, edit_db, leftovers, run_mp, store_fingerprint, tree_bytes
 from crash_stress import child, random_model, run_and_kill, small_family, tree_digest
 
 from mpstore import Repo
@@ -373,16 +373,6 @@ def test_sigkill_at_random_instants_leaves_a_whole_store(tmp_path, command):
 # ------------------------------------------------------------------------------ corruption
 
 
-def raw_edit(root: Path, db: bytes, fn) -> None:
-    """fn(txn, db) in a raw LMDB write transaction, with mpstore out of the way."""
-    env = lmdb.open(str(root / ".mp"), max_dbs=8, subdir=True)
-    try:
-        with env.begin(write=True) as txn:
-            fn(txn, env.open_db(db, txn=txn, create=False))
-    finally:
-        env.close()
-
-
 def flip(key: bytes, offset: int, bit: int = 0):
     """Flip one bit of the stored value of `key` (offsets past the end wrap into the payload)."""
 
@@ -419,7 +409,7 @@ def _chunk_of(root: Path, spec: str, what: str) -> tuple[bytes, str]:
 def test_a_flipped_byte_in_a_chunk_is_caught_by_fsck_and_checkout(two_models, tmp_path, models, what):
     root, base, other = two_models
     key, user = _chunk_of(root, "base", what)
-    raw_edit(root, b"chunks", flip(key, 1 + random.Random(what).randrange(100), bit=3))
+    edit_db(root, b"chunks", flip(key, 1 + random.Random(what).randrange(100), bit=3))
     before = store_fingerprint(root)
 
     proc = run_mp("-C", root, "fsck")
@@ -460,11 +450,11 @@ def test_every_random_corruption_is_detected(two_models):
     for kind, key in cases:
         db = b"objects" if kind == "object" else b"chunks"
         saved = {}
-        raw_edit(root, db, lambda txn, d, key=key, saved=saved: saved.setdefault("v", bytes(txn.get(key, db=d))))
+        edit_db(root, db, lambda txn, d, key=key, saved=saved: saved.setdefault("v", bytes(txn.get(key, db=d))))
         if kind == "missing":
-            raw_edit(root, db, lambda txn, d, key=key: txn.delete(key, db=d))
+            edit_db(root, db, lambda txn, d, key=key: txn.delete(key, db=d))
         else:
-            raw_edit(root, db, flip(key, rng.randrange(len(saved["v"])), rng.randrange(8)))
+            edit_db(root, db, flip(key, rng.randrange(len(saved["v"])), rng.randrange(8)))
         with Repo.open(root) as repo:
             problems = repo.fsck().problems
         hit = [p for p in problems if key.hex() in p]
@@ -472,7 +462,7 @@ def test_every_random_corruption_is_detected(two_models):
         if kind != "object":
             assert all("used by " in p and " of commit " in p for p in hit), hit
         detected += 1
-        raw_edit(root, db, lambda txn, d, key=key, saved=saved: txn.put(key, saved["v"], db=d))
+        edit_db(root, db, lambda txn, d, key=key, saved=saved: txn.put(key, saved["v"], db=d))
     with Repo.open(root) as repo:
         assert repo.fsck().problems == []
     print(f"corruptions detected: {detected} of {len(cases)}")
@@ -481,7 +471,7 @@ def test_every_random_corruption_is_detected(two_models):
 
 def test_a_ref_to_a_missing_commit_is_reported(two_models):
     root, base, other = two_models
-    raw_edit(root, b"objects", lambda txn, d: txn.delete(bytes.fromhex(other), db=d))
+    edit_db(root, b"objects", lambda txn, d: txn.delete(bytes.fromhex(other), db=d))
     proc = run_mp("-C", root, "fsck")
     assert proc.returncode == 1
     assert f"ref heads/other: object {other} is missing" in proc.stdout.splitlines()
@@ -806,10 +796,10 @@ def test_fsck_catches_a_catalog_entry_that_does_not_match_its_chunks(tmp_path, f
     fields = msgpack.unpackb(value)
     fields[2] *= 1.5  # the L2 norm
 
-    raw_edit(root, b"catalog", lambda txn, db: txn.put(key, msgpack.packb(fields, use_bin_type=True), db=db))
+    edit_db(root, b"catalog", lambda txn, db: txn.put(key, msgpack.packb(fields, use_bin_type=True), db=db))
     proc = run_mp("-C", root, "fsck")
     assert proc.returncode == 1 and proc.stdout.splitlines() == [f"catalog entry {key.hex()} does not match its chunks"]
-    raw_edit(root, b"catalog", lambda txn, db: txn.put(key, b"\x93garbage", db=db))
+    edit_db(root, b"catalog", lambda txn, db: txn.put(key, b"\x93garbage", db=db))
     proc = run_mp("-C", root, "fsck")
     assert proc.returncode == 1 and proc.stdout.splitlines() == [
         f"catalog entry {key.hex()} is outdated or damaged (`mp gc` removes it)"]

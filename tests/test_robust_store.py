@@ -17,9 +17,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb
 import pytest
-from conftest import assert_user_error, run_mp, store_fingerprint, tree_bytes
+from conftest import assert_user_error, edit_db, run_mp, store_fingerprint, tree_bytes
 from make_family import make_family
 
 from mpstore import MergeRequest, Repo
@@ -30,16 +29,6 @@ PAGE = 4096
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def edit_db(root: Path, db: bytes, fn) -> None:
-    """Change a store behind mpstore's back, as a disk or a stray tool would."""
-    env = lmdb.open(str(root / ".mp"), max_dbs=16, subdir=True)
-    try:
-        with env.begin(write=True) as txn:
-            fn(txn, env.open_db(db, txn=txn, create=False))
-    finally:
-        env.close()
 
 
 def mounted_tmpfs(where: Path, size: str) -> Path:

@@ -8,7 +8,7 @@ import subprocess
 import lmdb
 import pytest
 import torch
-from conftest import MP, assert_user_error, leftovers, run_mp, store_fingerprint, tree_bytes
+from conftest import MP, assert_user_error, edit_db, leftovers, run_mp, store_fingerprint, tree_bytes
 from safetensors.torch import save_file
 
 from mpstore import Repo
@@ -20,16 +20,6 @@ from mpstore.store.ids import digest
 def raw_env(root, **kw) -> lmdb.Environment:
     """The store's LMDB environment opened with lmdb itself, bypassing mpstore."""
     return lmdb.open(str(root / ".mp"), max_dbs=8, subdir=True, **kw)
-
-
-def edit_db(root, db: bytes, fn) -> None:
-    """Run fn(txn, db_handle) in a raw LMDB write transaction (the repository must be closed)."""
-    env = raw_env(root)
-    try:
-        with env.begin(write=True) as txn:
-            fn(txn, env.open_db(db, txn=txn, create=False))
-    finally:
-        env.close()
 
 
 # ------------------------------------------------------------------------------ map size

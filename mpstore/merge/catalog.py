@@ -26,12 +26,11 @@ import numpy as np
 from ..errors import CorruptData
 from ..progress import Progress
 from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
-from ..store.dtypes import ITEMSIZE
+from ..store.dtypes import FLOATS, ITEMSIZE
 from ..store.env import Store, Txn
 from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
-FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # dtypes with a delta: what merges compute
 NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 BINS = 1 << 16
 WRITE_BATCH = 2048  # entries per write transaction

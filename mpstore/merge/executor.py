@@ -33,13 +33,12 @@ from ..model.checkout import chunk_views
 from ..model.header import build_header
 from ..progress import Progress
 from ..store.chunks import ChunkSink
-from ..store.dtypes import ITEMSIZE, torch_dtype
+from ..store.dtypes import FLOATS, ITEMSIZE, torch_dtype
 from ..store.env import Store, Txn
 from ..store.ids import short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
 from . import catalog, methods
 from . import params as P
-from .catalog import FLOATS
 from .methods.base import Block, MergeMethod, Pass, TensorContext
 from .outline import Outline, ReadAccount, Realized, Step, Task, outline
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from ..store.dtypes import torch_dtype
+from ..store.dtypes import FLOATS, torch_dtype
 from ..store.env import Store, Txn
 from ..store.objects import Tensor
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # imported where values are compared: add and checkout never 
 
 
 NONFINITE_KEYS = ("nan_a", "inf_a", "nan_b", "inf_b", "nan_diff", "inf_diff")
-_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def _finite(x: float | None) -> float | None:
@@ -111,7 +110,7 @@ def _compare(reader: _Reader, name: str, ta: Tensor, tb: Tensor) -> TensorDiff:
     if ta.dtype != tb.dtype or ta.shape != tb.shape:
         note = f"{ta.dtype}{list(ta.shape)} -> {tb.dtype}{list(tb.shape)}"
         return TensorDiff(name, "changed", len(tb.chunks), len(tb.chunks), changed_bytes=tb.size, note=note)
-    floating = ta.dtype in _FLOATS
+    floating = ta.dtype in FLOATS
     counts = dict.fromkeys(NONFINITE_KEYS, 0)
 
     def side(native: torch.Tensor, *sides: str) -> torch.Tensor:

@@ -20,6 +20,7 @@ ITEMSIZE: dict[str, int] = {
 }
 
 MAX_ITEMSIZE = max(ITEMSIZE.values())
+FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # values with a difference: diff, merges
 
 _TORCH_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
