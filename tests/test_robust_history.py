@@ -298,6 +298,17 @@ def random_model(folder: Path, mib: int = 8) -> Path:
     return folder
 
 
+def wait_stopped(pid: int, timeout: float = 10) -> None:
+    """Until the kernel says the process is stopped (state T in /proc/PID/stat)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] in "Tt":
+            return
+        time.sleep(0.001)
+    pytest.fail(f"process {pid} did not stop")
+
+
 def start_and_stop_mid_write(cmd: list[str], parent: Path, known: set[str], timeout: float = 60):
     """Start `cmd` (a checkout into `parent`); SIGSTOP it once its temporary folder holds part of
     model.safetensors. Returns (process, its temporary folder's name), or None if it finished
@@ -312,11 +323,22 @@ def start_and_stop_mid_write(cmd: list[str], parent: Path, known: set[str], time
                 continue
             if size >= 1 << 20:
                 proc.send_signal(signal.SIGSTOP)
+                wait_stopped(proc.pid)  # a write in flight completes before the process stops
                 if (parent / name).exists():
                     return proc, name
                 proc.send_signal(signal.SIGCONT)
     proc.wait(timeout)
     return None
+
+
+def caught_mid_write(base: list[str], target: Path, known: set[str]):
+    """`start_and_stop_mid_write`, retried (a small checkout may finish before it is caught)."""
+    for _ in range(20):
+        got = start_and_stop_mid_write([*base, str(target)], target.parent, known)
+        if got:
+            return got
+        shutil.rmtree(target)
+    pytest.fail("the checkout never got caught mid-write")
 
 
 def test_a_killed_checkouts_leftover_is_removed_by_the_next_one_but_a_live_ones_is_not(root, tmp_path):
@@ -326,26 +348,12 @@ def test_a_killed_checkouts_leftover_is_removed_by_the_next_one_but_a_live_ones_
     area.mkdir()
     base = [*MP, "-C", str(root), "--quiet", "checkout", "m", "-o"]
     # a checkout killed mid-write leaves its temporary folder behind
-    for _ in range(20):
-        got = start_and_stop_mid_write([*base, str(area / "killed")], area, set())
-        if got:
-            break
-        shutil.rmtree(area / "killed")
-    else:
-        pytest.fail("the checkout never got caught mid-write")
-    victim, dead = got
+    victim, dead = caught_mid_write(base, area / "killed", set())
     victim.send_signal(signal.SIGKILL)
     victim.wait(60)
     assert leftovers(area) == [dead] and not (area / "killed").exists()
     # a live checkout into the same folder, paused mid-write (alive, its lock held)
-    for _ in range(20):
-        got = start_and_stop_mid_write([*base, str(area / "live")], area, {dead})
-        if got:
-            break
-        shutil.rmtree(area / "live")
-    else:
-        pytest.fail("the checkout never got caught mid-write")
-    live, writing = got
+    live, writing = caught_mid_write(base, area / "live", {dead})
     try:
         partial = (area / writing / "model.safetensors").stat().st_size
         # the next checkout into the same parent removes the dead one's folder, not the live one's
