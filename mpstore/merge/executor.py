@@ -444,13 +444,12 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     """Compute the merged snapshot of `plan`; chunks go through `sink`, nothing else is written."""
     method = methods.get(plan.method)
     began = time.perf_counter()
-    with store.read() as txn:
+    with store.read() as txn:  # the tasks hold decoded objects only: they outlive the transaction
+        template = _snapshots(txn, plan, method)[0]
         todo = tasks(txn, plan, method)
     # The output is written while the inputs are read, and the map cannot grow under an open read.
     store.reserve(sum(_out_size(t) for t in todo) + (16 << 20))
     with store.read() as txn:
-        template = _snapshots(txn, plan, method)[0]
-        todo = tasks(txn, plan, method)
         progress.start(f"merge {plan.method}", sum(_out_size(t) for t in todo))
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
