@@ -555,10 +555,12 @@ class Repo:
         such damage becomes a problem line instead of killing the caller."""
         if not isolate:
             return _fsck(self.store, _catalog_rules())
+        path = os.pathsep.join(filter(None, (_import_root(), os.environ.get("PYTHONPATH"))))
         child = subprocess.run(
             [sys.executable, "-c", "import json, sys; from mpstore import Repo; r = Repo.open(sys.argv[1]); "
-             "print(json.dumps(r.fsck().to_json()))", str(self.root)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _import_root()},
+             "print(json.dumps(r.fsck().to_json()))", str(self.root.absolute())],
+            capture_output=True, text=True, cwd=_import_root(),  # `-c` imports from the working folder first
+            env={**os.environ, "PYTHONPATH": path},
         )
         if child.returncode == 0:
             return FsckResult.from_json(json.loads(child.stdout))
