@@ -6,6 +6,15 @@ non-zero. Anything else escaping is a bug in mpstore, not the user's input.
 """
 
 
+def quoted(value: object) -> str:
+    """A value a user gave, as it goes into a one-line message: its repr, cut short."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep; an int of more digits than repr allows
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 class MpError(Exception):
     """Base of all user-facing errors; `str(err)` is the one line the CLI prints."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import MpError
+from ..errors import MpError, quoted
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -54,7 +54,7 @@ def check_number(value: object, where: str) -> None:
         return
     if isinstance(value, int):
         if not INT_MIN <= value <= INT_MAX:
-            raise BadParameter(f"{where}: {_short(value)} is too large (integers are stored in 64 bits)")
+            raise BadParameter(f"{where}: {quoted(value)} is too large (integers are stored in 64 bits)")
         return
     if isinstance(value, str):
         try:
@@ -66,16 +66,7 @@ def check_number(value: object, where: str) -> None:
     else:
         return
     if not math.isfinite(number):
-        raise BadParameter(f"{where}: {_short(value)} is not a finite number")
-
-
-def _short(value: object) -> str:
-    """A value as it goes into a one-line message: its repr, cut short."""
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # nested too deep; an int of more digits than repr allows
-        return f"a {type(value).__name__} too large to show"
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+        raise BadParameter(f"{where}: {quoted(value)} is not a finite number")
 
 
 def check_spec(spec: Spec, where: str, depth: int = 0) -> Spec:
@@ -91,15 +82,15 @@ def check_spec(spec: Spec, where: str, depth: int = 0) -> Spec:
                 if not isinstance(entry, dict) or set(entry) - {"filter", "value"} or "value" not in entry:
                     raise BadParameter(f"{where}: a filtered value is a list of {{filter, value}} entries")
                 if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-                    raise BadParameter(f"{where}: a filter is a piece of a tensor name, got {_short(entry['filter'])}")
+                    raise BadParameter(f"{where}: a filter is a piece of a tensor name, got {quoted(entry['filter'])}")
                 check_spec(entry["value"], where, depth + 1)
         elif not all(isinstance(v, (int, float, bool)) for v in spec):
-            raise BadParameter(f"{where}: a gradient is a list of numbers, got {_short(spec)}")
+            raise BadParameter(f"{where}: a gradient is a list of numbers, got {quoted(spec)}")
         else:
             for v in spec:
                 check_number(v, where)
     elif not isinstance(spec, (int, float, bool, str)) and spec is not None:
-        raise BadParameter(f"{where}: unsupported value {_short(spec)}")
+        raise BadParameter(f"{where}: unsupported value {quoted(spec)}")
     else:
         check_number(spec, where)
     return spec
@@ -160,7 +151,7 @@ def coerce(value: object, kind: type, where: str) -> float:
         else:
             if math.isfinite(number):
                 return number
-            raise BadParameter(f"{where}: {_short(value)} is not a finite number")
+            raise BadParameter(f"{where}: {quoted(value)} is not a finite number")
     raise BadParameter(f"{where}: expected a number, got {value!r}")
 
 

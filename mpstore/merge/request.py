@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadMerge, MpError
+from ..errors import BadMerge, MpError, quoted
 from ..store.objects import Plan
 from ..units import MAX_SIZE, SizeTooLarge, parse_size
 from . import params as P
@@ -62,7 +62,7 @@ def parse_value(text: str) -> object:
     except ValueError:
         return text
     except RecursionError:
-        raise P.BadParameter(f"value {P._short(text)} is nested too deeply") from None
+        raise P.BadParameter(f"value {quoted(text)} is nested too deeply") from None
 
 
 def split_per_model(text: str, n: int, name: str) -> list[object]:
@@ -99,19 +99,19 @@ class Budget:
 def parse_budget(text: str) -> Budget:
     """'10%' (of the experts' bytes that differ from the base) or a size: '2GB', '512MiB'."""
     if not isinstance(text, str):
-        raise BadMerge(f"a budget is text such as '10%' or '2GB', got {P._short(text)}")
+        raise BadMerge(f"a budget is text such as '10%' or '2GB', got {quoted(text)}")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
     if m:
         fraction = float(m.group(1)) / 100  # digits only: at worst inf, never NaN
         if not 0 <= fraction <= 1:
-            raise BadMerge(f"budget {P._short(text)} is outside 0%..100%")
+            raise BadMerge(f"budget {quoted(text)} is outside 0%..100%")
         return Budget(text.strip(), fraction, None)
     try:
         return Budget(text.strip(), None, parse_size(text))
     except SizeTooLarge as e:
         raise BadMerge(f"budget {e}") from None
     except MpError:
-        raise BadMerge(f"invalid budget {P._short(text)}: use a share of the differing expert bytes (10%) "
+        raise BadMerge(f"invalid budget {quoted(text)}: use a share of the differing expert bytes (10%) "
                        "or a size (2GB)") from None
 
 
@@ -119,7 +119,7 @@ def check_memory_limit(memory_limit: int) -> int:
     """The bound on blocks in flight: a whole number of bytes, 1 .. MAX_SIZE."""
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or not 1 <= memory_limit <= MAX_SIZE:
         raise BadMerge(f"the memory limit must be a size from 1 byte to {MAX_SIZE} bytes, "
-                       f"got {P._short(memory_limit)}")
+                       f"got {quoted(memory_limit)}")
     return memory_limit
 
 
@@ -129,7 +129,7 @@ def check_threads(threads: int | None) -> int | None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
         raise BadMerge(f"--threads must be a whole number from 1 to {MAX_THREADS} "
-                       f"(leave it out to use every core), got {P._short(threads)}")
+                       f"(leave it out to use every core), got {quoted(threads)}")
     return threads
 
 
@@ -137,7 +137,7 @@ def _ref(value: object, what: str) -> str:
     """A model named in a request: a ref as text (YAML reads `model: 12345678` as a number)."""
     if not isinstance(value, str) or not value:
         raise BadMerge(f"{what} must be a ref (a branch, tag or commit id; quote one YAML would read "
-                       f"as a number: '12345678'), got {P._short(value)}")
+                       f"as a number: '12345678'), got {quoted(value)}")
     return value
 
 
@@ -147,11 +147,11 @@ def check_request(req: MergeRequest) -> None:
     seeds are seeds like any other), dtypes by safetensors name, and every parameter value finite
     and within 64 bits (`params.check_spec`). Imports nothing heavy: the CLI calls it first."""
     if not isinstance(req.method, str):
-        raise BadMerge(f"the merge method is a name such as ties, got {P._short(req.method)}")
+        raise BadMerge(f"the merge method is a name such as ties, got {quoted(req.method)}")
     if req.base is not None:
         _ref(req.base, "the base model")
     if not isinstance(req.models, list):
-        raise BadMerge(f"models must be a list of refs, got {P._short(req.models)}")
+        raise BadMerge(f"models must be a list of refs, got {quoted(req.models)}")
     for i, m in enumerate(req.models):
         _ref(m, f"models[{i}]")
     if not isinstance(req.model_params, list) or req.model_params and len(req.model_params) != len(req.models):
@@ -162,23 +162,23 @@ def check_request(req: MergeRequest) -> None:
     for what in ("dtype", "out_dtype"):
         value = getattr(req, what)
         if value is not None and value not in COMPUTE:
-            raise BadMerge(f"{what} {P._short(value)} is not one of {', '.join(sorted(COMPUTE))} "
+            raise BadMerge(f"{what} {quoted(value)} is not one of {', '.join(sorted(COMPUTE))} "
                            "(safetensors names; the CLI and YAML also take float32, bfloat16, ...)")
     seed = req.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
-        raise BadMerge(f"seed must be a whole number from -2**63 to 2**64-1, got {P._short(seed)}")
+        raise BadMerge(f"seed must be a whole number from -2**63 to 2**64-1, got {quoted(seed)}")
     for where, given in [("parameters", req.global_params)] + [
         (f"parameters of {m!r}", q) for m, q in zip(req.models, req.model_params)
     ]:
         for name, spec in given.items():
-            P.check_spec(spec, f"{name} ({where})" if isinstance(name, str) else f"{P._short(name)} ({where})")
+            P.check_spec(spec, f"{name} ({where})" if isinstance(name, str) else f"{quoted(name)} ({where})")
 
 
 def _mapping(value: object, what: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadMerge(f"{what} must be a mapping of parameter name to value, got {P._short(value)}")
+        raise BadMerge(f"{what} must be a mapping of parameter name to value, got {quoted(value)}")
     return dict(value)
 
 
@@ -207,11 +207,11 @@ def from_yaml(path: Path) -> MergeRequest:
         if key in UNSUPPORTED:
             raise BadMerge(f"{path}: key {key!r} is not supported by mpstore (use `models:`)")
         if key not in YAML_KEYS:
-            raise BadMerge(f"{path}: unknown key {P._short(key)}")
+            raise BadMerge(f"{path}: unknown key {quoted(key)}")
     if "merge_method" not in doc or "models" not in doc:
         raise BadMerge(f"{path}: needs merge_method and models")
     if not isinstance(doc["merge_method"], str):
-        raise BadMerge(f"{path}: merge_method is a name such as ties, got {P._short(doc['merge_method'])}")
+        raise BadMerge(f"{path}: merge_method is a name such as ties, got {quoted(doc['merge_method'])}")
     entries = doc["models"] if doc["models"] is not None else []
     if not isinstance(entries, list):
         raise BadMerge(f"{path}: models must be a list of {{model: REF, parameters: {{...}}}}")
@@ -226,7 +226,7 @@ def from_yaml(path: Path) -> MergeRequest:
     for what in ("dtype", "out_dtype"):
         value = doc.get(what)
         if value is not None and not isinstance(value, str):
-            raise BadMerge(f"{path}: {what} is a name such as bfloat16, got {P._short(value)}")
+            raise BadMerge(f"{path}: {what} is a name such as bfloat16, got {quoted(value)}")
         dtypes.append(dtype_name(value, what))
     req = MergeRequest(
         doc["merge_method"], _ref(base, f"{path}: base_model") if base is not None else None,
@@ -252,7 +252,7 @@ def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int,
     ]:
         for name in given:
             if name not in known:
-                raise BadMerge(f"{req.method} has no parameter {P._short(name)} ({where})")
+                raise BadMerge(f"{req.method} has no parameter {quoted(name)} ({where})")
     models, params = list(req.models), list(per_model)
     if req.base is not None and req.base in models and method.base != "none":
         at = models.index(req.base)

@@ -404,12 +404,16 @@ class Store:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
-    def _lock_file(self, name: str) -> BinaryIO:
-        """A lock file of the store, opened for a command that writes: a read-only store says so
-        here, before the command has done anything."""
+    def _check_writable(self) -> None:
+        """A writing command on a read-only store says so before it has done anything."""
         if self.readonly:
             raise ReadOnlyStore(f"{self.path} is on a read-only file system: reading commands work, "
                                 "this one writes")
+
+    def _lock_file(self, name: str) -> BinaryIO:
+        """A lock file of the store, opened for a command that writes: a read-only store says so
+        here, before the command has done anything."""
+        self._check_writable()
         try:
             return open(self.path / name, "a+b")
         except OSError as e:
@@ -418,10 +422,9 @@ class Store:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """This process alone has the store open (every open holds a shared lock), or MpError."""
+        self._check_writable()
         lock = self._open_lock
-        if lock is None:
-            raise ReadOnlyStore(f"{self.path} is on a read-only file system: reading commands work, "
-                                "this one writes")
+        assert lock is not None  # only a read-only store is opened without it
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -491,9 +494,7 @@ class Store:
         many bytes it may add; the map is grown beforehand so a rerun is the exception. A full
         disk aborts the transaction: the store is as it was, and the caller gets `DiskFull`.
         """
-        if self.readonly:
-            raise ReadOnlyStore(f"{self.path} is on a read-only file system: reading commands work, "
-                                "this one writes")
+        self._check_writable()
         self._ensure_room(reserve)
         while True:
             txn = self._begin(write=True)
@@ -511,7 +512,7 @@ class Store:
                 raise
             finally:
                 self._live -= 1
-            self._grow(2 * self.env.info()["map_size"])
+            self._resize(2 * self.env.info()["map_size"])
 
     def reserve(self, nbytes: int) -> None:
         """Make room in the map for `nbytes` of writes to come, before a long read transaction
@@ -563,10 +564,7 @@ class Store:
         info = self.env.info()
         need = self.used_bytes() + reserve + reserve // 8 + MAP_SLACK
         if need > info["map_size"]:
-            self._grow(max(need, 2 * info["map_size"]))
-
-    def _grow(self, size: int) -> None:
-        self._resize(size)
+            self._resize(max(need, 2 * info["map_size"]))
 
     def _resize(self, size: int) -> None:
         """LMDB resizes the map only while this process has no transaction open: one open across
