@@ -470,6 +470,9 @@ def merge(
     seed: int = typer.Option(0, help="Seed of the random methods (dare_*, della*)."),
     dtype: str | None = typer.Option(None, help="Compute dtype (default float32; YAML: as MergeKit)."),
     out_dtype: str | None = typer.Option(None, help="Output dtype (default: the compute dtype)."),
+    compute_dtype: str | None = typer.Option(
+        None, "--compute-dtype", help="Compute at this precision (float32, float64) instead of the dtype "
+                                      "the YAML or --dtype names, which then names the output."),
     budget: str | None = typer.Option(
         None, "--budget", help="Bound on expert bytes read: '10%' of the bytes that differ from the base, or '2GB'."),
     select: str = typer.Option("greedy", "--select", help="How a budget picks chunks: greedy or random."),
@@ -519,6 +522,7 @@ def merge(
         request = MergeRequest(method, base, list(models), per_model, global_params,
                                dtype_name(dtype or "float32", "dtype"), dtype_name(out_dtype, "out_dtype"))
     request.seed = seed
+    request.compute_dtype = dtype_name(compute_dtype, "compute dtype")
     check_request(request)  # every value usable before torch is imported and anything is read
     with _open() as repo:
         if planning:

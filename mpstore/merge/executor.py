@@ -42,7 +42,7 @@ from . import params as P
 from .methods.base import Block, MergeMethod, Pass, TensorContext
 from .outline import Outline, ReadAccount, Realized, Step, Task, outline
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 TIED = ("lm_head.weight", "model.embed_tokens.weight")  # an untied head may come from a tied model
 BLOCK_OVERHEAD = 6  # working copies of a block's inputs a method may hold at once
 
@@ -467,7 +467,7 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
             hblob = sink.blob(build_header(entries, shard.metadata), "header")
             objects.append(hblob)
             shards.append(Shard(shard.file, hblob.id, shard.tensors, shard.metadata))
-        files, blobs = _files(txn, template, outputs, plan.out_dtype, sink)
+        files, blobs = _files(txn, template, outputs, plan.out_dtype or plan.compute_dtype, sink)
         objects.extend(blobs)
     sink.flush()
     snapshot = Snapshot({n: t.id for n, t in outputs.items()}, files, tuple(shards))

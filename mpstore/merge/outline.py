@@ -155,8 +155,10 @@ class Outline:
 
 def _blocks(task: Task, method: MergeMethod) -> list[tuple[int, int]]:
     """One chunk's elements per block; for row-local methods, the whole rows within a chunk (at
-    least one)."""
+    least one); for `whole_tensor` methods, one block."""
     numel, per = task.numel, task.per_chunk
+    if method.whole_tensor(task.g):
+        return [(0, numel)] if numel else []
     if method.row_local(task.g) and task.ref.shape:
         row = task.ref.shape[-1]  # a 1-D tensor is one line: one block
         per = max(1, per // row) * row

@@ -44,6 +44,9 @@ class MergeRequest:
     dtype: str | None = None
     out_dtype: str | None = None
     seed: int = 0
+    # `--compute-dtype`: compute at this precision instead of `dtype` (which then names the output
+    # unless `out_dtype` does); None: compute in `dtype` as MergeKit does.
+    compute_dtype: str | None = None
 
 
 def dtype_name(text: str | None, what: str) -> str | None:
@@ -159,7 +162,7 @@ def check_request(req: MergeRequest) -> None:
                        f"{len(req.models)} models")
     if not isinstance(req.global_params, dict) or not all(isinstance(q, dict) for q in req.model_params):
         raise BadMerge("parameters must be a mapping of parameter name to value")
-    for what in ("dtype", "out_dtype"):
+    for what in ("dtype", "out_dtype", "compute_dtype"):
         value = getattr(req, what)
         if value is not None and value not in COMPUTE:
             raise BadMerge(f"{what} {quoted(value)} is not one of {', '.join(sorted(COMPUTE))} "
@@ -284,5 +287,6 @@ def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int,
         method.name,
         resolve(req.base) if req.base is not None else None,
         tuple(resolve(m) for m in models),
-        tuple(chains), globals_, req.seed, req.dtype, req.out_dtype, chunk_size, engine,
+        tuple(chains), globals_, req.seed, req.compute_dtype or req.dtype,
+        req.out_dtype or (req.dtype if req.compute_dtype else None), chunk_size, engine,
     )

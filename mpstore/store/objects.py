@@ -200,10 +200,23 @@ class Plan(Stored):
     omit: dict | None = None
     budget: dict | None = None  # {"spec", "bytes", "select"} as the user asked
     estimate: dict | None = None  # the planner's prediction: bytes by source, error bound, time
+    # MergeKit `slices:` (docs/architecture.md, "Plan"): per output slice {"sources": [[input, first
+    # layer, end layer], ...], "base": input or None, "model_params": [chains per source],
+    # "global_params": {chains}}; inputs number `models`. None: one slice, every layer of `models`.
+    slices: list | None = None
+    # Per input of (base, *models): the commit id of a LoRA adapter applied to it (`model+adapter`),
+    # or None. None: no adapters.
+    adapters: list | None = None
+    # `tokenizer_source` / `tokenizer:`: {"source": "base" | "union" | input number, "tokens": {...},
+    # "pad_to_multiple_of": int or None}; None: the template's tokenizer files as they are.
+    tokenizer: dict | None = None
+    chat_template: str | None = None  # as the YAML gives it: "auto", a built-in name or a template
 
     def fields(self) -> dict:
         omit = None if self.omit is None else dict(sorted(self.omit.items()))
-        optional = {k: v for k, v in (("omit", omit), ("budget", self.budget), ("estimate", self.estimate))
+        optional = {k: v for k, v in (("omit", omit), ("budget", self.budget), ("estimate", self.estimate),
+                                      ("slices", self.slices), ("adapters", self.adapters),
+                                      ("tokenizer", self.tokenizer), ("chat_template", self.chat_template))
                     if v is not None}
         return {
             "method": self.method,
@@ -227,6 +240,8 @@ class Plan(Stored):
         if self.omit:
             out["omit"] = {name: [None if bits is None else sorted(bitmap_members(bits)) for bits in per_input]
                            for name, per_input in out["omit"].items()}
+        if self.adapters:
+            out["adapters"] = [a.hex() if a else None for a in self.adapters]
         return out
 
     @classmethod
@@ -234,7 +249,8 @@ class Plan(Stored):
         return cls(
             d["method"], d["base"], tuple(d["models"]), tuple(d["model_params"]), d["global_params"],
             d["seed"], d["compute_dtype"], d["out_dtype"], d["chunk_size"], d["engine"],
-            d.get("omit"), d.get("budget"), d.get("estimate"),
+            d.get("omit"), d.get("budget"), d.get("estimate"), d.get("slices"), d.get("adapters"),
+            d.get("tokenizer"), d.get("chat_template"),
         )
 
 

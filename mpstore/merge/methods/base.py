@@ -215,6 +215,11 @@ class MergeMethod(ABC):
         """Blocks must hold whole rows (the math works per row of the last axis)."""
         return False
 
+    def whole_tensor(self, g: Params) -> bool:
+        """The math needs the whole tensor at once (an iterative mean, a softmax over it): one
+        block holds it, so memory is the tensor times the inputs, as in MergeKit."""
+        return False
+
     def local_identity(self, g: Params, has_base: bool) -> bool:
         """A block where every input equals the base (or, without one, the first input) merges
         to that block."""
