@@ -201,8 +201,17 @@ merge_method: linear
 slices:
   - sources:
       - {model: e1, layer_range: [0, 2]}
-      - {model: e2, layer_range: [0, 2]}
+      - {model: e2, layer_range: [0, 1]}
 parameters: {weight: 0.5}
+"""
+
+YAML_NORMALIZE = """\
+merge_method: linear
+models:
+  - model: e1
+  - model: e2
+parameters: {weight: 0.5}
+normalize: true
 """
 
 YAML_TYPO = """\
@@ -243,7 +252,8 @@ BAD = {
                            ("'a'", "F16", "F32"), store="odd"),
     "tensor-missing": Case([*M, "--method", "task_arithmetic", "--base", "base", "lacking", "--weight", "1"],
                            ("'b'", "missing"), store="odd"),
-    "yaml-slices": Case([*M, "--config", "{yaml}"], ("'slices'", "not supported"), yaml=YAML_SLICES),
+    "yaml-slices": Case([*M, "--config", "{yaml}"], ("slices[0]", "different numbers of layers"), yaml=YAML_SLICES),
+    "yaml-misplaced-key": Case([*M, "--config", "{yaml}"], ("normalize", "under `parameters:`"), yaml=YAML_NORMALIZE),
     "yaml-unknown-parameter": Case([*M, "--config", "{yaml}"], ("'densty'",), yaml=YAML_TYPO),
 }
 GOOD = {

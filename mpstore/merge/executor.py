@@ -35,15 +35,14 @@ from ..progress import Progress
 from ..store.chunks import ChunkSink
 from ..store.dtypes import FLOATS, ITEMSIZE, torch_dtype
 from ..store.env import Store, Txn
-from ..store.ids import short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
-from . import catalog, methods
+from . import catalog, layout, methods
 from . import params as P
+from .layout import Input
 from .methods.base import Block, MergeMethod, Pass, TensorContext
 from .outline import Outline, ReadAccount, Realized, Step, Task, outline
 
 ENGINE_VERSION = 2
-TIED = ("lm_head.weight", "model.embed_tokens.weight")  # an untied head may come from a tied model
 BLOCK_OVERHEAD = 6  # working copies of a block's inputs a method may hold at once
 
 R = TypeVar("R")
@@ -56,29 +55,18 @@ class Result:
     realized: Realized = field(default_factory=Realized)
 
 
-def _tensor_of(snap: Snapshot, txn: Txn, name: str) -> Tensor | None:
-    tid = snap.tensors.get(name)
-    if tid is None and name == TIED[0]:
-        tid = snap.tensors.get(TIED[1])
-    return None if tid is None else txn.tensor(tid)
+def _inputs(txn: Txn, plan: Plan, method: MergeMethod) -> tuple[Input, Input | None, list[Input]]:
+    """The output's template (the base's layout, else the first input's), the base, the inputs."""
+    base = Input(plan.base, txn.snapshot_of(plan.base)) if plan.base else None
+    inputs = [Input(m, txn.snapshot_of(m)) for m in plan.models]
+    first = inputs[plan.slices[0]["sources"][0][0]] if plan.slices else inputs[0]
+    return base or first, base if method.base != "none" else None, inputs
 
 
 def tasks(txn: Txn, plan: Plan, method: MergeMethod) -> list[Task]:
     """Validate every tensor and resolve every parameter before anything is computed; inputs
     carry the plan's omissions (an omitted chunk's digest becomes the base's)."""
-    found = _tasks(txn, plan, method, *_snapshots(txn, plan, method))
-    unknown = set(plan.omit or {}) - {t.name for t in found}
-    if unknown:
-        raise BadMerge(f"the plan leaves out chunks of tensors it does not merge: {sorted(unknown)[:3]}")
-    return [omit(t, (plan.omit or {}).get(t.name)) for t in found]
-
-
-def _snapshots(txn: Txn, plan: Plan, method: MergeMethod) -> tuple[Snapshot, Snapshot | None, list[Snapshot]]:
-    """The output's template (the base's layout, else the first input's), the base, the inputs."""
-    base = txn.snapshot_of(plan.base) if plan.base and method.base != "none" else None
-    models = [txn.snapshot_of(m) for m in plan.models]
-    template = base or (txn.snapshot_of(plan.base) if plan.base else models[0])
-    return template, base, models
+    return prepare(txn, plan, method).todo
 
 
 def omit(task: Task, bitmaps: list[bytes | None] | None) -> Task:
@@ -101,21 +89,10 @@ def omit(task: Task, bitmaps: list[bytes | None] | None) -> Task:
     return out
 
 
-def _tasks(txn: Txn, plan: Plan, method: MergeMethod, template: Snapshot,
-           base: Snapshot | None, models: list[Snapshot]) -> list[Task]:
-    names = [n for s in template.shards for n in s.tensors]
-    layers = {i for n in names if (i := P.layer_index(n)) is not None}
-    num_layers = max(layers) + 1 if layers else 0
+def _tasks(plan: Plan, method: MergeMethod, made: list[layout.Wanted]) -> list[Task]:
     tasks = []
-    for name in names:
-        t = P.layer_position(name, num_layers)
-        b = _tensor_of(base, txn, name) if base else None
-        ms = []
-        for i, snap in enumerate(models):
-            m = _tensor_of(snap, txn, name)
-            if m is None:
-                raise BadMerge(f"tensor {name!r} is missing from input {i + 1} ({short(plan.models[i])})")
-            ms.append(m)
+    for w in made:
+        name, b, ms, t = w.name, w.base, w.models, w.t
         ref = b or ms[0]
         for i, m in enumerate(ms):
             if (m.dtype, m.shape) != (ref.dtype, ref.shape):
@@ -123,9 +100,9 @@ def _tasks(txn: Txn, plan: Plan, method: MergeMethod, template: Snapshot,
                     f"tensor {name!r}: input {i + 1} has {m.dtype}{list(m.shape)}, "
                     f"expected {ref.dtype}{list(ref.shape)}"
                 )
-        p = [{d.name: P.resolve(plan.model_params[i][d.name], name, t, d.kind, f"{d.name} of input {i + 1}")
+        p = [{d.name: P.resolve(w.chains[i][d.name], name, t, d.kind, f"{d.name} of input {i + 1}")
               for d in method.model_params} for i in range(len(ms))]
-        g = {d.name: P.resolve(plan.global_params[d.name], name, t, d.kind, d.name) for d in method.global_params}
+        g = {d.name: P.resolve(w.globals[d.name], name, t, d.kind, d.name) for d in method.global_params}
         compute = plan.compute_dtype or ref.dtype
         task = Task(name, b, ms, p, g, compute, plan.out_dtype or compute)
         distinct = len({(x.dtype, x.shape, x.chunks) for x in [*([b] if b else []), *ms]})
@@ -398,15 +375,44 @@ def _result(item: Future[R] | _Ready[R]) -> R:
     return item.value if isinstance(item, _Ready) else item.result()
 
 
-def _files(txn: Txn, template: Snapshot, tensors: dict[str, Tensor], out_dtype: str | None,
+@dataclass
+class Prepared:
+    """Everything a plan's execution needs decided before a byte is computed."""
+
+    template: Input
+    todo: list[Task]
+    files: list[tuple[str, list[str], dict[str, str] | None]]  # output shards: file, tensors, metadata
+    origins: list[int] | None  # per output layer, the template layer it stands in (slices only)
+
+
+def prepare(txn: Txn, plan: Plan, method: MergeMethod) -> Prepared:
+    """The plan's inputs, tasks and output layout, checked; nothing is written."""
+    template, base, inputs = _inputs(txn, plan, method)
+    made = layout.wanted(txn, plan, method, template, base, inputs)
+    todo = _tasks(plan, method, made)
+    unknown = set(plan.omit or {}) - {t.name for t in todo}
+    if unknown:
+        raise BadMerge(f"the plan leaves out chunks of tensors it does not merge: {sorted(unknown)[:3]}")
+    todo = [omit(t, (plan.omit or {}).get(t.name)) for t in todo]
+    files = ([(s.file, list(s.tensors), s.metadata) for s in template.snapshot.shards] if plan.slices is None
+             else layout.shards(template.snapshot, made))
+    return Prepared(template, todo, files, layout.layer_origins(plan, template))
+
+
+def _files(txn: Txn, prep: Prepared, tensors: dict[str, Tensor], out_dtype: str | None,
            sink: ChunkSink) -> tuple[dict[str, bytes], list[Blob]]:
-    """The template's non-tensor files; config.json and the shard index follow the new dtype."""
+    """The template's non-tensor files; config.json and the shard index follow the output."""
     files: dict[str, bytes] = {}
     blobs: list[Blob] = []
-    for rel, bid in template.files.items():
+    for rel, bid in prep.template.snapshot.files.items():
         blob = txn.blob(bid)
         data = b"".join(chunk_views(txn, blob, rel))
-        new = _rewrite(rel, data, tensors, out_dtype)
+        if rel == "config.json":
+            new = _config(data, out_dtype, prep)
+        elif rel.endswith(".safetensors.index.json"):
+            new = layout.index_json(data, prep.files, sum(t.size for t in tensors.values()))
+        else:
+            new = None
         if new is not None and new != data:
             blob = sink.blob(new, rel)
             blobs.append(blob)
@@ -417,26 +423,23 @@ def _files(txn: Txn, template: Snapshot, tensors: dict[str, Tensor], out_dtype: 
 _TORCH_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def _rewrite(rel: str, data: bytes, tensors: dict[str, Tensor], out_dtype: str | None) -> bytes | None:
+def _config(data: bytes, out_dtype: str | None, prep: Prepared) -> bytes | None:
+    """config.json naming the output's dtype (as MergeKit: out_dtype, else dtype) and layers."""
     try:
-        if rel == "config.json" and out_dtype in _TORCH_NAME:
-            doc = json.loads(data)
-            keys = [k for k in ("torch_dtype", "dtype") if k in doc]
-            if all(doc[k] == _TORCH_NAME[out_dtype] for k in keys):
-                return None
-            for k in keys or ["torch_dtype"]:
-                doc[k] = _TORCH_NAME[out_dtype]
-            return (json.dumps(doc, indent=2) + "\n").encode()
-        if rel.endswith(".safetensors.index.json"):
-            doc = json.loads(data)
-            total = sum(t.size for t in tensors.values())
-            if doc.get("metadata", {}).get("total_size") == total:
-                return None
-            doc.setdefault("metadata", {})["total_size"] = total
-            return (json.dumps(doc, indent=2) + "\n").encode()
-    except (ValueError, AttributeError):
+        doc = json.loads(data)
+        keys = [k for k in ("torch_dtype", "dtype") if k in doc]
+    except (ValueError, TypeError):
         return None  # not JSON we understand: keep the donor's bytes
-    return None
+    if not isinstance(doc, dict):
+        return None
+    changed = False
+    if out_dtype in _TORCH_NAME and not all(doc[k] == _TORCH_NAME[out_dtype] for k in keys):
+        for k in keys or ["torch_dtype"]:
+            doc[k] = _TORCH_NAME[out_dtype]
+        changed = True
+    if prep.origins is not None:
+        changed |= layout.rewrite_layers(doc, prep.origins, prep.template.layers)
+    return (json.dumps(doc, indent=2) + "\n").encode() if changed else None
 
 
 def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threads: int,
@@ -445,8 +448,8 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     method = methods.get(plan.method)
     began = time.perf_counter()
     with store.read() as txn:  # the tasks hold decoded objects only: they outlive the transaction
-        template = _snapshots(txn, plan, method)[0]
-        todo = tasks(txn, plan, method)
+        prep = prepare(txn, plan, method)
+    todo = prep.todo
     # The output is written while the inputs are read, and the map cannot grow under an open read.
     store.reserve(sum(_out_size(t) for t in todo) + (16 << 20))
     with store.read() as txn:
@@ -462,12 +465,12 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
             progress.finish()
         objects: list[StoredObject] = list(outputs.values())
         shards = []
-        for shard in template.shards:
-            entries = [(n, outputs[n].dtype, outputs[n].shape, outputs[n].size) for n in shard.tensors]
-            hblob = sink.blob(build_header(entries, shard.metadata), "header")
+        for file, names, metadata in prep.files:
+            entries = [(n, outputs[n].dtype, outputs[n].shape, outputs[n].size) for n in names]
+            hblob = sink.blob(build_header(entries, metadata), "header")
             objects.append(hblob)
-            shards.append(Shard(shard.file, hblob.id, shard.tensors, shard.metadata))
-        files, blobs = _files(txn, template, outputs, plan.out_dtype or plan.compute_dtype, sink)
+            shards.append(Shard(file, hblob.id, tuple(names), metadata))
+        files, blobs = _files(txn, prep, outputs, plan.out_dtype or plan.compute_dtype, sink)
         objects.extend(blobs)
     sink.flush()
     snapshot = Snapshot({n: t.id for n, t in outputs.items()}, files, tuple(shards))

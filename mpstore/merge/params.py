@@ -31,6 +31,11 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def with_layer(name: str, i: int) -> str:
+    """`name` with its layer number replaced by i (a slice renames the layers it stacks)."""
+    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), str(i)), name, count=1)
+
+
 def layer_position(name: str, num_layers: int) -> float:
     """Where a tensor sits for gradients: layer i of L at i/(L-1); non-layer tensors at 0."""
     i = layer_index(name)

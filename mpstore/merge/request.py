@@ -20,18 +20,51 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BadMerge, MpError, quoted
 from ..store.objects import Plan
 from ..units import MAX_SIZE, SizeTooLarge, parse_size
 from . import params as P
 
-YAML_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"}
-UNSUPPORTED = {"slices", "modules", "tokenizer_source", "tokenizer", "chat_template"}
+if TYPE_CHECKING:  # the methods import torch: only their types here
+    from .methods.base import MergeMethod, ParamDef
+
+YAML_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "name"}
+# Keys MergeKit 0.1.5 accepts and then ignores (or that mpstore does not implement): refused by
+# name with where the setting belongs, since a silently dropped setting gives another model.
+MISPLACED = {
+    "normalize": "MergeKit ignores a top-level `normalize:`; put it under `parameters:`",
+    "rescale": "MergeKit ignores a top-level `rescale:`; put it under `parameters:`",
+    "weight": "MergeKit ignores a top-level `weight:`; put it under a model's or the global `parameters:`",
+    "density": "MergeKit ignores a top-level `density:`; put it under a model's or the global `parameters:`",
+    "t": "MergeKit ignores a top-level `t:`; put it under `parameters:`",
+    "modules": "`modules:` (per-module merges of multi-module models) is not supported by mpstore; "
+               "use `models:` or `slices:`",
+}
 DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
     "fp32": "F32", "fp16": "F16", "bf16": "BF16", "f32": "F32", "f16": "F16", "f64": "F64",
 }
+
+
+@dataclass
+class SourceRequest:
+    """One source of a MergeKit slice: a model and the layers [first, end) it gives."""
+
+    model: str
+    layers: tuple[int, int]
+    params: dict[str, P.Spec] = field(default_factory=dict)
+
+
+@dataclass
+class SliceRequest:
+    """One output slice: its sources (equal numbers of layers), its base and its parameters."""
+
+    sources: list[SourceRequest]
+    base: str | None = None
+    params: dict[str, P.Spec] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +80,12 @@ class MergeRequest:
     # `--compute-dtype`: compute at this precision instead of `dtype` (which then names the output
     # unless `out_dtype` does); None: compute in `dtype` as MergeKit does.
     compute_dtype: str | None = None
+    slices: list[SliceRequest] | None = None  # MergeKit `slices:`; then `models` is empty
+    # `tokenizer_source` / `tokenizer:`: {"source": "base" | "union" | ref, "tokens": {...},
+    # "pad_to_multiple_of": int or None}
+    tokenizer: dict | None = None
+    chat_template: str | None = None
+    name: str | None = None  # a stage of a multi-document config: the branch it commits on
 
 
 def dtype_name(text: str | None, what: str) -> str | None:
@@ -170,11 +209,38 @@ def check_request(req: MergeRequest) -> None:
     seed = req.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
         raise BadMerge(f"seed must be a whole number from -2**63 to 2**64-1, got {quoted(seed)}")
-    for where, given in [("parameters", req.global_params)] + [
-        (f"parameters of {m!r}", q) for m, q in zip(req.models, req.model_params)
-    ]:
+    for where, given in _levels(req):
+        if not isinstance(given, dict):
+            raise BadMerge(f"{where} must be a mapping of parameter name to value")
         for name, spec in given.items():
             P.check_spec(spec, f"{name} ({where})" if isinstance(name, str) else f"{quoted(name)} ({where})")
+    for k, sl in enumerate(req.slices or []):
+        lengths = set()
+        for i, src in enumerate(sl.sources):
+            a, b = src.layers
+            if not 0 <= a < b:
+                raise BadMerge(f"slices[{k}].sources[{i}]: layer_range [{a}, {b}] is empty or negative "
+                               "(it is [FIRST, END), END excluded)")
+            lengths.add(b - a)
+        if len(lengths) > 1:
+            raise BadMerge(f"slices[{k}]: its sources give different numbers of layers ({sorted(lengths)}); "
+                           "every source of a slice must give the same number (as MergeKit requires)")
+    if req.slices is not None and req.models:
+        raise BadMerge("a merge takes models or slices, not both")
+    for what in ("chat_template", "name"):
+        value = getattr(req, what)
+        if value is not None and not isinstance(value, str):
+            raise BadMerge(f"{what} must be text, got {quoted(value)}")
+
+
+def _levels(req: MergeRequest) -> list[tuple[str, dict]]:
+    """Every place a request sets parameters, with where it is for messages."""
+    out: list[tuple[str, dict]] = [("parameters", req.global_params)]
+    out += [(f"parameters of {m!r}", q) for m, q in zip(req.models, req.model_params)]
+    for k, sl in enumerate(req.slices or []):
+        out.append((f"slices[{k}].parameters", sl.params))
+        out += [(f"slices[{k}].sources[{i}].parameters", src.params) for i, src in enumerate(sl.sources)]
+    return out
 
 
 def _mapping(value: object, what: str) -> dict:
@@ -185,7 +251,8 @@ def _mapping(value: object, what: str) -> dict:
     return dict(value)
 
 
-def from_yaml(path: Path) -> MergeRequest:
+def _documents(path: Path) -> list[object]:
+    """The YAML documents of a config file (several: a multi-stage config, as mergekit-multi)."""
     try:
         import yaml
     except ImportError:
@@ -199,47 +266,201 @@ def from_yaml(path: Path) -> MergeRequest:
     except UnicodeDecodeError as e:
         raise BadMerge(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     try:
-        doc = yaml.safe_load(text)
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise BadMerge(f"{path}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
     except RecursionError:
         raise BadMerge(f"{path}: not valid YAML: nested too deeply") from None
-    if not isinstance(doc, dict):
+    if not docs:
         raise BadMerge(f"{path}: a merge config is a mapping with merge_method, models, ...")
+    return docs
+
+
+def from_yaml(path: Path) -> MergeRequest:
+    """The one merge a single-document config describes."""
+    found = stages(path)
+    if len(found) != 1:
+        raise BadMerge(f"{path}: holds {len(found)} merges (documents separated by ---): merge it with "
+                       "`mp merge --config` (each stage commits on the branch its `name:` gives)")
+    return found[0]
+
+
+def stages(path: Path) -> list[MergeRequest]:
+    """Every merge of a config, in order. Several documents are stages (mergekit-multi): each but
+    the last names itself with `name:`, the branch it commits on, and later stages use that name
+    as a ref."""
+    docs = _documents(path)
+    out = []
+    for i, doc in enumerate(docs):
+        where = f"{path}" if len(docs) == 1 else f"{path} (document {i + 1})"
+        req = _request(doc, where)
+        if len(docs) > 1 and i < len(docs) - 1 and req.name is None:
+            raise BadMerge(f"{where}: each stage but the last needs `name:` (the branch it commits on, "
+                           "which later stages refer to)")
+        out.append(req)
+    names = [r.name for r in out if r.name is not None]
+    if len(set(names)) != len(names):
+        raise BadMerge(f"{path}: two stages have the same name")
+    return out
+
+
+def _request(doc: object, where: str) -> MergeRequest:
+    if not isinstance(doc, dict):
+        raise BadMerge(f"{where}: a merge config is a mapping with merge_method, models, ...")
     for key in doc:
-        if key in UNSUPPORTED:
-            raise BadMerge(f"{path}: key {key!r} is not supported by mpstore (use `models:`)")
+        if key in MISPLACED:
+            raise BadMerge(f"{where}: {MISPLACED[key]}")
         if key not in YAML_KEYS:
-            raise BadMerge(f"{path}: unknown key {quoted(key)}")
-    if "merge_method" not in doc or "models" not in doc:
-        raise BadMerge(f"{path}: needs merge_method and models")
+            raise BadMerge(f"{where}: unknown key {quoted(key)} (MergeKit 0.1.5 ignores unknown top-level keys; "
+                           "mpstore refuses them so that no setting is silently dropped)")
+    if "merge_method" not in doc or ("models" in doc) == ("slices" in doc):
+        raise BadMerge(f"{where}: needs merge_method and exactly one of models or slices")
     if not isinstance(doc["merge_method"], str):
-        raise BadMerge(f"{path}: merge_method is a name such as ties, got {quoted(doc['merge_method'])}")
-    entries = doc["models"] if doc["models"] is not None else []
-    if not isinstance(entries, list):
-        raise BadMerge(f"{path}: models must be a list of {{model: REF, parameters: {{...}}}}")
-    models, model_params = [], []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
-            raise BadMerge(f"{path}: models[{i}] must be {{model: REF, parameters: {{...}}}}")
-        models.append(_ref(entry["model"], f"{path}: models[{i}].model"))
-        model_params.append(_mapping(entry.get("parameters"), f"{path}: models[{i}].parameters"))
+        raise BadMerge(f"{where}: merge_method is a name such as ties, got {quoted(doc['merge_method'])}")
+    models, model_params, slices = [], [], None
+    if "models" in doc:
+        entries = doc["models"] if doc["models"] is not None else []
+        if not isinstance(entries, list):
+            raise BadMerge(f"{where}: models must be a list of {{model: REF, parameters: {{...}}}}")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
+                raise BadMerge(f"{where}: models[{i}] must be {{model: REF, parameters: {{...}}}}")
+            models.append(_ref(entry["model"], f"{where}: models[{i}].model"))
+            model_params.append(_mapping(entry.get("parameters"), f"{where}: models[{i}].parameters"))
+    else:
+        slices = _slices(doc["slices"], where)
     base = doc.get("base_model")
     dtypes = []
     for what in ("dtype", "out_dtype"):
         value = doc.get(what)
         if value is not None and not isinstance(value, str):
-            raise BadMerge(f"{path}: {what} is a name such as bfloat16, got {quoted(value)}")
+            raise BadMerge(f"{where}: {what} is a name such as bfloat16, got {quoted(value)}")
         dtypes.append(dtype_name(value, what))
+    name = doc.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise BadMerge(f"{where}: name is the stage's branch name, got {quoted(name)}")
+    template = doc.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise BadMerge(f"{where}: chat_template is auto, a built-in name or a template, got {quoted(template)}")
     req = MergeRequest(
-        doc["merge_method"], _ref(base, f"{path}: base_model") if base is not None else None,
-        models, model_params, _mapping(doc.get("parameters"), f"{path}: parameters"), dtypes[0], dtypes[1],
+        doc["merge_method"], _ref(base, f"{where}: base_model") if base is not None else None,
+        models, model_params, _mapping(doc.get("parameters"), f"{where}: parameters"), dtypes[0], dtypes[1],
+        slices=slices, tokenizer=_tokenizer(doc, where), chat_template=template, name=name,
     )
     try:
         check_request(req)
     except MpError as e:
-        raise type(e)(f"{path}: {e}") from None
+        raise type(e)(f"{where}: {e}") from None
     return req
+
+
+def _slices(value: object, where: str) -> list[SliceRequest]:
+    if not isinstance(value, list) or not value:
+        raise BadMerge(f"{where}: slices must be a list of {{sources: [{{model, layer_range}}, ...]}}")
+    out = []
+    for k, sl in enumerate(value):
+        at = f"{where}: slices[{k}]"
+        if not isinstance(sl, dict) or "sources" not in sl:
+            raise BadMerge(f"{at} must be {{sources: [...], parameters: {{...}}}}")
+        if "residual_weight" in sl:
+            raise BadMerge(f"{at}: MergeKit 0.1.5 ignores residual_weight; remove it")
+        extra = set(sl) - {"sources", "base_model", "parameters"}
+        if extra:
+            raise BadMerge(f"{at}: unknown key {quoted(sorted(map(str, extra))[0])} (a slice has sources, "
+                           "base_model and parameters)")
+        if not isinstance(sl["sources"], list) or not sl["sources"]:
+            raise BadMerge(f"{at}: sources must be a non-empty list of {{model, layer_range}}")
+        sources = []
+        for i, src in enumerate(sl["sources"]):
+            sat = f"{at}.sources[{i}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src \
+                    or set(src) - {"model", "layer_range", "parameters"}:
+                raise BadMerge(f"{sat} must be {{model: REF, layer_range: [FIRST, END], parameters: {{...}}}}")
+            r = src["layer_range"]
+            if not (isinstance(r, list) and len(r) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+                raise BadMerge(f"{sat}: layer_range is [FIRST, END] (whole numbers), got {quoted(r)}")
+            sources.append(SourceRequest(_ref(src["model"], f"{sat}.model"), (r[0], r[1]),
+                                         _mapping(src.get("parameters"), f"{sat}.parameters")))
+        base = sl.get("base_model")
+        out.append(SliceRequest(sources, _ref(base, f"{at}.base_model") if base is not None else None,
+                                _mapping(sl.get("parameters"), f"{at}.parameters")))
+    return out
+
+
+TOKENIZER_SOURCES = ("base", "union")
+
+
+def _tokenizer(doc: dict, where: str) -> dict | None:
+    """`tokenizer_source: base | union | REF` or a `tokenizer:` block, as one mapping."""
+    if "tokenizer_source" in doc and "tokenizer" in doc:
+        raise BadMerge(f"{where}: give tokenizer_source or tokenizer, not both (MergeKit refuses both too)")
+    if doc.get("tokenizer_source") is not None:
+        return {"source": _ref(doc["tokenizer_source"], f"{where}: tokenizer_source"), "tokens": {},
+                "pad_to_multiple_of": None}
+    block = doc.get("tokenizer")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise BadMerge(f"{where}: tokenizer is {{source: union | base | REF, tokens: {{...}}, "
+                       "pad_to_multiple_of: N}}")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 1 <= pad <= 1 << 20):
+        raise BadMerge(f"{where}: tokenizer.pad_to_multiple_of is a whole number from 1, got {quoted(pad)}")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict) or not all(isinstance(k, str) for k in tokens):
+        raise BadMerge(f"{where}: tokenizer.tokens maps each token to {{source: ..., force: ...}}")
+    for tok, cfg in tokens.items():
+        _token(tok, cfg, f"{where}: tokenizer.tokens[{tok!r}]")
+    return {"source": _ref(block.get("source", "union"), f"{where}: tokenizer.source"), "tokens": tokens,
+            "pad_to_multiple_of": pad}
+
+
+def _token(tok: str, cfg: object, where: str) -> None:
+    """A token's embedding source as MergeKit takes it: a model, {kind: model_token, model, token |
+    token_id}, {kind: zero}; `force` a boolean."""
+    if cfg is None:
+        return
+    if not isinstance(cfg, dict) or set(cfg) - {"source", "force"}:
+        raise BadMerge(f"{where} is {{source: ..., force: true|false}}")
+    if "force" in cfg and not isinstance(cfg["force"], bool):
+        raise BadMerge(f"{where}.force is true or false, got {quoted(cfg['force'])}")
+    src = cfg.get("source")
+    if src is None or isinstance(src, str):
+        return
+    ok = isinstance(src, dict) and (
+        (src.get("kind") == "zero" and set(src) == {"kind"})
+        or (src.get("kind") == "model_token" and isinstance(src.get("model"), str)
+            and set(src) - {"kind", "model", "token", "token_id"} == set()
+            and ("token" in src) != ("token_id" in src)))
+    if not ok:
+        raise BadMerge(f"{where}.source is a model, {{kind: zero}} or {{kind: model_token, model: REF, "
+                       f"token: TEXT | token_id: N}}, got {quoted(src)}")
+
+
+def _inputs(refs: list[str], resolve: Callable[[str], bytes]) -> tuple[list[bytes], list[bytes | None]]:
+    """Commit ids of refs, and of the LoRA adapter each names (MergeKit's `model+adapter`)."""
+    commits: list[bytes] = []
+    adapters: list[bytes | None] = []
+    for ref in refs:
+        try:
+            commits.append(resolve(ref))
+            adapters.append(None)
+            continue
+        except MpError:
+            if "+" not in ref:
+                raise
+        model, _, adapter = ref.partition("+")
+        if "+" in adapter:
+            raise BadMerge(f"{ref!r}: a model takes at most one adapter (MODEL+ADAPTER)")
+        commits.append(resolve(model))
+        adapters.append(resolve(adapter))
+    return commits, adapters
+
+
+def _chains(defs: tuple[ParamDef, ...], levels: list[dict]) -> dict[str, list[P.Spec]]:
+    """Each parameter's values from the most specific level to the method's default."""
+    return {d.name: [s for s in (*(q.get(d.name) for q in levels), d.default) if s is not None] for d in defs}
 
 
 def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int, engine: int) -> Plan:
@@ -249,13 +470,13 @@ def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int,
 
     method = methods.get(req.method)
     known = {d.name: d for d in (*method.model_params, *method.global_params)}
-    per_model = req.model_params or [{} for _ in req.models]
-    for where, given in [("parameters", req.global_params)] + [
-        (f"parameters of {m!r}", q) for m, q in zip(req.models, per_model)
-    ]:
+    for where, given in _levels(req):
         for name in given:
             if name not in known:
-                raise BadMerge(f"{req.method} has no parameter {quoted(name)} ({where})")
+                raise BadMerge(f"{req.method} has no parameter {quoted(name)} ({where}){_ignored(name, req.method)}")
+    if req.slices is not None:
+        return _sliced(req, method, resolve, chunk_size, engine)
+    per_model = req.model_params or [{} for _ in req.models]
     models, params = list(req.models), list(per_model)
     if req.base is not None and req.base in models and method.base != "none":
         at = models.index(req.base)
@@ -265,28 +486,99 @@ def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int,
         params.append({})
     if method.base == "required" and req.base is None:
         raise BadMerge(f"{req.method} needs a base model (--base / base_model)")
-    if len(models) < method.min_models or (method.max_models and len(models) > method.max_models):
+    _count(method, len(models), "")
+    chains = [_chains(method.model_params, [q, req.global_params]) for q in params]
+    globals_ = _chains(method.global_params, [req.global_params])
+    _required(method, globals_, chains, models)
+    commits, adapters = _inputs([*([req.base] if req.base is not None else []), *models], resolve)
+    base = commits.pop(0) if req.base is not None else None
+    if req.base is None:
+        adapters.insert(0, None)
+    return _plan(req, method.name, base, tuple(commits), tuple(chains), globals_, chunk_size, engine,
+                 adapters, resolve, None)
+
+
+def _ignored(name: object, method: str) -> str:
+    """Why a parameter a method does not take is refused rather than dropped."""
+    if name == "dtype":
+        return ": dtype is a top-level key (MergeKit ignores it under parameters)"
+    return " (MergeKit would ignore it; mpstore refuses it so that nothing is silently dropped)"
+
+
+def _count(method: MergeMethod, n: int, where: str) -> None:
+    if n < method.min_models or (method.max_models and n > method.max_models):
         want = (f"exactly {method.min_models}" if method.max_models == method.min_models
                 else f"at least {method.min_models}")
-        raise BadMerge(f"{req.method} takes {want} model(s) besides the base, got {len(models)}")
-    chains: list[dict[str, list[P.Spec]]] = []
-    for q in params:
-        chains.append({d.name: [s for s in (q.get(d.name), req.global_params.get(d.name), d.default)
-                                if s is not None] for d in method.model_params})
-    globals_: dict[str, list[P.Spec]] = {
-        d.name: [s for s in (req.global_params.get(d.name), d.default) if s is not None]
-        for d in method.global_params}
+        raise BadMerge(f"{where}{method.name} takes {want} model(s) besides the base, got {n}")
+
+
+def _required(method: MergeMethod, globals_: dict, chains: list[dict], models: list[str], where: str = "") -> None:
     for name, levels in globals_.items():
         if not levels:
-            raise BadMerge(f"{req.method} needs parameter {name!r}")
+            raise BadMerge(f"{where}{method.name} needs parameter {name!r}")
     for m, chain in zip(models, chains):
         for name, levels in chain.items():
             if not levels:
-                raise BadMerge(f"{req.method} needs parameter {name!r} for model {m!r}")
+                raise BadMerge(f"{where}{method.name} needs parameter {name!r} for model {m!r}")
+
+
+def _sliced(req: MergeRequest, method: MergeMethod, resolve: Callable[[str], bytes], chunk_size: int,
+            engine: int) -> Plan:
+    """A plan of MergeKit slices: the distinct source models are the inputs, each slice names its
+    sources by input number and keeps its own parameter chains (source, slice, global, default)."""
+    assert req.slices is not None
+    refs: list[str] = []
+    for sl in req.slices:
+        refs += [src.model for src in sl.sources if src.model not in refs]
+    out = []
+    for k, sl in enumerate(req.slices):
+        where = f"slices[{k}]: "
+        base = sl.base or req.base
+        at = next((i for i, src in enumerate(sl.sources) if src.model == base), None) if base else None
+        if method.base == "required" and at is None:
+            raise BadMerge(f"{where}{method.name} needs its base model among the slice's sources "
+                           f"({'none given' if base is None else repr(base) + ' is not one'})")
+        models = [src.model for i, src in enumerate(sl.sources) if i != at or method.base == "none"]
+        _count(method, len(models), where)
+        chains = [_chains(method.model_params, [src.params, sl.params, req.global_params]) for src in sl.sources]
+        globals_ = _chains(method.global_params, [sl.params, req.global_params])
+        _required(method, globals_, [c for i, c in enumerate(chains) if i != at or method.base == "none"],
+                  models, where)
+        out.append({"sources": [[refs.index(src.model), *src.layers] for src in sl.sources],
+                    "base": at if method.base != "none" else None,
+                    "model_params": chains, "global_params": globals_})
+    commits, adapters = _inputs([*([req.base] if req.base is not None else []), *refs], resolve)
+    base_id = commits.pop(0) if req.base is not None else None
+    if req.base is None:
+        adapters.insert(0, None)
+    return _plan(req, method.name, base_id, tuple(commits), (), {}, chunk_size, engine, adapters, resolve, out)
+
+
+def _plan(req: MergeRequest, method: str, base: bytes | None, models: tuple[bytes, ...], chains: tuple,
+          globals_: dict, chunk_size: int, engine: int, adapters: list[bytes | None],
+          resolve: Callable[[str], bytes], slices: list | None) -> Plan:
+    tokenizer = None
+    if req.tokenizer is not None:
+        tokenizer = dict(req.tokenizer)
+        if tokenizer["source"] not in TOKENIZER_SOURCES:
+            tokenizer["source"] = resolve(tokenizer["source"])
+        tokenizer["tokens"] = {tok: _resolved_token(cfg, resolve) for tok, cfg in tokenizer["tokens"].items()}
     return Plan(
-        method.name,
-        resolve(req.base) if req.base is not None else None,
-        tuple(resolve(m) for m in models),
-        tuple(chains), globals_, req.seed, req.compute_dtype or req.dtype,
+        method, base, models, chains, globals_, req.seed, req.compute_dtype or req.dtype,
         req.out_dtype or (req.dtype if req.compute_dtype else None), chunk_size, engine,
+        slices=slices, adapters=adapters if any(a is not None for a in adapters) else None,
+        tokenizer=tokenizer, chat_template=req.chat_template,
     )
+
+
+def _resolved_token(cfg: dict | None, resolve: Callable[[str], bytes]) -> dict | None:
+    """A token's embedding source with its model ref fixed as a commit id."""
+    if cfg is None:
+        return None
+    out = dict(cfg)
+    src = out.get("source")
+    if isinstance(src, str):
+        out["source"] = resolve(src)
+    elif isinstance(src, dict) and "model" in src:
+        out["source"] = {**src, "model": resolve(src["model"])}
+    return out

@@ -4,7 +4,9 @@
   breadcrumbs_ties, della, della_linear (sparsifiers in sparsify.py, exact ranks in radix.py);
 - linear.py: linear;
 - slerp.py: slerp, nuslerp (Gram pass in gram.py);
-- model_stock.py: model_stock.
+- model_stock.py: model_stock;
+- multislerp.py: multislerp; karcher.py: karcher; ram.py: ram, ramplus_tl;
+- passthrough.py: passthrough; nearswap.py: nearswap; arcee_fusion.py: arcee_fusion; sce.py: sce.
 
 base.py is the contract (`MergeMethod`, `Pass`, `Block`, `TensorContext`). MergeKit's parameter
 names, defaults and formulas are the reference (docs/merge_methods.md). Importing this package
@@ -14,13 +16,22 @@ imports torch: callers that must stay light (request parsing) import it where th
 from __future__ import annotations
 
 from ...errors import BadMerge
+from .arcee_fusion import ARCEE_FUSION
 from .base import MergeMethod
+from .karcher import KARCHER
 from .linear import LINEAR
 from .model_stock import MODEL_STOCK
+from .multislerp import MULTISLERP
+from .nearswap import NEARSWAP
+from .passthrough import PASSTHROUGH
+from .ram import RAM, RAMPLUS_TL
+from .sce import SCE
 from .slerp import NUSLERP, SLERP
 from .task_arithmetic import FAMILY
 
-METHODS: tuple[MergeMethod, ...] = (*FAMILY, LINEAR, SLERP, NUSLERP, MODEL_STOCK)
+METHODS: tuple[MergeMethod, ...] = (*FAMILY, LINEAR, SLERP, NUSLERP, MODEL_STOCK,
+                                   MULTISLERP, KARCHER, RAM, RAMPLUS_TL,
+                                   PASSTHROUGH, NEARSWAP, ARCEE_FUSION, SCE)
 REGISTRY: dict[str, MergeMethod] = {m.name: m for m in METHODS}
 
 
