@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .merge.catalog import AnalyzeResult
 
 from .errors import CorruptData, MpError
-from .merge.request import MergeRequest, dtype_name, from_yaml, parse_value, split_per_model
+from .merge.request import MergeRequest, dtype_name, parse_value, split_per_model, stages
 from .model.checkout import too_long
 from .repo import DEFAULT_CHUNK_SIZE, Repo
 from .store.ids import short
@@ -484,8 +484,6 @@ def merge(
     from .merge.request import check_request, check_threads, parse_budget  # light: no torch
 
     planning = ctx.info_name == "plan"
-    if not planning and branch is None:
-        raise MpError("merge needs -b BRANCH: the branch to commit the merge on")
     check_threads(threads)
     if budget is not None:
         parse_budget(budget)  # refused here, before torch starts; the planner parses it again
@@ -496,10 +494,14 @@ def merge(
     if memory < 1:
         raise MpError("--memory-limit: the bound on blocks in flight must be at least 1 byte")
     _open().close()  # outside a repository, say so before planning anything
+    requests = []
     if config is not None:
         if method or base or models:
             raise MpError("--config carries the method, base and models: give none of them on the command line")
-        request = from_yaml(config)
+        requests = stages(config)
+        if planning and len(requests) > 1:
+            raise MpError(f"{config}: `mp plan` takes a one-stage config (this one has {len(requests)} stages)")
+        request = requests[-1]
     else:
         if not method or not models:
             raise MpError("give --method and the models to merge (or --config FILE)")
@@ -521,9 +523,22 @@ def merge(
             global_params[name] = parse_value(value)
         request = MergeRequest(method, base, list(models), per_model, global_params,
                                dtype_name(dtype or "float32", "dtype"), dtype_name(out_dtype, "out_dtype"))
-    request.seed = seed
-    request.compute_dtype = dtype_name(compute_dtype, "compute dtype")
-    check_request(request)  # every value usable before torch is imported and anything is read
+    for req in requests or [request]:
+        req.seed = seed
+        req.compute_dtype = dtype_name(compute_dtype, "compute dtype")
+        check_request(req)  # every value usable before torch is imported and anything is read
+    if not planning and branch is None and request.name is None:
+        raise MpError("merge needs -b BRANCH: the branch to commit the merge on")
+    if len(requests) > 1:
+        if budget is not None or message is not None:
+            raise MpError("--budget and -m apply to a one-stage config (this one has "
+                          f"{len(requests)} stages)")
+        with _open() as repo:
+            done = repo.merge_stages(requests, branch, threads=threads, memory_limit=memory, progress=_Bar())
+        for req, res in zip(requests, done):
+            print(f"{res.commit.hex()} {_clean(str(req.name if res is not done[-1] else branch or req.name))}")
+        return
+    branch = branch or request.name
     with _open() as repo:
         if planning:
             plan = repo.plan(request, budget=budget, select=select, memory_limit=memory)
@@ -594,13 +609,15 @@ def replay(ref: str, threads: int | None = typer.Option(None)) -> None:
     """Re-execute a merge's stored plan; prints "identical" or the tensors that differ."""
     with _open() as repo:
         res = repo.replay(ref, threads=threads, progress=_Bar())
-    if res.identical:
-        print("identical")
-        return
-    print(f"differs from {short(res.commit)} in {len(res.differing)} tensors/files:")
-    for name in res.differing:
-        print(f"  {_clean(name)}")
-    raise typer.Exit(1)
+    for r in [*res.chain, res]:
+        if r.identical:
+            print(f"identical {short(r.commit)}" if res.chain else "identical")
+            continue
+        print(f"differs from {short(r.commit)} in {len(r.differing)} tensors/files:")
+        for name in r.differing:
+            print(f"  {_clean(name)}")
+    if not res.all_identical:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -88,6 +88,24 @@ def _writes(fn: Callable[Concatenate[Repo, P], R]) -> Callable[Concatenate[Repo,
     return wrapper
 
 
+def _merged_inputs(r: Txn, plan: Plan) -> list[bytes]:
+    """The merge commits among a plan's inputs and, recursively, theirs: deepest first, each once."""
+    out: list[bytes] = []
+
+    def visit(p: Plan) -> None:
+        for cid in [p.base, *p.models, *(p.adapters or [])]:
+            if cid is None or cid in out:
+                continue
+            c = r.commit(cid)
+            if c.plan is not None:
+                visit(r.plan(c.plan))
+                if cid not in out:
+                    out.append(cid)
+
+    visit(plan)
+    return out
+
+
 def _workers(threads: int | None) -> int:
     """Worker threads for a verb that computes: as asked (checked before any work), else every core."""
     return check_threads(threads) or os.cpu_count() or 1
@@ -466,7 +484,7 @@ class Repo:
         result = execute(self.store, plan, sink, progress or Silent(), workers, memory_limit)
         result.realized.seconds = {"plan": round(planned, 3), **result.realized.seconds}
         inputs = [plan.base] if plan.base else []
-        inputs += [m for m in plan.models if m not in inputs]
+        inputs += [m for m in [*plan.models, *(plan.adapters or [])] if m and m not in inputs]
 
         def parents(head: bytes | None) -> list[bytes]:
             return inputs + [head] if head is not None and head not in inputs else inputs
@@ -478,9 +496,36 @@ class Repo:
                            stats=result.realized.to_json())
         return MergeResult(cid, plan, result.realized.to_json(), round(time.perf_counter() - began, 3))
 
+    def merge_stages(self, requests: list[MergeRequest], branch: str | None, threads: int | None = None,
+                     memory_limit: int = 1 << 30, progress: Progress | None = None) -> list[MergeResult]:
+        """Run a multi-stage config: each stage commits on the branch its `name:` gives (the last
+        on `branch` when given), so later stages name earlier ones as refs. Every stage is checked
+        against its method before the first runs; stages commit one by one, so a stage that fails
+        while merging leaves the earlier stages' commits."""
+        from .merge.executor import ENGINE_VERSION
+        from .merge.request import to_plan
+
+        names = {r.name for r in requests if r.name}
+        with self.store.read() as r:
+
+            def early(spec: str) -> bytes:  # a later stage's reference to an earlier one's branch
+                return bytes(16) if spec in names else resolve(r, spec)
+
+            for req in requests:
+                to_plan(req, early, self.chunk_size, ENGINE_VERSION)
+        out = []
+        for i, req in enumerate(requests):
+            target = branch if i == len(requests) - 1 and branch else req.name
+            if target is None:
+                raise BadMerge("the last stage has no `name:`: give -b BRANCH to commit it on")
+            out.append(self.merge(req, target, threads=threads, memory_limit=memory_limit, progress=progress))
+        return out
+
     def replay(self, spec: str, threads: int | None = None, memory_limit: int = 1 << 30,
-               progress: Progress | None = None) -> ReplayResult:
-        """Re-execute a merge commit's stored plan from its stored inputs; write nothing."""
+               progress: Progress | None = None, chain: bool = True) -> ReplayResult:
+        """Re-execute a merge commit's stored plan from its stored inputs; write nothing. With
+        `chain`, the merges its inputs came from are replayed first (a multi-stage config's
+        earlier stages), so the whole chain is shown to reproduce."""
         from .merge.executor import execute
 
         info = self.commit(spec)
@@ -489,17 +534,19 @@ class Repo:
         with self.store.read() as r:
             plan = r.plan(info.commit.plan)
             stored = r.snapshot(info.commit.snapshot)
+            earlier = _merged_inputs(r, plan) if chain else []
+        done = [self.replay(c.hex(), threads, memory_limit, progress, chain=False) for c in earlier]
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent(), dry=True)
         result = execute(self.store, plan, sink, progress or Silent(), _workers(threads),
                          memory_limit)
         again = result.snapshot
         if again.id == info.commit.snapshot:
-            return ReplayResult(info.id, True, [])
+            return ReplayResult(info.id, True, [], done)
         differing = sorted(
             {n for n in stored.tensors.keys() | again.tensors.keys() if stored.tensors.get(n) != again.tensors.get(n)}
             | {f for f in stored.files.keys() | again.files.keys() if stored.files.get(f) != again.files.get(f)}
         )
-        return ReplayResult(info.id, False, differing or ["(shard headers)"])
+        return ReplayResult(info.id, False, differing or ["(shard headers)"], done)
 
     @_writes
     def revert(self, spec: str, branch: str | None = None, force: bool = False,

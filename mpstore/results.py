@@ -39,6 +39,13 @@ class ReplayResult:
     commit: bytes
     identical: bool
     differing: list[str]  # tensor names (and file names) whose content differs
+    # The merges this one's inputs came from (a multi-stage config's earlier stages), replayed
+    # first, each once, deepest first.
+    chain: list[ReplayResult] = field(default_factory=list)
+
+    @property
+    def all_identical(self) -> bool:
+        return self.identical and all(r.identical for r in self.chain)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from conftest import load_dir, stored_tensors, tensors_of
 from make_family import make_family
 
 from mpstore import Repo
-from mpstore.errors import BadMerge
+from mpstore.errors import BadMerge, MpError
 from mpstore.merge.request import MergeRequest, from_yaml
 
 TESTS = Path(__file__).resolve().parent
@@ -52,6 +52,7 @@ FAMILY = {"arch": "qwen2", "hidden": 64, "layers": 8, "vocab": 128, "dtype": "f3
 CHUNKS = {"chunk1m": 1 << 20, "chunk4k": 4096}
 B, E1, E2, E3 = "base", "expert-1", "expert-2", "expert-3"  # E1 dense, E2 partial, E3 lora
 DTYPES = ("float32", "bfloat16", "float16")
+AGAIN = "base-again"  # a second branch on the base's commit
 F32_ULPS = 4
 
 
@@ -86,7 +87,10 @@ CASES = {
     "nearswap": Case("nearswap", ((B, None), (E1, None)),
                      parameters={"t": [{"filter": "mlp", "value": 1e-3},
                                        {"filter": "self_attn", "value": [1e-4, 0.02]}, {"value": 3e-7}]}),
-    "nearswap_partial": Case("nearswap", ((E2, None),), parameters={"t": 0.002}),
+    # the partial expert leaves half the layers as the base's: equal tensors at t >= 1e-5 are
+    # copied (the identity shortcut), at t = 3e-7 (the layer norms) computed
+    "nearswap_partial": Case("nearswap", ((E2, None),),
+                             parameters={"t": [{"filter": "layernorm", "value": 3e-7}, {"value": 0.002}]}),
     "arcee_fusion": Case("arcee_fusion", ((E1, None),)),
     "arcee_fusion_lora": Case("arcee_fusion", ((B, None), (E3, None))),
     "sce": Case("sce", ((E1, None), (E2, None), (E3, None))),
@@ -122,86 +126,122 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def repos(family, tmp_path_factory):
+    """Both repositories with the family added; `base-again` names the base's commit, so the base
+    can be an input besides being the base."""
     root = tmp_path_factory.mktemp("repos-a")
     out = {}
     for variant, chunk in CHUNKS.items():
         repo = Repo.init(root / variant, chunk_size=chunk)
         for key, path in family.items():
             repo.add(path, key, base=None if key == B else B)
+        repo.create_branch(AGAIN, B)
         out[variant] = repo
     yield out
     for repo in out.values():
         repo.close()
 
 
+def _configs(root: Path, where: dict[str, str], tool: str) -> dict[str, Path]:
+    """Every job's YAML for one tool (`where`: model key -> folder or ref)."""
+    todo = [(job, CASES[job.split("@")[0]], job.split("@")[1]) for job in JOBS]
+    todo += [(name, case, "float32") for name, case in REFUSED.items()]
+    out = {}
+    for job, case, dtype in todo:
+        out[job] = root / f"{job}.{tool}.yml"
+        out[job].write_text(yaml.safe_dump(case.doc(where, dtype), sort_keys=False))
+    return out
+
+
 @dataclass
-class Runs:
-    mk: dict[str, Path]  # job -> MergeKit's output folder
-    mp: dict[tuple[str, str], Path]  # (variant, job) -> mpstore's checkout
-    mp_refused: dict[str, str]  # refused config -> mpstore's message
-    info: dict
+class Driver:
+    process: subprocess.Popen
+    root: Path
+    out: dict[str, Path]  # job -> MergeKit's output folder
 
 
 @pytest.fixture(scope="module")
-def runs(family, repos, tmp_path_factory) -> Runs:
+def driver(family, tmp_path_factory):
+    """MergeKit running every job in one background process, started before mpstore's merges so
+    that both run at once."""
     if not MK_INSTALLED.exists():
         if CI:
             pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
         pytest.skip(f"MergeKit oracle not installed: {MK_INSTALLED} not found (`make mergekit-venv`)")
-    root = tmp_path_factory.mktemp("runs-a")
-    paths, refs = {k: str(v) for k, v in family.items()}, {k: k for k in family}
-    jobs, mk, mp_yaml = [], {}, {}
-    todo = [(job, CASES[job.split("@")[0]], job.split("@")[1]) for job in JOBS]
-    todo += [(name, case, "float32") for name, case in REFUSED.items()]
-    for job, case, dtype in todo:
-        (root / f"{job}.mk.yml").write_text(yaml.safe_dump(case.doc(paths, dtype), sort_keys=False))
-        mp_yaml[job] = root / f"{job}.mp.yml"
-        mp_yaml[job].write_text(yaml.safe_dump(case.doc(refs, dtype), sort_keys=False))
-        mk[job] = root / "mk" / job
-        jobs.append({"name": job, "config": str(root / f"{job}.mk.yml"), "out": str(mk[job]), "seed": None})
+    root = tmp_path_factory.mktemp("mergekit-a")
+    configs = _configs(root, {k: str(v) for k, v in family.items()}, "mergekit")
+    out = {job: root / "out" / job for job in configs}
+    jobs = [{"name": job, "config": str(c), "out": str(out[job]), "seed": None} for job, c in configs.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    began = time.perf_counter()
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(root / "mergekit.log", "w") as log:
-        driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            mp, refused = {}, {}
-            for variant, repo in repos.items():
-                for job in JOBS:
-                    repo.merge(from_yaml(mp_yaml[job]), f"a-{job.replace('@', '-')}", threads=2)
-                    mp[variant, job] = root / "mp" / variant / job
-                    repo.checkout(f"a-{job.replace('@', '-')}", mp[variant, job])
-            for name in REFUSED:
-                with pytest.raises(BadMerge) as e:
-                    repos["chunk1m"].merge(from_yaml(mp_yaml[name]), f"refused-{name}")
-                refused[name] = str(e.value)
-            mp_seconds = time.perf_counter() - began
-            driver.wait(timeout=600)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-    assert driver.returncode == 0, (root / "mergekit.log").read_text()[-4000:]
-    info = json.loads((root / "result.json").read_text())
-    print(f"\n[mergekit methods a] mpstore {mp_seconds:.1f}s, MergeKit (concurrently) "
-          f"{time.perf_counter() - began:.1f}s")
-    return Runs(mk, mp, refused, info)
+        process = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield Driver(process, root, out)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class Merged:
+    out: dict[tuple[str, str], Path]  # (variant, job) -> mpstore's checkout
+    refused: dict[str, str]  # REFUSED config -> mpstore's message
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def merged(repos, tmp_path_factory) -> Merged:
+    """mpstore's merge of every job in both repositories, through the YAML front door."""
+    began = time.perf_counter()
+    root = tmp_path_factory.mktemp("mpstore-a")
+    configs = _configs(root, {k: k for k in (B, E1, E2, E3)}, "mpstore")
+    out, refused = {}, {}
+    for variant, repo in repos.items():
+        for job in JOBS:
+            branch = "a-" + job.replace("@", "-")
+            repo.merge(from_yaml(configs[job]), branch, threads=2)
+            out[variant, job] = root / variant / job
+            repo.checkout(branch, out[variant, job])
+    for name in REFUSED:
+        with pytest.raises(BadMerge) as e:
+            repos["chunk1m"].merge(from_yaml(configs[name]), "refused-" + name)
+        refused[name] = str(e.value)
+    return Merged(out, refused, time.perf_counter() - began)
+
+
+@pytest.fixture(scope="module")
+def mergekit(driver, merged) -> dict:
+    """MergeKit's result.json, once it has finished (mpstore's merges ran meanwhile)."""
+    began = time.perf_counter()
+    driver.process.wait(timeout=600)
+    assert driver.process.returncode == 0, (driver.root / "mergekit.log").read_text()[-4000:]
+    info = json.loads((driver.root / "result.json").read_text())
+    print(f"\n[mergekit methods a] mpstore {merged.seconds:.1f}s; MergeKit finished "
+          f"{time.perf_counter() - began:.1f}s later ({sum(j['seconds'] for j in info['jobs'].values()):.1f}s merging)")
+    return info
 
 
 # ------------------------------------------------------------------------------ differential
 
 
-def test_oracle_is_mergekit_0_1_5(runs):
-    assert runs.info["mergekit"] == "0.1.5", runs.info
-    assert runs.info["torch"] == torch.__version__, "bit-equality needs the same torch kernels"
+def test_oracle_is_mergekit_0_1_5(mergekit):
+    assert mergekit["mergekit"] == "0.1.5", mergekit
+    assert mergekit["torch"] == torch.__version__, "bit-equality needs the same torch kernels"
+
+
+def _ulps_off(a: torch.Tensor, b: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """|a - b| in float32 ulps of the largest operand (the inputs and a) per element."""
+    scale = torch.stack([x.abs() for x in inputs] + [a.abs()]).amax(0).double()
+    return (a.double() - b.double()).abs() / (torch.finfo(torch.float32).eps * scale)
 
 
 @pytest.mark.parametrize("variant", CHUNKS)
 @pytest.mark.parametrize("job", JOBS)
-def test_matches_mergekit_bit_for_bit(runs, family, variant, job):
-    error = runs.info["jobs"][job]["error"]
+def test_matches_mergekit_bit_for_bit(mergekit, driver, merged, family, variant, job):
+    error = mergekit["jobs"][job]["error"]
     assert error is None, f"MergeKit failed on {job}:\n{error}"
-    mk, mp = load_dir(runs.mk[job]), load_dir(runs.mp[variant, job])
+    mk, mp = load_dir(driver.out[job]), load_dir(merged.out[variant, job])
     assert sorted(mk) == sorted(mp)
     inputs = [load_dir(p) for p in family.values()] if _stream_f32(job) else []
     total = equal = 0
@@ -215,33 +255,41 @@ def test_matches_mergekit_bit_for_bit(runs, family, variant, job):
         equal += int(same.sum())
         if bool(same.all()):
             continue
-        if inputs:  # the documented float32 tolerance of sce's block sums
-            scale = torch.stack([x[n].abs() for x in inputs] + [a.abs()]).amax(0).double()
-            ulps = float(((a.double() - b.double()).abs() / (torch.finfo(torch.float32).eps * scale)).max())
-            worst = max(worst, ulps)
-            if variant == "chunk4k" and ulps <= F32_ULPS:
+        if inputs:
+            worst = max(worst, float(_ulps_off(a, b, [x[n] for x in inputs]).max()))
+            if variant == "chunk4k" and worst <= F32_ULPS:
                 continue
         i = int((~same).reshape(-1).nonzero()[0])
         bad.append(f"{n}: {int((~same).sum())}/{a.numel()} differ (first at flat {i}: MergeKit "
                    f"{a.reshape(-1)[i].item()!r}, mpstore {b.reshape(-1)[i].item()!r})")
     print(f"\n[{variant} {job}] {100 * equal / total:.4f}% of {total} elements bit-equal"
-          + (f", max {worst:.2f} float32 ulps off" if inputs else ""))
+          + (f", the others at most {worst:.2f} float32 ulps off" if inputs else ""))
     assert not bad, f"{job} in {variant}: mpstore differs from MergeKit:\n  " + "\n  ".join(bad[:10])
 
 
 @pytest.mark.parametrize("name", REFUSED)
-def test_both_refuse_what_mergekit_refuses(runs, name):
-    assert runs.info["jobs"][name]["error"] is not None, f"MergeKit accepted {name}"
-    message = runs.mp_refused[name]
-    assert "\n" not in message and message, message
+def test_both_refuse_what_mergekit_refuses(mergekit, merged, name):
+    assert mergekit["jobs"][name]["error"] is not None, f"MergeKit accepted {name}"
+    message = merged.refused[name]
+    assert message and "\n" not in message, message
 
 
-# ------------------------------------------------------------------------------ edge cases (mpstore only)
+# ------------------------------------------------------------------------------ mpstore alone
+
+
+@pytest.mark.parametrize("job", [j for j in JOBS if not _stream_f32(j)])
+def test_blocks_do_not_change_the_result(merged, job):
+    """A 4 KiB-chunk repository streams the elementwise methods and sce's sums over many blocks:
+    the result is the 1 MiB repository's (one block per tensor), bit for bit."""
+    one, many = load_dir(merged.out["chunk1m", job]), load_dir(merged.out["chunk4k", job])
+    assert sorted(one) == sorted(many)
+    for n in one:
+        assert torch.equal(one[n].view(torch.int32), many[n].view(torch.int32)), n
 
 
 def _request(method: str, models: list[str], base: str | None = B, p: list[dict] | None = None,
-             g: dict | None = None, dtype: str | None = None) -> MergeRequest:
-    return MergeRequest(method, base, models, p or [{} for _ in models], g or {}, dtype, None)
+             g: dict | None = None) -> MergeRequest:
+    return MergeRequest(method, base, models, p or [{} for _ in models], g or {})
 
 
 @pytest.mark.parametrize("request_, fragment", [
@@ -258,25 +306,66 @@ def _request(method: str, models: list[str], base: str | None = B, p: list[dict]
     (_request("passthrough", [E1], base=None, p=[{"scale": "big"}]), "expected a number"),
 ])
 def test_bad_parameters_are_refused_in_one_line(repos, request_, fragment):
-    repo = repos["chunk1m"]
-    before = repo.branches() if hasattr(repo, "branches") else None
-    with pytest.raises(BadMerge) as e:
+    repo = repos["chunk4k"]
+    before = repo.branches()
+    with pytest.raises(MpError) as e:  # BadMerge, or BadParameter for a value's type
         repo.merge(request_, "refused")
     message = str(e.value)
     assert fragment in message and "\n" not in message, message
-    assert (repo.branches() if hasattr(repo, "branches") else None) == before
+    assert repo.branches() == before
+
+
+@pytest.mark.parametrize("method", ["passthrough", "nearswap", "arcee_fusion", "sce"])
+def test_budgets_do_not_apply(repos, method):
+    """None of the four is additive over deltas read chunk by chunk (passthrough has no base;
+    the others weigh, rank or mix elements across the whole tensor): a budget is refused."""
+    models, base = ([E1], None) if method == "passthrough" else ([E1, E2] if method == "sce" else [E1], B)
+    g = {"t": 0.01} if method == "nearswap" else {}
+    with pytest.raises(BadMerge, match="--budget needs a method that merges deltas"):
+        repos["chunk4k"].plan(_request(method, models, base, g=g), budget="50%")
 
 
 @pytest.mark.parametrize("method, g", [("nearswap", {"t": 0.01}), ("arcee_fusion", {}), ("sce", {}),
                                        ("sce", {"select_topk": 0.5})])
-def test_a_model_equal_to_the_base_merges_to_the_base(repos, tmp_path, method, g):
-    """Every delta zero: the output is the base, stored as the base's own tensors (the identity
-    shortcut reuses them) when nothing changes the dtype."""
+def test_inputs_equal_to_the_base_give_the_base_itself(repos, tmp_path, method, g):
+    """Every delta zero: the output is the base, stored as the base's own tensor objects (the
+    executor copies them without computing) when the dtype does not change."""
     repo = repos["chunk4k"]
-    models = [B, B] if method == "sce" else [B]
+    models = [AGAIN, AGAIN] if method == "sce" else [AGAIN]
     branch = f"same-{method}-{len(g)}"
-    repo.merge(_request(method, models, base=B, g=g) if method != "sce" else
-               MergeRequest(method, B, [E1, E2], [{}, {}], g), "unused-" + branch) if False else None
-    # the base listed among the models is the base: give the equal input as a separate ref
-    repo.branch(f"copy-of-base-{method}", B) if hasattr(repo, "branch") else None
-    raise NotImplementedError
+    repo.merge(_request(method, models, g=g), branch)
+    assert stored_tensors(repo, branch) == stored_tensors(repo, B)
+
+
+def test_passthrough_scale_is_applied_even_to_a_lone_input(repos, tmp_path):
+    """With one input every block "equals the first input", yet scale 2 doubles it (no identity
+    shortcut), exactly, in the compute dtype; scale 1 (the default) gives the input's own chunks."""
+    repo = repos["chunk4k"]
+    repo.merge(_request("passthrough", [E1], None, p=[{"scale": [{"filter": "mlp", "value": 2.0}]}]), "pt-scaled")
+    got, e1 = tensors_of(repo, "pt-scaled", tmp_path), tensors_of(repo, E1, tmp_path)
+    scaled = [n for n in got if "mlp" in n]
+    assert scaled
+    for n in got:
+        assert torch.equal(got[n], e1[n] * 2 if n in scaled else e1[n]), n
+    repo.merge(_request("passthrough", [E1], None), "pt-plain")
+    stored, original = stored_tensors(repo, "pt-plain"), stored_tensors(repo, E1)
+    assert {n: t.chunks for n, t in stored.items()} == {n: t.chunks for n, t in original.items()}
+
+
+def test_nearswap_takes_close_values_and_moves_far_ones_by_t(tmp_path):
+    """The rule on hand-picked values: |M - B| <= t takes M, farther moves B by t toward M."""
+    from safetensors.torch import save_file
+
+    base = torch.zeros(8)
+    model = torch.tensor([0.001, -0.004, 0.005, 0.02, -0.5, 3.0, 0.0, 1e-9])
+    for name, t in (("b", base), ("m", model)):
+        (tmp_path / name).mkdir()
+        save_file({"model.norm.weight": t}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text('{"model_type": "qwen2", "torch_dtype": "float32"}\n')
+    with Repo.init(tmp_path / "repo") as repo:
+        repo.add(tmp_path / "b", "b")
+        repo.add(tmp_path / "m", "m")
+        repo.merge(_request("nearswap", ["m"], "b", g={"t": 0.005}), "ns")
+        got = tensors_of(repo, "ns", tmp_path)["model.norm.weight"]
+    want = torch.tensor([0.001, -0.004, 0.005, 0.005, -0.005, 0.005, 0.0, 1e-9])
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), got

@@ -33,6 +33,29 @@ step "$BIN/mp" merge --method task_arithmetic --base base expert-1 expert-2 expe
   --out-dtype bfloat16 --budget 25% -b budgeted -m "task arithmetic within a quarter of the expert reads"
 step "$BIN/mp" show budgeted
 step "$BIN/mp" replay budgeted
+# A published-style MergeKit config as people bring it from a model card: a gradient slerp over
+# `slices:` with filters per module (refs where MergeKit has folders).
+cat > gradient-slerp.yml <<'YAML'
+slices:
+  - sources:
+      - model: base
+        layer_range: [0, 4]
+      - model: expert-1
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: base
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+YAML
+step cat gradient-slerp.yml
+step "$BIN/mp" merge --config gradient-slerp.yml -b slerped -m "gradient slerp from a model card"
+step "$BIN/mp" replay slerped
 step "$BIN/mp" log --graph merged
 step "$BIN/mp" diff base merged
 step "$BIN/mp" checkout merged -o out/merged
@@ -41,4 +64,5 @@ step "$BIN/mp" fsck
 echo
 echo "demo ok: expert-2 checked out byte-identical; a ties merge committed, replayed identical and"
 echo "checked out to demo/out/merged; a merge within 25% of the expert reads planned, committed and"
-echo "replayed identical; heatmap in demo/diff-base-expert-2.png"
+echo "replayed identical; a MergeKit gradient-slerp config with slices merged and replayed identical;"
+echo "heatmap in demo/diff-base-expert-2.png"

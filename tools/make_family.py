@@ -19,6 +19,15 @@ Expert kinds (cycled over the experts by --kinds):
   lora     q_proj, v_proj and a random few other projections get a rank 4..16 update B @ A
            in every layer; every other tensor is the base tensor, bit for bit.
 
+Tokenizer (off by default; `--tokenizer`, or make_family(tokenizer=Tokenizer(...))): every model
+also gets a small byte-level BPE tokenizer written as plain JSON (tokenizer.json,
+tokenizer_config.json, special_tokens_map.json) that transformers loads as it is: <unk>, <s>, </s>
+at ids 0-2, the letters and "Ġ", then one merged token per merge. Tokenizer(...) can give an
+expert another vocabulary, for MergeKit's tokenizer merges: tokens appended (ordinary or special),
+the base's last tokens dropped, pairs of token ids swapped; the expert's embed_tokens / lm_head
+rows follow (swapped rows, fresh rows for new tokens, dropped rows removed) and its config.json
+vocab_size is its row count. Each model may carry a chat template.
+
 Everything derives from --seed: each tensor has its own generator seeded from
 (seed, model name, tensor name), so the same arguments give byte-identical files.
 
@@ -32,7 +41,7 @@ Usage:
   python tools/make_family.py OUT [--arch qwen2|llama] [--hidden 256] [--layers 4]
       [--intermediate N] [--heads N] [--kv-heads N] [--vocab 1024] [--params 250M]
       [--dtype bf16|f16|f32] [--experts 3] [--kinds dense,partial,lora] [--seed 0]
-      [--shard-size MB] [--tie-embeddings]
+      [--shard-size MB] [--tie-embeddings] [--tokenizer]
 """
 
 from __future__ import annotations
@@ -41,8 +50,8 @@ import argparse
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +72,10 @@ LORA_EXTRA_P = 0.3  # chance that each projection other than q/v is also a LoRA 
 DEFAULT_VOCAB = 1024
 PARAMS_VOCAB = 32000
 BOS_ID, EOS_ID = 1, 2
+SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, BOS_ID, EOS_ID
+LETTERS = "Ġabcdefghijklmnopqrstuvwxyz"  # byte-level symbols; "Ġ" is a space
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+TOKENIZER_CLASS = {"qwen2": "Qwen2Tokenizer", "llama": "PreTrainedTokenizerFast"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,21 @@ class ExpertPlan:
     changes: dict[str, str]  # tensor name -> "dense" | "lora"
     rank: int  # LoRA rank; 0 when unused
     summary: str  # one line for the README
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The family's tokenizer and how each expert's differs from the base's (model name -> ...)."""
+
+    tokens: int | None = None  # tokens of the base's tokenizer; None: one per embedding row
+    added: Mapping[str, Sequence[str]] = field(default_factory=dict)  # ordinary tokens appended
+    special: Mapping[str, Sequence[str]] = field(default_factory=dict)  # special tokens appended after those
+    dropped: Mapping[str, int] = field(default_factory=dict)  # how many of the base's last tokens it lacks
+    swapped: Mapping[str, int] = field(default_factory=dict)  # pairs of token ids exchanged (rows too)
+    chat_template: Mapping[str, str] = field(default_factory=dict)  # in tokenizer_config.json
+
+    def changes_vocab(self, model: str) -> bool:
+        return any(model in m for m in (self.added, self.special, self.dropped, self.swapped))
 
 
 # ---------------------------------------------------------------- shapes and sizes
@@ -272,6 +300,87 @@ def expert_tensor(name: str, base: torch.Tensor, plan: ExpertPlan, seed: int, mo
     return _lora_update(base, g, plan.rank) if how == "lora" else _dense_update(base, g)
 
 
+# ---------------------------------------------------------------- tokenizer
+
+
+def bpe_tokens(n: int) -> tuple[list[str], list[list[str]]]:
+    """n tokens (the specials, the letters, then merged tokens) and the merges making them.
+
+    Merged tokens grow one letter at a time (every token of length L-1 times every letter), so the
+    parts of every merge come before its result: dropping the last tokens drops the last merges."""
+    tokens = list(SPECIALS) + list(LETTERS)
+    merges: list[list[str]] = []
+    shorter = list(LETTERS)
+    while len(tokens) < n:
+        longer = []
+        for left in shorter:
+            for c in LETTERS[1:]:
+                if len(tokens) + len(longer) >= n:
+                    break
+                longer.append(left + c)
+                merges.append([left, c])
+        tokens += longer
+        shorter = longer
+    return tokens[:n], merges[:max(0, n - len(SPECIALS) - len(LETTERS))]
+
+
+def model_vocab(tok: Tokenizer, vocab: int, model: str) -> tuple[list[str], list[int], list[list[str]]]:
+    """The model's tokens in id order, the base row each takes (-1: a new token) and its merges."""
+    n = tok.tokens or vocab
+    tokens, merges = bpe_tokens(n)
+    keep = n - tok.dropped.get(model, 0)
+    rows = list(range(keep))
+    for k in range(tok.swapped.get(model, 0)):  # exchange ids 3+2k and 4+2k (after the specials)
+        i, j = len(SPECIALS) + 2 * k, len(SPECIALS) + 2 * k + 1
+        rows[i], rows[j] = rows[j], rows[i]
+    new = [*tok.added.get(model, ()), *tok.special.get(model, ())]
+    kept_merges = merges[:max(0, len(merges) - (n - keep))]
+    return [tokens[r] for r in rows] + new, rows + [-1] * len(new), kept_merges
+
+
+def tokenizer_files(tok: Tokenizer, vocab: int, arch: str, model: str) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json of one model."""
+    tokens, _, merges = model_vocab(tok, vocab, model)
+    special = set(SPECIALS) | set(tok.special.get(model, ()))
+
+    def added(i: int, t: str) -> dict:
+        return {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+
+    added_tokens = [added(i, t) for i, t in enumerate(tokens) if t in special]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens,
+        "normalizer": {"type": "NFC"}, "pre_tokenizer": byte_level, "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens) if t not in special or t in SPECIALS},
+                  "merges": merges},
+    }
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    extra = list(tok.special.get(model, ()))
+    config = {"tokenizer_class": TOKENIZER_CLASS[arch], "add_prefix_space": False, **names,
+              "model_max_length": 512,
+              "added_tokens_decoder": {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in added_tokens}}
+    if extra:
+        config["additional_special_tokens"] = extra
+    if model in tok.chat_template:
+        config["chat_template"] = tok.chat_template[model]
+    specials_map = {**names, **({"additional_special_tokens": extra} if extra else {})}
+    return {"tokenizer.json": json.dumps(doc, indent=2, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+            "special_tokens_map.json": json.dumps(specials_map, indent=2) + "\n"}
+
+
+def vocab_rows(t: torch.Tensor, rows: list[int], seed: int, model: str, name: str) -> torch.Tensor:
+    """A vocabulary tensor with the model's rows: base rows by index, fresh N(0, 0.02) rows for -1."""
+    g = _generator(seed, model, name, "new rows")
+    fresh = (torch.randn((rows.count(-1), *t.shape[1:]), generator=g) * INIT_STD).to(t.dtype)
+    kept = t[torch.tensor([r for r in rows if r >= 0], dtype=torch.long)]
+    return torch.cat([kept, fresh]) if rows[-1] == -1 else kept
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -364,10 +473,13 @@ def write_model(
     sharded: bool,
     tensor: Callable[[str], torch.Tensor],
     readme: str,
+    extra_files: Mapping[str, str] | None = None,
 ) -> int:
-    """Write one complete HF folder; return the total bytes of its files."""
+    """Write one complete HF folder (with extra_files, name -> text); return the total bytes of its files."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", hf_config(dims, dtype))
+    for file, text in (extra_files or {}).items():
+        (folder / file).write_text(text, encoding="utf-8")
     _write_json(folder / "generation_config.json",
                 {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False})
     (folder / "README.md").write_text(readme)
@@ -419,19 +531,26 @@ def make_family(
     seed: int = 0,
     shard_size_mb: float = 0,
     tie_embeddings: bool = False,
+    tokenizer: Tokenizer | None = None,
     verbose: bool = False,
 ) -> dict[str, Path]:
     """Write out/base and out/expert-1..K; return {"base": path, "expert-1": path, ...}.
 
     The base stays in memory in the output dtype and every expert is derived from it
     tensor by tensor, so peak memory is about one base plus one expert shard. With
-    verbose, prints "path<TAB>kind<TAB>bytes" as each model is written.
+    verbose, prints "path<TAB>kind<TAB>bytes" as each model is written. With a tokenizer, each
+    model gets its tokenizer files, and an expert whose vocabulary differs its own rows.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty selection of {KINDS}, got {tuple(kinds)}")
     dims = build_dims(arch, hidden, layers, intermediate, heads, kv_heads, vocab, tie_embeddings)
+    if tokenizer is not None and not len(SPECIALS) + len(LETTERS) <= (tokenizer.tokens or vocab) <= vocab:
+        raise ValueError(f"the tokenizer needs {len(SPECIALS) + len(LETTERS)} to {vocab} (--vocab) tokens")
+    if tokenizer is not None and tokenizer.tokens not in (None, vocab) and any(
+            tokenizer.changes_vocab(f"expert-{i}") for i in range(1, experts + 1)):
+        raise ValueError("experts can change the vocabulary only of a tokenizer with one token per row")
     out = Path(out)
     shards = plan_shards(dims, DTYPES[dtype], shard_size_mb)
     base = make_base(dims, DTYPES[dtype], seed)
@@ -439,8 +558,17 @@ def make_family(
 
     def emit(name: str, kind: str, tensor: Callable[[str], torch.Tensor], summary: str) -> None:
         path = out / name
-        size = write_model(path, dims, dtype, shards, shard_size_mb > 0, tensor,
-                           _readme(name, kind, dims, seed, summary))
+        model_dims, files = dims, None
+        if tokenizer is not None:
+            files = tokenizer_files(tokenizer, vocab, arch, name)
+            if tokenizer.changes_vocab(name):
+                _, rows, _ = model_vocab(tokenizer, vocab, name)
+                model_dims = replace(dims, vocab=len(rows))
+                plain = tensor
+                tensor = lambda n: (vocab_rows(plain(n), rows, seed, name, n)  # noqa: E731
+                                    if n in VOCAB_TENSORS else plain(n))
+        size = write_model(path, model_dims, dtype, shards, shard_size_mb > 0, tensor,
+                           _readme(name, kind, dims, seed, summary), files)
         paths[name] = path
         if verbose:
             print(f"{path}\t{kind}\t{size}", flush=True)
@@ -476,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shard-size", type=float, default=0,
                     help="MB per shard; 0 writes one model.safetensors")
     ap.add_argument("--tie-embeddings", action="store_true")
+    ap.add_argument("--tokenizer", action="store_true", help="write a small BPE tokenizer with every model")
     args = ap.parse_args(argv)
 
     if args.params is not None:
@@ -491,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     dtype=args.dtype, experts=args.experts, kinds=tuple(args.kinds.split(",")),
                     seed=args.seed, shard_size_mb=args.shard_size,
                     tie_embeddings=args.tie_embeddings, verbose=True,
+                    tokenizer=Tokenizer() if args.tokenizer else None,
                     intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads)
     except ValueError as e:
         ap.error(str(e))

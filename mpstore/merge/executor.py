@@ -95,7 +95,10 @@ def _tasks(plan: Plan, method: MergeMethod, made: list[layout.Wanted]) -> list[T
         name, b, ms, t = w.name, w.base, w.models, w.t
         ref = b or ms[0]
         for i, m in enumerate(ms):
-            if (m.dtype, m.shape) != (ref.dtype, ref.shape):
+            # with a compute dtype every input is converted to it (as MergeKit does): only shapes must agree
+            if m.shape != ref.shape or (m.dtype != ref.dtype and (plan.compute_dtype is None or
+                                                                  FLOATS.isdisjoint({m.dtype, ref.dtype}) or
+                                                                  not {m.dtype, ref.dtype} <= FLOATS)):
                 raise BadMerge(
                     f"tensor {name!r}: input {i + 1} has {m.dtype}{list(m.shape)}, "
                     f"expected {ref.dtype}{list(ref.shape)}"

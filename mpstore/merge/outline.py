@@ -93,7 +93,8 @@ class ReadAccount:
             if key not in self.seen:
                 self.seen.add(key)
                 n = t.chunk_len(c)
-                if task.base is None or task.base.chunks[c] != key:
+                base = task.base
+                if base is None or base.dtype != t.dtype or base.chunks[c] != key:
                     self.realized.expert_bytes += n
                 else:
                     self.realized.base_bytes += n
@@ -169,7 +170,8 @@ def _changed(task: Task, a: int, b: int) -> list[int]:
     """Inputs whose chunks over [a, b) are not all the reference input's (the base, if any)."""
     ref, per = task.ref, task.per_chunk
     span = range(a // per, (b - 1) // per + 1) if b > a else range(0)
-    return [i for i, m in enumerate(task.models) if any(m.chunks[c] != ref.chunks[c] for c in span)]
+    return [i for i, m in enumerate(task.models)
+            if m.dtype != ref.dtype or any(m.chunks[c] != ref.chunks[c] for c in span)]
 
 
 def _histograms(txn: Txn, task: Task, counting: bool) -> dict[int, torch.Tensor | None] | None:

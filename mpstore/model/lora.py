@@ -150,7 +150,7 @@ def factors(txn: Txn, adapter: Snapshot, label: str) -> dict[str, tuple[Tensor, 
     for key, tid in adapter.tensors.items():
         m = _KEY.fullmatch(key)
         if m is None:
-            raise BadMerge(f"adapter {label}: tensor {quoted(key)} is not a LoRA A or B weight of a Linear "
+            raise BadMerge(f"adapter {label}: tensor {key!r} is not a LoRA A or B weight of a Linear "
                            "layer (embedding, bias, DoRA and modules_to_save tensors are not supported)")
         found.setdefault(m[1], {})[m[2]] = txn.tensor(tid)
     if not found:
@@ -238,6 +238,17 @@ def _cast(txn: Txn, t: Tensor, dtype: str, what: str) -> Iterator[memoryview]:
         yield _raw(torch.frombuffer(bytearray(view), dtype=torch_dtype(t.dtype)).to(torch_dtype(dtype)))
 
 
+def _weight_name(model: Snapshot, module: str) -> str | None:
+    """The model's tensor holding `module`'s weight. peft names modules as in the model with its
+    head, whose bare part has a prefix (`model.`, `transformer.`); a checkpoint saved from the
+    bare model (the original GPT-2: `h.0.attn.c_attn.weight`) lacks it, and transformers loads
+    it all the same."""
+    for name in (f"{module}.weight", f"{module.partition('.')[2]}.weight"):
+        if name in model.tensors:
+            return name
+    return None
+
+
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                   flip: bool) -> torch.Tensor:
     """peft's merge of one layer, given the weight already in the model's load dtype: A and B
@@ -265,9 +276,9 @@ def apply(txn: Txn, model: Snapshot, adapter: Snapshot, sink: ChunkSink, dtype: 
     loaded = load_dtype(txn, model, dtype)
     weights: dict[str, tuple[Tensor, Tensor, float, bool]] = {}
     for module, (a, b) in pairs.items():
-        name = f"{module}.weight"
-        if name not in model.tensors:
-            raise BadMerge(f"adapter {label} adapts {module}, but the model has no tensor {name!r}")
+        name = _weight_name(model, module)
+        if name is None:
+            raise BadMerge(f"adapter {label} adapts {module}, but the model has no tensor {module + '.weight'!r}")
         w = txn.tensor(model.tensors[name])
         update = (b.shape[0], a.shape[1])  # out x in
         if w.dtype not in FLOATS or w.shape not in (update, update[::-1]):

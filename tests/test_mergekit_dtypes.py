@@ -1,0 +1,434 @@
+"""MergeKit differential in 16-bit compute: every method with `dtype: bfloat16` and `dtype: float16`.
+
+A YAML means what it means in MergeKit: with a 16-bit `dtype:` MergeKit loads every input in that
+dtype and runs the task-arithmetic family, nuslerp and model_stock in it (linear and slerp work in
+float32 inside and round once), so mpstore must give the same bits. Each config runs with
+`dtype: bfloat16` and `dtype: float16` and no `out_dtype` (the output is that dtype), on a family
+stored in float32 and one stored in bfloat16, in a repository with the default chunks and in one
+with 4 KiB chunks, where tensors are split into blocks and every whole-tensor norm, dot product
+and L1 sum is summed over blocks. Then:
+
+- deterministic methods: every element bit-equal to MergeKit's (+0 and -0 count as equal),
+  except elements explained by a cut-off tie of top-k / breadcrumbs: MergeKit keeps an arbitrary
+  subset of the entries tied at a cut-off (an unstable sort), mpstore the first ones in index
+  order. Both keep the same number, of equal magnitude, so the L1 rescale factor agrees and only
+  the tied elements themselves can differ;
+- random methods at density 1 draw nothing: bit-equal like the deterministic ones;
+- random methods below density 1 draw other masks by design; on every tensor that only one model
+  changed, each element either keeps the base or is MergeKit's op chain, in the compute dtype, of
+  that model's delta with one L1 rescale factor s per tensor (the factor is searched near its
+  estimate; it must exist for both tools). So the arithmetic around the draws is MergeKit's;
+- `--compute-dtype float32` on a bfloat16 YAML is recorded in the plan and lands closer to a
+  float64 reference (MergeKit with `dtype: float64`) than the bfloat16 compute.
+
+The per-method rates of bit-equal elements are printed (`-s`). MergeKit runs in its own virtualenv
+through tests/mergekit_driver.py, one process for every config (see tests/test_mergekit_oracle.py,
+whose helpers this module shares).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from make_family import make_family
+from test_mergekit_oracle import (
+    DRIVER, MK_INSTALLED, MK_PYTHON, MERGEKIT_VERSION, B, E1, E2, E3, _tensors, evaluate, ulp_distance,
+)
+
+from mpstore import Repo
+from mpstore.merge.request import from_yaml
+
+FAMILIES = {
+    "f32": {"arch": "qwen2", "hidden": 64, "layers": 2, "vocab": 256, "dtype": "f32", "experts": 3,
+            "kinds": ("dense", "partial", "lora"), "seed": 21},
+    "bf16": {"arch": "qwen2", "hidden": 64, "layers": 2, "vocab": 256, "dtype": "bf16", "experts": 3,
+             "kinds": ("dense", "partial", "lora"), "seed": 22},
+}
+LAYERS = 2
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+YAML_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+CHUNKS = {"chunk1m": 1 << 20, "chunk4k": 4096}
+
+
+@dataclass
+class Case:
+    method: str
+    models: list  # [(model key, parameters or None)]
+    base: str | None = B
+    parameters: dict = field(default_factory=dict)
+    seed: int | None = None
+
+    def doc(self, where: dict[str, str], dtype: str) -> dict:
+        d: dict = {"merge_method": self.method}
+        if self.base is not None:
+            d["base_model"] = where[self.base]
+        d["models"] = [{"model": where[m], **({"parameters": p} if p else {})} for m, p in self.models]
+        if self.parameters:
+            d["parameters"] = self.parameters
+        d["dtype"] = YAML_DTYPE[dtype]
+        return d
+
+
+FILTERED = [{"filter": "mlp", "value": 0.4}, {"filter": "self_attn", "value": [0.1, 0.3]}]
+
+# Densities keep floor(density * n) >= 1 on the smallest tensors (64 elements).
+DETERMINISTIC: dict[str, Case] = {
+    "linear": Case("linear", [(E1, {"weight": 0.5}), (E2, {"weight": [0.2, 0.6]}), (E3, {"weight": FILTERED}),
+                              (B, {"weight": 0.3})], base=None, parameters={"weight": 0.25}),
+    "task_arithmetic": Case("task_arithmetic", [(E1, {"weight": 0.7}), (E2, {"weight": -0.4}),
+                                                (E3, {"weight": [0.5, 1.0]})], parameters={"lambda": 1.3}),
+    "task_arithmetic_norm": Case("task_arithmetic", [(E1, {"weight": 0.6}), (E2, {"weight": 0.3}),
+                                                     (E3, {"weight": FILTERED})],
+                                 parameters={"weight": 0.2, "normalize": True, "lambda": 0.8}),
+    "ties": Case("ties", [(E1, {"weight": 0.6, "density": [0.3, 0.7]}), (E2, {"weight": 0.5, "density": 0.5}),
+                          (E3, {"weight": 0.8, "density": [{"filter": "q_proj", "value": 0.2}, {"value": 0.6}]})],
+                 parameters={"weight": 0.4}),
+    "ties_rescale": Case("ties", [(E1, {"weight": 0.7, "density": 0.4}), (E2, {"weight": -0.5, "density": [0.6, 0.3]}),
+                                  (E3, {"weight": 0.5, "density": 0.5})],
+                         parameters={"normalize": False, "rescale": True, "lambda": 0.9}),
+    "breadcrumbs": Case("breadcrumbs", [(E1, {"weight": 0.5, "density": 0.6, "gamma": 0.05}),
+                                        (E2, {"weight": 0.7, "density": [0.4, 0.8]}),
+                                        (E3, {"weight": 0.4, "density": 0.5, "gamma": [{"filter": "mlp", "value": 0.1}]})],
+                        parameters={"lambda": 1.1}),
+    "breadcrumbs_ties": Case("breadcrumbs_ties", [(E1, {"weight": 0.6, "density": [0.5, 0.8], "gamma": 0.02}),
+                                                  (E2, {"weight": 0.5, "density": 0.6}),
+                                                  (E3, {"weight": 0.8, "density": 0.7, "gamma": 0.1})],
+                             parameters={"normalize": True, "rescale": True}),
+    # density 1 draws nothing: the random methods are deterministic then
+    "dare_linear_density1": Case("dare_linear", [(E1, {"weight": 0.5}), (E2, {"weight": 0.3}), (E3, {"weight": 0.6})],
+                                 parameters={"density": 1.0, "lambda": 0.7}, seed=5),
+    "dare_ties_density1": Case("dare_ties", [(E1, {"weight": 0.5}), (E2, {"weight": -0.3}), (E3, {"weight": 0.6})],
+                               parameters={"density": 1.0}, seed=5),
+    "della_density1": Case("della", [(E1, {"weight": 0.5}), (E2, {"weight": -0.3}), (E3, {"weight": 0.6})],
+                           parameters={"density": 1.0}, seed=5),
+    "della_linear_density1": Case("della_linear", [(E1, {"weight": 0.4}), (E2, {"weight": 0.3}), (E3, {"weight": 0.6})],
+                                  parameters={"density": 1.0, "normalize": True}, seed=5),
+    "slerp": Case("slerp", [(E1, None)], parameters={
+        "t": [{"filter": "self_attn", "value": [0.2, 0.9]}, {"filter": "mlp", "value": 0.7}, {"value": 0.4}]}),
+    "nuslerp": Case("nuslerp", [(E1, {"weight": 0.3}), (E3, {"weight": 0.7})]),
+    "nuslerp_rows": Case("nuslerp", [(E1, {"weight": [0.2, 0.8]}), (E2, {"weight": 0.5})],
+                         parameters={"nuslerp_flatten": False}),
+    "nuslerp_columns": Case("nuslerp", [(E1, {"weight": 0.4}), (E2, {"weight": 0.6})],
+                            parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "nuslerp_nobase": Case("nuslerp", [(E1, {"weight": 1.0}), (E2, {"weight": 2.0})], base=None),
+    "model_stock": Case("model_stock", [(E1, None), (E2, None), (E3, None)]),
+    "model_stock_filter_wise": Case("model_stock", [(E1, None), (E2, None), (E3, None)],
+                                    parameters={"filter_wise": True}),
+}
+# Scalar parameters only: the chain check resolves them without filters or gradients.
+RANDOM: dict[str, Case] = {
+    "dare_linear": Case("dare_linear", [(E1, {"weight": 0.5, "density": 0.3}), (E2, {"weight": 0.3, "density": 0.5}),
+                                        (E3, {"weight": 0.6, "density": 0.4})], seed=11),
+    "dare_ties": Case("dare_ties", [(E1, {"weight": 0.6, "density": 0.5}), (E2, {"weight": -0.4, "density": 0.3}),
+                                    (E3, {"weight": 0.5, "density": 0.7})], parameters={"lambda": 1.2}, seed=12),
+    "della": Case("della", [(E1, {"weight": 0.5, "density": 0.5, "epsilon": 0.2}), (E2, {"weight": 0.4, "density": 0.6}),
+                            (E3, {"weight": 0.7, "density": 0.4, "epsilon": 0.1})], seed=13),
+    "della_linear": Case("della_linear", [(E1, {"weight": 0.8, "density": 0.4, "epsilon": 0.3}),
+                                          (E2, {"weight": 0.3, "density": 0.5}), (E3, {"weight": 0.5, "density": 0.6})],
+                         parameters={"rescale": False, "lambda": 0.9}, seed=14),
+}
+CASES = {**DETERMINISTIC, **RANDOM}
+# The float64 reference for --compute-dtype float32 (MergeKit, `dtype: float64`, f32 family)
+PRECISE = ("task_arithmetic_norm", "nuslerp", "model_stock")
+RUNS = [(fam, dt, name) for fam in FAMILIES for dt in DTYPES for name in CASES]
+SPARSIFIER = {"ties": "topk", "breadcrumbs": "crumbs", "breadcrumbs_ties": "crumbs"}
+DEFAULTS = {  # (normalize, rescale, consensus) of the random methods, docs/merge_methods.md §2
+    "dare_linear": (False, True, False), "dare_ties": (False, True, True),
+    "della": (True, True, True), "della_linear": (False, True, False),
+}
+
+
+def _job(fam: str, dt: str, name: str) -> str:
+    return f"{fam}-{dt}-{name}"
+
+
+def _ref(fam: str, key: str) -> str:
+    return f"{fam}-{key}"
+
+
+@dataclass
+class Runs:
+    inputs: dict[str, dict[str, dict[str, torch.Tensor]]]  # family -> model key -> tensors
+    mergekit: dict[str, dict[str, torch.Tensor]]  # job -> tensors
+    mpstore: dict[tuple[str, str], dict[str, torch.Tensor]]  # (chunk variant, job) -> tensors
+    errors: dict[str, str | None]  # MergeKit's error per job
+    plans: dict[str, object]  # --compute-dtype runs: method name -> plan
+    precise: dict[str, dict[str, torch.Tensor]]  # --compute-dtype float32 runs: name -> tensors
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    if not MK_INSTALLED.exists():
+        pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
+    t0 = time.perf_counter()
+    root = tmp_path_factory.mktemp("mkdtypes")
+    families = {f: make_family(root / f, **spec) for f, spec in FAMILIES.items()}
+    (root / "cfg").mkdir()
+    jobs, yaml_mp = [], {}
+    wanted = [(fam, dt, name) for fam, dt, name in RUNS] + [("f32", "f64", name) for name in PRECISE]
+    for fam, dt, name in wanted:
+        case, job = CASES[name], _job(fam, dt, name)
+        paths = {k: str(v) for k, v in families[fam].items()}
+        mk_yaml = root / "cfg" / f"{job}.mergekit.yml"
+        mk_yaml.write_text(yaml.safe_dump(case.doc(paths, dt), sort_keys=False))
+        jobs.append({"name": job, "config": str(mk_yaml), "out": str(root / "mk" / job), "seed": case.seed})
+        if dt != "f64":
+            yaml_mp[job] = root / "cfg" / f"{job}.mpstore.yml"
+            yaml_mp[job].write_text(yaml.safe_dump(case.doc({k: _ref(fam, k) for k in paths}, dt), sort_keys=False))
+    (root / "jobs.json").write_text(json.dumps(jobs, indent=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log = open(root / "mergekit.log", "w")
+    driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    mp: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    plans, precise = {}, {}
+    t1 = time.perf_counter()
+    try:
+        for variant, chunk in CHUNKS.items():
+            with Repo.init(root / f"repo-{variant}", chunk_size=chunk) as repo:
+                for f, fam in families.items():
+                    for key, path in fam.items():
+                        repo.add(path, _ref(f, key), base=None if key == B else _ref(f, B))
+                for fam, dt, name in RUNS:
+                    job = _job(fam, dt, name)
+                    request = from_yaml(yaml_mp[job])
+                    request.seed = CASES[name].seed or 0
+                    repo.merge(request, f"m-{job}", threads=2)
+                    repo.checkout(f"m-{job}", root / "mp" / variant / job)
+                    mp[variant, job] = _tensors(root / "mp" / variant / job)
+                if variant == "chunk1m":
+                    for name in PRECISE:
+                        request = from_yaml(yaml_mp[_job("f32", "bf16", name)])
+                        request.compute_dtype = "F32"
+                        plans[name] = repo.merge(request, f"p-{name}", threads=2).plan
+                        repo.checkout(f"p-{name}", root / "mp" / "precise" / name)
+                        precise[name] = _tensors(root / "mp" / "precise" / name)
+        t2 = time.perf_counter()
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    assert driver.returncode == 0, f"MergeKit driver failed:\n{(root / 'mergekit.log').read_text()[-4000:]}"
+    info = json.loads((root / "result.json").read_text())
+    assert info["mergekit"] == MERGEKIT_VERSION, info
+    errors = {job: r["error"] for job, r in info["jobs"].items()}
+    mk = {j["name"]: _tensors(Path(j["out"])) for j in jobs if errors[j["name"]] is None}
+    inputs = {f: {k: _tensors(p) for k, p in fam.items()} for f, fam in families.items()}
+    print(f"\n[mergekit dtypes] setup {t1 - t0:.1f}s; mpstore {len(RUNS) * len(CHUNKS)} merges {t2 - t1:.1f}s; "
+          f"MergeKit {len(jobs)} merges, waited {time.perf_counter() - t2:.1f}s more")
+    return Runs(inputs, mk, mp, errors, plans, precise)
+
+
+def _both(runs: Runs, variant: str, job: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    assert runs.errors[job] is None, f"MergeKit failed on {job}:\n{runs.errors[job]}"
+    mk, mp = runs.mergekit[job], runs.mpstore[variant, job]
+    assert sorted(mk) == sorted(mp), (sorted(set(mk) ^ set(mp)))
+    for n in mk:
+        assert mk[n].shape == mp[n].shape, n
+        assert mk[n].dtype == mp[n].dtype == dtype, (n, mk[n].dtype, mp[n].dtype)
+    return mk, mp
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+def _param(case: Case, params: dict | None, key: str, name: str, default):
+    """A per-model parameter (model level, then global, then default) for tensor `name`."""
+    for level in (params or {}, case.parameters):
+        v = evaluate(level.get(key), name, LAYERS)
+        if v is not None:
+            return v
+    return default
+
+
+def _non_base(case: Case) -> list:
+    return [(m, p) for m, p in case.models if m != case.base]
+
+
+def _delta(inputs: dict, m: str, n: str, cd: torch.dtype) -> torch.Tensor:
+    """Model m's delta on tensor n as the compute dtype gives it (MergeKit loads in cd)."""
+    return inputs[m][n].to(cd) - inputs[B][n].to(cd)
+
+
+def cut_ties(case: Case, n: str, inputs: dict, cd: torch.dtype) -> torch.Tensor:
+    """Elements where some sparsified model's |delta| (in cd) equals a top-k / breadcrumbs
+    cut-off value that several elements share: which of those MergeKit keeps is arbitrary."""
+    shape = inputs[B][n].shape
+    explained = torch.zeros(shape.numel(), dtype=torch.bool)
+    for m, params in _non_base(case):
+        density = float(_param(case, params, "density", n, 1.0))
+        if density >= 1:
+            continue
+        a = _delta(inputs, m, n, cd).abs().float().reshape(-1)
+        numel = a.numel()
+        asc = torch.sort(a).values
+        if SPARSIFIER[case.method] == "topk":
+            cuts = [asc[numel - max(1, math.floor(density * numel))]]
+        else:
+            keep = math.floor(density * numel)
+            assert keep >= 1, f"choose a density with floor(density*n) >= 1 on {n}"
+            top = math.floor(float(_param(case, params, "gamma", n, 0.01)) * numel)
+            bottom = max(0, numel - keep - top)
+            cuts = [asc[bottom], asc[bottom + keep - 1]]
+        for c in cuts:
+            tied = a == c
+            if c > 0 and int(tied.sum()) > 1:
+                explained |= tied
+    return explained.reshape(shape)
+
+
+# ------------------------------------------------------------------------------ the tests
+
+RATES: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (name, dtype) -> [equal, total]
+
+
+@pytest.mark.parametrize("variant", sorted(CHUNKS))
+@pytest.mark.parametrize("fam,dt,name", [r for r in RUNS if r[2] in DETERMINISTIC])
+def test_deterministic_bit_equal(runs, variant, fam, dt, name):
+    case, job = CASES[name], _job(fam, dt, name)
+    cd = DTYPES[dt]
+    inputs = runs.inputs[fam]
+    mk, mp = _both(runs, variant, job, cd)
+    total = equal = explained = 0
+    bad = []
+    for n in sorted(mk):
+        differs = ulp_distance(mk[n], mp[n]) > 0
+        numel = differs.numel()
+        total += numel
+        equal += numel - int(differs.sum())
+        if case.method in SPARSIFIER and bool(differs.any()):
+            ex = cut_ties(case, n, inputs, cd) & differs
+            explained += int(ex.sum())
+            differs &= ~ex
+        if bool(differs.any()):
+            i = int(torch.argmax(differs.reshape(-1).to(torch.uint8)))
+            d = ulp_distance(mk[n], mp[n]).reshape(-1)
+            bad.append(f"{n}: {int(differs.sum())}/{numel} differ (first at flat {i}: MergeKit "
+                       f"{mk[n].reshape(-1)[i].item()!r}, mpstore {mp[n].reshape(-1)[i].item()!r}, "
+                       f"{int(d[i])} ulp; max {int(d.max())} ulp)")
+    RATES[name, dt][0] += equal
+    RATES[name, dt][1] += total
+    print(f"\n[{variant} {job}] {100 * equal / total:.2f}% of {total} bit-equal; "
+          f"{explained} differing elements explained by cut-off ties")
+    assert not bad, f"{job} ({variant}): mpstore differs from MergeKit {MERGEKIT_VERSION}:\n  " + "\n  ".join(bad)
+
+
+def _chain(case: Case, n: str, inputs: dict, i: int, cd: torch.dtype, s: torch.Tensor | None) -> torch.Tensor:
+    """MergeKit's result on tensor n when only model i changed it and every element of its delta
+    is kept, with L1 rescale factor s (None: no rescale): docs/merge_methods.md §2.2, §2.4, §2.5,
+    each step an operation in the compute dtype (the sparsifier's in its work dtype)."""
+    normalize_default, rescale_default, consensus = DEFAULTS[case.method]
+    m, params = _non_base(case)[i]
+    base = inputs[B][n].to(cd)
+    d = _delta(inputs, m, n, cd)
+    if s is not None:
+        d = (d.to(s.dtype) * s).to(cd)
+    w = torch.tensor([float(_param(case, p, "weight", n, None)) for _, p in _non_base(case)], dtype=cd)
+    x = d * w[i]
+    if bool(_param(case, {}, "normalize", n, normalize_default)):
+        divisor = w[i] if consensus else w.sum()
+        x = x / divisor
+    lam = float(_param(case, {}, "lambda", n, 1.0))
+    if lam != 1:
+        x = x * lam
+    return base + x
+
+
+def _changed_by(case: Case, inputs: dict, n: str) -> list[int]:
+    return [i for i, (m, _) in enumerate(_non_base(case)) if not torch.equal(inputs[m][n], inputs[B][n])]
+
+
+def _chain_misses(case: Case, n: str, inputs: dict, i: int, cd: torch.dtype, out: torch.Tensor) -> tuple[int, int, int]:
+    """(elements not the base, those of them that are not the chain for the best factor s, their
+    largest ulp distance). The factor is searched among work-dtype values near its estimate from
+    the elements the output shows kept."""
+    changed = ulp_distance(out, inputs[B][n].to(cd)) > 0
+    if not bool(changed.any()):
+        return 0, 0, 0
+    rescale = bool(_param(case, {}, "rescale", n, DEFAULTS[case.method][1]))
+    candidates: list[torch.Tensor | None] = [None]
+    if rescale:
+        work = torch.bfloat16 if cd == torch.bfloat16 else torch.float32
+        a = _delta(inputs, _non_base(case)[i][0], n, cd).to(torch.float64).abs()
+        guess = float(a.sum() / a[changed].sum())
+        step = guess * (2.0 ** -8 if work == torch.bfloat16 else 2.0 ** -16)
+        candidates = list(torch.tensor([guess + k * step for k in range(-24, 25)], dtype=torch.float64).to(work).unique())
+    best = None
+    for s in candidates:
+        d = ulp_distance(_chain(case, n, inputs, i, cd, s), out)[changed]
+        misses = (int((d > 0).sum()), int(d.max()) if d.numel() else 0)
+        best = misses if best is None or misses < best else best
+    assert best is not None
+    return int(changed.sum()), *best
+
+
+@pytest.mark.parametrize("variant", sorted(CHUNKS))
+@pytest.mark.parametrize("fam,dt,name", [r for r in RUNS if r[2] in RANDOM])
+def test_random_methods_do_mergekit_arithmetic(runs, variant, fam, dt, name):
+    """Around the random draws, both tools compute as MergeKit: on single-model tensors every
+    element is the base or the op chain of the delta. With a bfloat16 factor (bf16 compute) the
+    chain is exact for one factor; with a float32 factor (float16 compute) a factor between the
+    searched candidates may be needed, so at most 1% of elements may miss by one ulp."""
+    case, job = CASES[name], _job(fam, dt, name)
+    cd = DTYPES[dt]
+    inputs = runs.inputs[fam]
+    mk, mp = _both(runs, variant, job, cd)
+    exact = cd == torch.bfloat16 or not bool(_param(case, {}, "rescale", "", DEFAULTS[case.method][1]))
+    rows, checked = [], 0
+    for n in sorted(mk):
+        changed = _changed_by(case, inputs, n)
+        if len(changed) != 1:
+            continue
+        checked += 1
+        for tool, out in (("MergeKit", mk), ("mpstore", mp)):
+            kept, misses, worst = _chain_misses(case, n, inputs, changed[0], cd, out[n])
+            if kept == 0:
+                rows.append(f"{tool} {n}: nothing kept")
+            elif (misses if exact else (misses > 0.01 * kept or worst > 1)):
+                rows.append(f"{tool} {n}: {misses} of {kept} kept elements are not MergeKit's chain "
+                            f"(worst {worst} ulp)")
+    assert checked, f"{job}: no tensor changed by exactly one model"
+    assert not rows, f"{job} ({variant}):\n  " + "\n  ".join(rows)
+
+
+def test_compute_dtype_float32_is_recorded_and_closer(runs):
+    """`--compute-dtype float32` (MergeRequest.compute_dtype) on a `dtype: bfloat16` YAML: the
+    plan computes in F32 and writes BF16, and the output is nearer MergeKit's float64 result than
+    the bfloat16 compute (which is MergeKit's own bfloat16 result, bit for bit)."""
+    for name in PRECISE:
+        plan = runs.plans[name]
+        assert (plan.compute_dtype, plan.out_dtype) == ("F32", "BF16"), (name, plan.compute_dtype, plan.out_dtype)
+        ref_job = _job("f32", "f64", name)
+        assert runs.errors[ref_job] is None, runs.errors[ref_job]
+        ref = runs.mergekit[ref_job]
+        plain = runs.mpstore["chunk1m", _job("f32", "bf16", name)]
+        precise = runs.precise[name]
+        err_plain = err_precise = 0.0
+        for n, r in ref.items():
+            assert r.dtype == torch.float64 and precise[n].dtype == torch.bfloat16, n
+            err_plain += float((plain[n].double() - r).abs().sum())
+            err_precise += float((precise[n].double() - r).abs().sum())
+            # one rounding of a float32 result: at most one bf16 ulp from the float64 result's
+            assert int(ulp_distance(precise[n], r.to(torch.bfloat16)).max()) <= 1, n
+        print(f"\n[{name}] L1 distance to float64: bf16 compute {err_plain:.6g}, float32 compute {err_precise:.6g}")
+        assert err_precise < err_plain, name
+
+
+def test_report_rates(runs):
+    """Runs last: prints the bit-equal rate per method and dtype over both families and chunk sizes."""
+    if not RATES:
+        pytest.skip("run with the deterministic tests to get rates")
+    for (name, dt), (equal, total) in sorted(RATES.items()):
+        print(f"\n  {name:26s} {dt:5s} {100 * equal / total:7.3f}% of {total}", end="")
