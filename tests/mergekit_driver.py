@@ -8,7 +8,8 @@ does, through the same `run_merge` entry point.
 
 Usage: python mergekit_driver.py JOBS.json RESULT.json
 JOBS.json is a list of {"name", "config" (a YAML path), "out" (a folder), "seed" (int or null),
-and optionally "options": more MergeOptions fields, e.g. lora_merge_cache, lora_merge_dtype}.
+and optionally "options": more MergeOptions fields, e.g. lora_merge_cache, lora_merge_dtype, or
+copy_tokenizer: true (what `mergekit-yaml` does without --no-copy-tokenizer)}.
 RESULT.json gets {"mergekit": version, "torch": version, "jobs": {name: {"seconds", "error"}}}.
 A job that fails is recorded with its error and does not stop the others.
 """
@@ -46,8 +47,8 @@ def main() -> None:
         try:
             with open(job["config"]) as f:
                 config = MergeConfiguration.model_validate(yaml.safe_load(f))
-            options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
-                                   random_seed=job.get("seed"), **job.get("options", {}))
+            options = MergeOptions(**{"copy_tokenizer": False, "write_model_card": False, "quiet": True,
+                                      "random_seed": job.get("seed"), **job.get("options", {})})
             run_merge(config, job["out"], options)
         except Exception:  # recorded per job; the test reports it
             error = traceback.format_exc()

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from mpstore import Repo
 from mpstore.errors import BadMerge
+from mpstore.merge.request import from_yaml
 from mpstore.model import lora
 from mpstore.progress import Silent
 from mpstore.store.chunks import ChunkSink
@@ -169,12 +170,12 @@ def world(tmp_path_factory) -> World:
     repo = Repo.init(root / "repo")
     repo.add(family["base"], "base")
     repo.add(family["expert-1"], "expert", base="base")
+    repo.add(gpt2, "gpt2")
     for name, folder in adapters.items():
-        repo.add(folder, f"ad-{name}", base="expert")
+        repo.add(folder, f"ad-{name}", base="gpt2" if name == "gpt2" else "expert")
     done = {name: applied(repo, "expert", f"ad-{name}",
                           SAFETENSORS_NAME[spec.merge_dtype] if spec.merge_dtype else None)
             for name, spec in SPECS.items()}
-    repo.add(gpt2, "gpt2")
     done["gpt2"] = applied(repo, "gpt2", "ad-gpt2")
     yield World(root, family, gpt2, adapters, repo, done)
     repo.close()
@@ -217,6 +218,8 @@ def test_apply_is_peft_arithmetic(world):
     with repo.store.read() as r:
         own = {n: r.tensor(t) for n, t in r.snapshot_of(repo.resolve("expert")).tensors.items()}
     adapted = {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")}
+    with repo.store.read() as r:
+        assert lora.check(r, r.snapshot_of(repo.resolve("expert")), r.snapshot_of(repo.resolve("ad-bf16"))) == "BF16"
     assert result.dtype == "BF16"
     assert set(result.tensors) == set(own)
     assert {t.id for t in result.new} == {result.tensors[n].id for n in adapted}
@@ -351,17 +354,25 @@ def _broken(folder: Path, how: str) -> None:
     ("update shape", "q_proj's update is [64, 65], but 'model.layers.0.self_attn.q_proj.weight' is BF16[64, 64]"),
 ])
 def test_refusals(world, tmp_path, how, message):
-    """What peft would merge differently, or not at all, is one BadMerge line naming it."""
+    """What peft would merge differently, or not at all, is one BadMerge line naming it, from
+    `check` (before a plan runs) as from `apply`, which writes no chunk then."""
     folder = tmp_path / "ad"
     shutil.copytree(world.adapters["bf16"], folder)
     _broken(folder, how)
     with Repo.init(tmp_path / "r") as repo:
         repo.add(world.family["expert-1"], "expert")
         repo.add(folder, "ad")
+        with repo.store.read() as r, pytest.raises(BadMerge) as early:
+            lora.check(r, r.snapshot_of(repo.resolve("expert")), r.snapshot_of(repo.resolve("ad")), label="ad")
+        with repo.store.read() as r:
+            chunks = r.entries(b"chunks")
         with pytest.raises(BadMerge) as err:
             applied(repo, "expert", "ad")
+        with repo.store.read() as r:
+            assert r.entries(b"chunks") == chunks
     text = str(err.value)
     assert message in text and "\n" not in text, text
+    assert str(early.value) == text
 
 
 def test_mp_add_refuses_nothing_of_an_adapter(world, tmp_path):
@@ -389,6 +400,12 @@ def _case(world: World, name: str) -> tuple[Path, str | None, str]:
         return world.gpt2, None, "float32"
     spec = SPECS[name]
     return world.family["expert-1"], spec.merge_dtype, spec.merge_dtype or "bfloat16"
+
+
+def _case_dtype_is_default(name: str) -> bool:
+    """The case merges its adapter in the dtype config.json names (MergeKit without
+    lora_merge_dtype, which mpstore has no option for)."""
+    return name == "gpt2" or SPECS[name].merge_dtype is None
 
 
 @pytest.fixture(scope="module")
@@ -436,3 +453,26 @@ def test_apply_matches_mergekit(world, mergekit, name):
         assert got.dtype == theirs[tname].dtype, tname
         assert torch.equal(got, theirs[tname]), f"{name}: {tname}"
     assert ours.dtype == SAFETENSORS_NAME[_case(world, name)[2]]
+
+
+@pytest.mark.parametrize("name", [n for n in MERGEKIT_CASES if _case_dtype_is_default(n)])
+def test_model_plus_adapter_config_merges_as_mergekit(world, mergekit, name, tmp_path):
+    """The same YAML with refs (`expert+ad-NAME`) through `mp merge --config`: the adapter is
+    applied inside the merge and the output is MergeKit's, bit for bit; the adapter commit is
+    recorded in the plan and among the merge's parents."""
+    model, _, dtype = _case(world, name)
+    ref = "gpt2" if name == "gpt2" else "expert"
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": dtype,
+                                   "models": [{"model": f"{ref}+ad-{name}", "parameters": {"weight": 1.0}}]}))
+    res = world.repo.merge(from_yaml(cfg), f"lora-{name}")
+    adapter = world.repo.resolve(f"ad-{name}")
+    assert res.plan.adapters == [None, adapter]
+    assert adapter in world.repo.commit(f"lora-{name}").commit.parents
+    world.repo.checkout(f"lora-{name}", tmp_path / "out")
+    theirs = {n.removeprefix("transformer."): t for n, t in load_dir(mergekit[name]).items()}
+    ours = load_dir(tmp_path / "out")
+    assert set(theirs) == set(ours)
+    for tname, t in ours.items():
+        assert torch.equal(t, theirs[tname]), f"{name}: {tname}"
+    assert world.repo.replay(f"lora-{name}").identical

@@ -32,9 +32,10 @@ from ..errors import BadMerge
 from ..model.checkout import chunk_views
 from ..model.header import build_header
 from ..progress import Progress
-from ..store.chunks import ChunkSink
+from ..store.chunks import ChunkSink, MemorySink
 from ..store.dtypes import FLOATS, ITEMSIZE, torch_dtype
 from ..store.env import Store, Txn
+from ..store.ids import short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
 from . import catalog, layout, methods
 from . import params as P
@@ -55,18 +56,19 @@ class Result:
     realized: Realized = field(default_factory=Realized)
 
 
-def _inputs(txn: Txn, plan: Plan, method: MergeMethod) -> tuple[Input, Input | None, list[Input]]:
-    """The output's template (the base's layout, else the first input's), the base, the inputs."""
+def _inputs(txn: Txn, plan: Plan) -> tuple[Input, Input | None, list[Input]]:
+    """The output's template (the base's layout, else the first input's), the plan's base (an
+    ordinary input for methods without one) and the other inputs."""
     base = Input(plan.base, txn.snapshot_of(plan.base)) if plan.base else None
     inputs = [Input(m, txn.snapshot_of(m)) for m in plan.models]
     first = inputs[plan.slices[0]["sources"][0][0]] if plan.slices else inputs[0]
-    return base or first, base if method.base != "none" else None, inputs
+    return base or first, base, inputs
 
 
 def tasks(txn: Txn, plan: Plan, method: MergeMethod) -> list[Task]:
     """Validate every tensor and resolve every parameter before anything is computed; inputs
     carry the plan's omissions (an omitted chunk's digest becomes the base's)."""
-    return prepare(txn, plan, method).todo
+    return prepare(txn, plan, method, MemorySink(plan.chunk_size)).todo
 
 
 def omit(task: Task, bitmaps: list[bytes | None] | None) -> Task:
@@ -204,8 +206,9 @@ class Executor:
     """Runs tasks one by one over a thread pool (see the module docstring)."""
 
     def __init__(self, store: Store, txn: Txn, sink: ChunkSink, pool: ThreadPoolExecutor, threads: int,
-                 memory_limit: int, plan: Plan, progress: Progress):
+                 memory_limit: int, plan: Plan, progress: Progress, derived: dict[bytes, bytes]):
         self.store, self.txn, self.sink, self.pool = store, txn, sink, pool
+        self.derived = derived  # chunks of tensors derived from the inputs, in memory
         self.chunk_size, self.seed = plan.chunk_size, plan.seed
         self.threads, self.memory_limit = threads, memory_limit
         self.progress = progress
@@ -221,7 +224,8 @@ class Executor:
         out = bytearray((b - a) * isz)
         pos = 0
         for c, lo, hi in self.reads.read(task, t, a, b):
-            view = self.txn.chunk(t.chunks[c])
+            key = t.chunks[c]
+            view = self.derived[key] if key in self.derived else self.txn.chunk(key)
             out[pos: pos + (hi - lo) * isz] = view[lo * isz: hi * isz]
             pos += (hi - lo) * isz
         self.store.touched(len(out))
@@ -386,12 +390,21 @@ class Prepared:
     todo: list[Task]
     files: list[tuple[str, list[str], dict[str, str] | None]]  # output shards: file, tensors, metadata
     origins: list[int] | None  # per output layer, the template layer it stands in (slices only)
+    derived: dict[bytes, bytes]  # chunks of derived inputs (adapters applied), by digest, in memory
 
 
-def prepare(txn: Txn, plan: Plan, method: MergeMethod) -> Prepared:
-    """The plan's inputs, tasks and output layout, checked; nothing is written."""
-    template, base, inputs = _inputs(txn, plan, method)
-    made = layout.wanted(txn, plan, method, template, base, inputs)
+def prepare(txn: Txn, plan: Plan, method: MergeMethod, memory: MemorySink) -> Prepared:
+    """The plan's inputs, tasks and output layout, checked; nothing is written to the store
+    (tensors derived from the inputs keep their chunks in `memory`)."""
+    template, base, inputs = _inputs(txn, plan)
+    if plan.adapters:
+        from ..model import lora
+
+        for inp, adapter in zip([base, *inputs], plan.adapters):
+            if adapter is not None and inp is not None:
+                applied = lora.apply(txn, inp.snapshot, txn.snapshot_of(adapter), memory, None, label=short(adapter))
+                inp.overrides = dict(applied.tensors)
+    made = layout.wanted(txn, plan, method, template, base if method.base != "none" else None, inputs)
     todo = _tasks(plan, method, made)
     unknown = set(plan.omit or {}) - {t.name for t in todo}
     if unknown:
@@ -399,7 +412,7 @@ def prepare(txn: Txn, plan: Plan, method: MergeMethod) -> Prepared:
     todo = [omit(t, (plan.omit or {}).get(t.name)) for t in todo]
     files = ([(s.file, list(s.tensors), s.metadata) for s in template.snapshot.shards] if plan.slices is None
              else layout.shards(template.snapshot, made))
-    return Prepared(template, todo, files, layout.layer_origins(plan, template))
+    return Prepared(template, todo, files, layout.layer_origins(plan, template), memory.kept)
 
 
 def _files(txn: Txn, prep: Prepared, tensors: dict[str, Tensor], out_dtype: str | None,
@@ -451,7 +464,7 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     method = methods.get(plan.method)
     began = time.perf_counter()
     with store.read() as txn:  # the tasks hold decoded objects only: they outlive the transaction
-        prep = prepare(txn, plan, method)
+        prep = prepare(txn, plan, method, MemorySink(plan.chunk_size))
     todo = prep.todo
     # The output is written while the inputs are read, and the map cannot grow under an open read.
     store.reserve(sum(_out_size(t) for t in todo) + (16 << 20))
@@ -461,11 +474,13 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                ex = Executor(store, txn, sink, pool, threads, memory_limit, plan, progress)
+                ex = Executor(store, txn, sink, pool, threads, memory_limit, plan, progress, prep.derived)
                 outputs = {t.name: ex.run(t, method) for t in todo}
         finally:
             torch.set_num_threads(old_threads)
             progress.finish()
+        for key in {k for t in outputs.values() for k in t.chunks if k in prep.derived}:
+            sink.data(prep.derived[key])  # derived chunks the output keeps as they are
         objects: list[StoredObject] = list(outputs.values())
         shards = []
         for file, names, metadata in prep.files:

@@ -150,8 +150,9 @@ def plan(txn: Txn, base_plan: Plan, budget: Budget | None, select: str | Selecto
                            "set a compute dtype (YAML `dtype: float32`, or --dtype; the output is then "
                            "float32 unless out_dtype says otherwise)")
     if budget is not None and (not method.sparse_inputs or base_plan.base is None):
-        raise BadMerge(f"--budget needs a method that merges deltas from a base (task_arithmetic, "
-                       f"ties, dare_*, breadcrumbs*, della*); {method.name} reads whole models")
+        takes = ", ".join(m.name for m in methods.METHODS if m.sparse_inputs)
+        raise BadMerge(f"--budget needs a method that merges deltas from a base ({takes}); "
+                       f"{method.name} reads whole models")
     reads, stats = candidates(txn, todo, budget is not None)
     total = distinct_bytes(reads, range(len(reads)))
     chosen = set(range(len(reads)))

@@ -2,12 +2,12 @@
 
 An adapter is an ordinary commit (`mp add ADAPTER --base MODEL`): adapter_config.json plus
 adapter_model.safetensors holding `base_model.model.<module>.lora_A.weight` (r x in) and
-`...lora_B.weight` (out x r) for each adapted Linear `<module>`. MergeKit 0.1.5 merges such a
+`...lora_B.weight` (out x r) for each adapted layer `<module>`. MergeKit 0.1.5 merges such a
 reference before anything else, with transformers and peft: the model is loaded in
 `lora_merge_dtype`, else in the dtype its config.json names, else in its weights' dtype (every
 float tensor is cast to it); peft loads A and B as float32 (float64 for a float64 model) and
-`merge_and_unload` adds `(B @ A) * scale` (transposed for `fan_in_fan_out`) to each target weight
-in place, so the sum is taken in float32 and rounded once to the model's dtype. `scale` is
+`merge_and_unload` adds `(B @ A) * scale` to each target weight in place, so the sum is taken in
+float32 and rounded once to the model's dtype. `scale` is
 `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, with `rank_pattern` /
 `alpha_pattern` overriding r and alpha per module. `apply` does exactly these operations, with
 the same torch calls, on stored tensors.
@@ -17,7 +17,7 @@ Linear ones, whatever `fan_in_fan_out` says (it corrects the flag, and saves it 
 weight that is not square shows which it is; a square one is taken as the flag says.
 
 What peft would merge differently (DoRA and the other LoRA variants, initialisations that rewrite
-the base weights, trained biases, modules_to_save, embedding or convolution targets) is refused
+the base weights, trained biases, modules_to_save, embedding or nn.Conv targets) is refused
 with one line naming it. This module writes chunks only, through the caller's sink: it stores no
 object and moves no ref; the caller keeps the new tensors with whatever it commits.
 """
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BadMerge, quoted
-from ..store.chunks import ChunkSink
+from ..store.chunks import ChunkWriter
 from ..store.dtypes import FLOATS, torch_dtype
 from ..store.env import Txn
 from ..store.objects import Snapshot, Tensor
@@ -208,7 +208,7 @@ def _raw(values: torch.Tensor) -> memoryview:
     return values.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
-def _cut(sink: ChunkSink, pieces: Iterable[memoryview]) -> tuple[tuple[bytes, ...], int]:
+def _cut(sink: ChunkWriter, pieces: Iterable[memoryview]) -> tuple[tuple[bytes, ...], int]:
     """Byte pieces, in order, as chunks of the sink's size: their digests and the total size."""
     digests: list[bytes] = []
     held = bytearray()
@@ -227,7 +227,7 @@ def _cut(sink: ChunkSink, pieces: Iterable[memoryview]) -> tuple[tuple[bytes, ..
     return tuple(digests), size
 
 
-def _stored(sink: ChunkSink, pieces: Iterable[memoryview], dtype: str, shape: tuple[int, ...]) -> Tensor:
+def _stored(sink: ChunkWriter, pieces: Iterable[memoryview], dtype: str, shape: tuple[int, ...]) -> Tensor:
     chunks, size = _cut(sink, pieces)
     return Tensor(size, sink.chunk_size, chunks, dtype, shape)
 
@@ -264,18 +264,21 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
     return out
 
 
-def apply(txn: Txn, model: Snapshot, adapter: Snapshot, sink: ChunkSink, dtype: str | None = None,
-          label: str = "adapter") -> Applied:
-    """Merge `adapter` into `model` as MergeKit does for `model+adapter` (see the module
-    docstring). `dtype`: MergeKit's lora_merge_dtype as a safetensors name (None: as
-    transformers chooses); `label` names the adapter in errors. Adapted weights, and every
-    float tensor not already in the load dtype, become new tensors whose chunks go through
-    `sink`; every other tensor is the model's own object."""
+@dataclass(frozen=True)
+class _Target:
+    """One adapted weight: the adapter's factors, peft's scale, and whether `B @ A` is transposed."""
+
+    a: Tensor
+    b: Tensor
+    scale: float
+    flip: bool
+
+
+def _targets(txn: Txn, model: Snapshot, adapter: Snapshot, label: str) -> dict[str, _Target]:
+    """Every weight of the model the adapter changes, by tensor name, checked to fit."""
     config = read_config(txn, adapter, label)
-    pairs = factors(txn, adapter, label)
-    loaded = load_dtype(txn, model, dtype)
-    weights: dict[str, tuple[Tensor, Tensor, float, bool]] = {}
-    for module, (a, b) in pairs.items():
+    targets = {}
+    for module, (a, b) in factors(txn, adapter, label).items():
         name = _weight_name(model, module)
         if name is None:
             raise BadMerge(f"adapter {label} adapts {module}, but the model has no tensor {module + '.weight'!r}")
@@ -285,16 +288,37 @@ def apply(txn: Txn, model: Snapshot, adapter: Snapshot, sink: ChunkSink, dtype: 
             raise BadMerge(f"adapter {label}: {module}'s update is {list(update)}, but {name!r} is "
                            f"{w.dtype}{list(w.shape)}")
         flip = config.fan_in_fan_out if update[0] == update[1] else w.shape != update
-        weights[name] = (a, b, config.scale(module, a.shape[0], label), flip)
+        targets[name] = _Target(a, b, config.scale(module, a.shape[0], label), flip)
+    return targets
+
+
+def check(txn: Txn, model: Snapshot, adapter: Snapshot, dtype: str | None = None, label: str = "adapter") -> str:
+    """Refuse now, computing nothing, whatever `apply` would refuse (a plan is checked before it
+    runs); returns the dtype the model is loaded in."""
+    _targets(txn, model, adapter, label)
+    return load_dtype(txn, model, dtype)
+
+
+def apply(txn: Txn, model: Snapshot, adapter: Snapshot, sink: ChunkWriter, dtype: str | None = None,
+          label: str = "adapter") -> Applied:
+    """Merge `adapter` into `model` as MergeKit does for `model+adapter` (see the module
+    docstring). `dtype`: MergeKit's lora_merge_dtype as a safetensors name (None: as
+    transformers chooses); `label` names the adapter in errors. Everything is checked before
+    the first chunk is written. Adapted weights, and every float tensor not already in the load
+    dtype, become new tensors whose chunks go through `sink`; every other tensor is the model's
+    own object."""
+    targets = _targets(txn, model, adapter, label)
+    loaded = load_dtype(txn, model, dtype)
     tensors: dict[str, Tensor] = {}
     new: list[Tensor] = []
     for name, tid in model.tensors.items():
         t = txn.tensor(tid)
-        if name in weights:
-            a, b, scale, flip = weights[name]
-            base = _values(txn, t, name).to(torch_dtype(loaded))
-            out = merged_weight(base, _values(txn, a, label), _values(txn, b, label), scale, flip)
-            t = _stored(sink, [_raw(out)], loaded, t.shape)
+        target = targets.get(name)
+        if target is not None:
+            weight = _values(txn, t, name).to(torch_dtype(loaded))
+            a = _values(txn, target.a, f"{label}: lora_A of {name}")
+            b = _values(txn, target.b, f"{label}: lora_B of {name}")
+            t = _stored(sink, [_raw(merged_weight(weight, a, b, target.scale, target.flip))], loaded, t.shape)
             new.append(t)
         elif t.dtype in FLOATS and t.dtype != loaded:
             t = _stored(sink, _cast(txn, t, loaded, name), loaded, t.shape)

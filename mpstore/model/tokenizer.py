@@ -233,13 +233,6 @@ def read_tokenizer(files: Mapping[str, bytes], who: str) -> _Tokenizer | None:
         vocab[entry["content"]] = entry["id"]
     added.sort(key=lambda e: e["id"])
     config = _json(files, "tokenizer_config.json", who) or {}
-    named = [_content(config.get(k)) for k in SPECIAL_KEYS]
-    specials_map = _json(files, "special_tokens_map.json", who) or {}
-    named += [_content(specials_map.get(k)) for k in SPECIAL_KEYS]
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        for source in (config, specials_map):
-            extra = source.get(key)
-            named += [_content(v) for v in (extra.values() if isinstance(extra, dict) else extra or [])]
     decoder = config.get("added_tokens_decoder") or {}
     for tid, entry in decoder.items() if isinstance(decoder, dict) else ():
         tok = _content(entry)
@@ -251,12 +244,25 @@ def read_tokenizer(files: Mapping[str, bytes], who: str) -> _Tokenizer | None:
         if vocab.get(tok) != tid:
             raise BadMerge(f"{who}: added_tokens.json adds token {quoted(tok)} at id {tid}, which its "
                            "tokenizer.json does not have there")
-    for tok in named:
-        if tok is not None and tok not in vocab:
+    for tok in _named_specials(files, who):
+        if tok not in vocab:
             raise BadMerge(f"{who}: special token {quoted(tok)} is not in its tokenizer.json (transformers would "
                            "add it, changing the vocabulary)")
     tok_files = {p: b for p, b in files.items() if is_tokenizer_file(p)}
     return _Tokenizer(tok_files, doc, vocab, added, _vocab_size(files, who) or len(vocab))
+
+
+def _named_specials(files: Mapping[str, bytes], who: str) -> set[str]:
+    """The special tokens tokenizer_config.json and special_tokens_map.json name (transformers adds
+    each to the vocabulary if it is not there)."""
+    named: list[object] = []
+    for path in ("tokenizer_config.json", "special_tokens_map.json"):
+        source = _json(files, path, who) or {}
+        named += [source.get(k) for k in SPECIAL_KEYS]
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            extra = source.get(key)
+            named += list(extra.values() if isinstance(extra, dict) else extra or [])
+    return {t for t in map(_content, named) if t is not None}
 
 
 def _int(text: object) -> int | None:
@@ -269,7 +275,9 @@ def _int(text: object) -> int | None:
 def _stripped(tok: _Tokenizer, who: str) -> _Tokenizer:
     """The tokenizer without tokens whose id is past the model's embedding rows, as MergeKit's
     `get_stripped_tokenizer` makes the base's: by content from the BPE vocabulary, from the added
-    tokens by id, and every merge with a removed token as a part (BPE only, as in MergeKit)."""
+    tokens by id, and every merge with a removed token as a part (BPE only, as in MergeKit). A merge
+    that makes a removed token is kept by MergeKit, and the tokenizers library then refuses the
+    file; such a cut is refused here, as is one that would remove a named special token."""
     unused = {t for t, i in tok.vocab.items() if i >= tok.rows}
     if not unused:
         return tok
@@ -278,19 +286,26 @@ def _stripped(tok: _Tokenizer, who: str) -> _Tokenizer:
         raise BadMerge(f"{who}'s tokenizer has {len(unused)} tokens past its {tok.rows} embedding rows and is of type "
                        f"{quoted(model.get('type'))}: only a BPE tokenizer can be cut to fit (as in MergeKit)")
     config = _json(tok.files, "tokenizer_config.json", who) or {}
-    named = {_content(config.get(k)) for k in SPECIAL_KEYS}
-    if named & unused:
-        raise BadMerge(f"{who}: special token {quoted(sorted(t for t in named & unused if t)[0])} lies past the "
-                       f"model's {tok.rows} embedding rows")
+    lost = sorted(_named_specials(tok.files, who) & unused)
+    if lost:
+        raise BadMerge(f"{who}: special token {quoted(lost[0])} lies past the model's {tok.rows} embedding rows")
+    prefix = model.get("continuing_subword_prefix") or ""
 
     def keep(merge: object) -> bool:
         if isinstance(merge, str) and merge.count(" ") == 1:
             parts: Sequence[object] = merge.split(" ")
-        elif isinstance(merge, list):
+        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(p, str) for p in merge):
             parts = merge
         else:
             raise BadMerge(f"{who}: tokenizer.json has a malformed merge {quoted(merge)}")
-        return not any(p in unused for p in parts)
+        if any(p in unused for p in parts):
+            return False
+        left, right = str(parts[0]), str(parts[1])
+        made = left + (right[len(prefix):] if prefix and right.startswith(prefix) else right)
+        if made in unused:
+            raise BadMerge(f"{who}: token {quoted(made)} lies past the model's {tok.rows} embedding rows but a merge "
+                           "makes it: the tokenizer cannot be cut to fit (MergeKit fails on it too)")
+        return True
 
     doc = json.loads(json.dumps(tok.doc))
     doc["added_tokens"] = [e for e in doc.get("added_tokens", []) if e["id"] < tok.rows]
@@ -595,6 +610,9 @@ def align(tensors: Sequence[torch.Tensor], vocab: Vocabulary, axis: int = VOCAB_
     shape = views[0].shape[1:]
     if any(v.shape[1:] != shape for v in views):
         raise BadMerge(f"vocabulary tensors differ beyond the vocabulary axis: {[list(t.shape) for t in tensors]}")
+    for i, (v, rows) in enumerate(zip(views, vocab.rows)):
+        if rows is not None and (len(rows) != vocab.tokens or (rows and max(rows) >= v.shape[0])):
+            raise BadMerge(f"input {i + 1}'s vocabulary tensor has {v.shape[0]} rows, fewer than its tokenizer needs")
     dtype = views[0].dtype
     for v in views:
         dtype = torch.promote_types(dtype, v.dtype)
@@ -616,8 +634,6 @@ def align(tensors: Sequence[torch.Tensor], vocab: Vocabulary, axis: int = VOCAB_
         if rows is None:
             out.append(tensors[i].to(dtype))
             continue
-        if len(rows) != vocab.tokens or (rows and max(rows) >= v.shape[0]):
-            raise BadMerge(f"input {i + 1}'s vocabulary tensor has {v.shape[0]} rows, fewer than its tokenizer needs")
         new = torch.zeros((vocab.length, *shape), dtype=dtype, device=v.device)
         index = torch.tensor(rows, dtype=torch.long, device=v.device)
         own = (index >= 0) & ~_mask(vocab.forced, vocab.tokens, v.device)

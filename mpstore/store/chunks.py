@@ -104,3 +104,26 @@ class ChunkSink:
         self.write_seconds += time.perf_counter() - began
 
 
+
+
+class ChunkWriter(Protocol):
+    """What code that cuts computed bytes into chunks needs of a sink."""
+
+    chunk_size: int
+
+    def data(self, data: bytes | bytearray | memoryview) -> bytes: ...
+
+
+class MemorySink:
+    """Keeps chunks in memory by digest instead of storing them: chunks of tensors a merge derives
+    from its inputs (a LoRA adapter applied, a vocabulary permuted), which the merge reads from
+    memory and stores only where its output keeps them."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.kept: dict[bytes, bytes] = {}
+
+    def data(self, data: bytes | bytearray | memoryview) -> bytes:
+        key = digest(data)
+        self.kept.setdefault(key, bytes(data))
+        return key
