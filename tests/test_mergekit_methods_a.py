@@ -12,9 +12,10 @@ The contract: every element bit-equal to MergeKit's, in every dtype and both rep
 sce without selection in the 4 KiB repository under float32, where a tensor's sums of squares are
 added over blocks in float64 instead of in torch's float32 order: its weights may differ in the
 last bit, so its elements are allowed F32_ULPS float32 ulps of the largest operand (every other
-case must be bit-equal; the test prints what it measured). Known failure, not of these methods:
-the executor's identity shortcuts reuse a tensor (or chunk) that every input shares with the base
-as stored, skipping the rounding to a narrower compute dtype that MergeKit applies (see SHORTCUT).
+case must be bit-equal; the test prints what it measured). Tensors every input shares with the
+base go through the compute dtype as in MergeKit (nearswap_partial and arcee_fusion_lora in 16-bit
+compute over float32 checkpoints: the executor reuses a stored tensor only when the compute dtype
+holds it exactly).
 
 Configs MergeKit refuses (input counts, a missing `t`) are refused by both tools.
 The edge-case tests (bad parameters, identical inputs, budgets) need only mpstore and always run;
@@ -111,15 +112,6 @@ REFUSED = {
     "arcee_fusion_no_base": Case("arcee_fusion", ((E1, None), (E2, None)), base=None),
 }
 JOBS = [f"{name}@{dtype}" for name in CASES for dtype in DTYPES]
-
-
-# Tensors every input shares with the base are reused as stored (executor `task.copy`, outline
-# `Step.REUSE`) even when the compute dtype is narrower, where MergeKit rounds them to it: a bug in
-# the executor, not in these methods (both shortcuts must also require compute dtype == stored
-# dtype). Strict, so the fix shows up as an unexpected pass.
-SHORTCUT = {f"{name}@{dtype}" for name in ("nearswap_partial", "arcee_fusion_lora") for dtype in ("bfloat16", "float16")}
-BIT_JOBS = [pytest.param(job, marks=pytest.mark.xfail(strict=True, reason="identity shortcuts skip the compute dtype"))
-            if job in SHORTCUT else job for job in JOBS]
 
 
 def _stream_f32(job: str) -> bool:
@@ -249,7 +241,7 @@ def _ulps_off(a: torch.Tensor, b: torch.Tensor, inputs: list[torch.Tensor]) -> t
 
 
 @pytest.mark.parametrize("variant", CHUNKS)
-@pytest.mark.parametrize("job", BIT_JOBS)
+@pytest.mark.parametrize("job", JOBS)
 def test_matches_mergekit_bit_for_bit(mergekit, driver, merged, family, variant, job):
     error = mergekit["jobs"][job]["error"]
     assert error is None, f"MergeKit failed on {job}:\n{error}"

@@ -33,7 +33,7 @@ from ..model.checkout import chunk_views
 from ..model.header import build_header
 from ..progress import Progress
 from ..store.chunks import ChunkSink, MemorySink
-from ..store.dtypes import FLOATS, ITEMSIZE, torch_dtype
+from ..store.dtypes import FLOATS, ITEMSIZE, holds, torch_dtype
 from ..store.env import Store, Txn
 from ..store.ids import short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
@@ -121,7 +121,7 @@ def _tasks(plan: Plan, method: MergeMethod, made: list[layout.Wanted]) -> list[T
             if not math.isfinite(weights):  # each weight is finite (checked), their sum may not be
                 raise BadMerge(f"tensor {name!r}: the weights sum to {weights}: too large to merge")
             method.check(p, g, name, numel)
-            if distinct == 1 and method.equal_identity(g) and task.out == ref.dtype:
+            if distinct == 1 and method.equal_identity(g) and task.out == ref.dtype and holds(compute, ref.dtype):
                 task.copy = ref
         tasks.append(task)
     return tasks

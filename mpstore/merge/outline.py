@@ -19,7 +19,7 @@ from enum import Enum
 import torch
 
 from ..errors import BadMerge
-from ..store.dtypes import ITEMSIZE, torch_dtype
+from ..store.dtypes import ITEMSIZE, holds, torch_dtype
 from ..store.env import Txn
 from ..store.objects import Tensor
 from . import catalog
@@ -151,7 +151,8 @@ class Outline:
     def reusable(self, n: int) -> bool:
         """An unchanged block that is a whole chunk of the output dtype: its digest is reused."""
         task, (a, b) = self.task, self.blocks[n]
-        return task.out == task.ref.dtype and a % task.per_chunk == 0 and (b - a == task.per_chunk or b == task.numel)
+        return (task.out == task.ref.dtype and holds(task.compute, task.ref.dtype)
+                and a % task.per_chunk == 0 and (b - a == task.per_chunk or b == task.numel))
 
 
 def _blocks(task: Task, method: MergeMethod) -> list[tuple[int, int]]:

@@ -22,6 +22,18 @@ ITEMSIZE: dict[str, int] = {
 MAX_ITEMSIZE = max(ITEMSIZE.values())
 FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # values with a difference: diff, merges
 
+# Float dtypes each holds exactly: converting a value of one of them to it and back is the identity.
+_F8 = {"F8_E4M3", "F8_E5M2"}
+_HOLDS = {"F64": {"F32", "F16", "BF16", *_F8}, "F32": {"F16", "BF16", *_F8}, "F16": _F8, "BF16": _F8}
+
+
+def holds(wide: str, narrow: str) -> bool:
+    """Every value of dtype `narrow` is exactly a value of dtype `wide` (a round trip through
+    `wide` changes nothing): what lets a merge reuse a stored tensor its compute dtype would
+    otherwise round, as MergeKit does by loading every input in that dtype."""
+    return wide == narrow or narrow in _HOLDS.get(wide, ())
+
+
 _TORCH_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",

@@ -42,7 +42,9 @@ def _measure(b: Block, ctx: TensorContext) -> torch.Tensor:
 
 
 def _finish(ctx: TensorContext, total: torch.Tensor) -> None:
-    ctx.scale = total.tolist()  # each delta's sum of squares: sce's per-input factors start here
+    # `scale` is the context's per-input numbers the deltas are weighed by; sce keeps there each
+    # delta's sum of squares, and combine turns them into weights in the block's dtype
+    ctx.scale = total.tolist()
 
 
 def _zero(n: int, ctx: TensorContext) -> torch.Tensor:
