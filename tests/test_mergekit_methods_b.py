@@ -154,6 +154,7 @@ def oracle(tmp_path_factory):
 @pytest.mark.parametrize("variant", sorted(CHUNKS))
 @pytest.mark.parametrize("case,dtype", RUNS)
 def test_bit_equal_to_mergekit(oracle, variant, case, dtype):
+    """Every element of every tensor has MergeKit's bits, in the dtype MergeKit writes."""
     key = _key(case, dtype)
     assert oracle.errors[key] is None, f"MergeKit failed on {key}:\n{oracle.errors[key]}"
     mk, mp = _tensors(oracle.mergekit[key]), _tensors(oracle.mpstore[variant, key])

@@ -473,7 +473,8 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
+            # one BLAS thread in every worker too, so sums do not depend on the machine's cores
+            with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 ex = Executor(store, txn, sink, pool, threads, memory_limit, plan, progress, prep.derived)
                 outputs = {t.name: ex.run(t, method) for t in todo}
         finally:

@@ -152,7 +152,8 @@ class Outline:
         """An unchanged block that is a whole chunk of the output dtype: its digest is reused."""
         task, (a, b) = self.task, self.blocks[n]
         return (task.out == task.ref.dtype and holds(task.compute, task.ref.dtype)
-                and a % task.per_chunk == 0 and (b - a == task.per_chunk or b == task.numel))
+                and a % task.per_chunk == 0
+                and (b - a == task.per_chunk or (b == task.numel and b - a < task.per_chunk)))
 
 
 def _blocks(task: Task, method: MergeMethod) -> list[tuple[int, int]]:
