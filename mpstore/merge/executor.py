@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 import torch
 
 from ..errors import BadMerge
+from ..model import tokenizer
 from ..model.checkout import chunk_views
 from ..model.header import build_header
 from ..progress import Progress
@@ -391,6 +392,7 @@ class Prepared:
     files: list[tuple[str, list[str], dict[str, str] | None]]  # output shards: file, tensors, metadata
     origins: list[int] | None  # per output layer, the template layer it stands in (slices only)
     derived: dict[bytes, bytes]  # chunks of derived inputs (adapters applied), by digest, in memory
+    vocab: tokenizer.Vocabulary | None  # the merged tokenizer (tokenizer_source, chat_template)
 
 
 def prepare(txn: Txn, plan: Plan, method: MergeMethod, memory: MemorySink) -> Prepared:
@@ -404,6 +406,7 @@ def prepare(txn: Txn, plan: Plan, method: MergeMethod, memory: MemorySink) -> Pr
             if adapter is not None and inp is not None:
                 applied = lora.apply(txn, inp.snapshot, txn.snapshot_of(adapter), memory, None, label=short(adapter))
                 inp.overrides = dict(applied.tensors)
+    vocab = _vocabulary(txn, plan, method, base, inputs, memory, template)
     made = layout.wanted(txn, plan, method, template, base if method.base != "none" else None, inputs)
     todo = _tasks(plan, method, made)
     unknown = set(plan.omit or {}) - {t.name for t in todo}
@@ -412,7 +415,66 @@ def prepare(txn: Txn, plan: Plan, method: MergeMethod, memory: MemorySink) -> Pr
     todo = [omit(t, (plan.omit or {}).get(t.name)) for t in todo]
     files = ([(s.file, list(s.tensors), s.metadata) for s in template.snapshot.shards] if plan.slices is None
              else layout.shards(template.snapshot, made))
-    return Prepared(template, todo, files, layout.layer_origins(plan, template), memory.kept)
+    return Prepared(template, todo, files, layout.layer_origins(plan, template), memory.kept, vocab)
+
+
+def _merged_inputs(plan: Plan, method: MergeMethod, base: Input | None, inputs: list[Input]) -> list[Input]:
+    """The inputs every vocabulary tensor is merged from, in the order its task has them (the
+    base first for methods with one). With slices, every slice must take the same models."""
+    if plan.slices is None:
+        return ([base] if base is not None and method.base != "none" else []) + inputs
+    taken = {tuple(i for i, _, _ in sl["sources"]) for sl in plan.slices}
+    if len(taken) > 1:
+        raise BadMerge("a tokenizer merge with slices needs every slice to take the same models "
+                       "(the embeddings come from the first slice's, the head from the last's)")
+    sl = plan.slices[0]
+    at = sl["base"] if method.base != "none" else None
+    order = ([at] if at is not None else []) + [k for k in range(len(sl["sources"])) if k != at]
+    return [inputs[sl["sources"][k][0]] for k in order]
+
+
+def _vocabulary(txn: Txn, plan: Plan, method: MergeMethod, base: Input | None, inputs: list[Input],
+                memory: MemorySink, template: Input) -> tokenizer.Vocabulary | None:
+    """The merged tokenizer, and every input's vocabulary tensors put into its vocabulary (as
+    derived tensors in `memory`, in the compute dtype, as MergeKit's loader gives them)."""
+    if plan.tokenizer is None and plan.chat_template is None:
+        return None
+    ins = _merged_inputs(plan, method, base, inputs)
+    first = 0 if base is not None and method.base != "none" else None
+    base_no = first if first is not None else next(
+        (k for k, inp in enumerate(ins) if plan.base is not None and inp.commit == plan.base), None)
+
+    def number(commit: object) -> int:
+        found = next((k for k, inp in enumerate(ins) if inp.commit == commit), None)
+        if found is None:
+            raise BadMerge(f"tokenizer source {short(bytes(commit)) if isinstance(commit, bytes) else commit!r} "
+                           "is not one of the merge's inputs")
+        return found
+
+    spec = tokenizer.with_models(plan.tokenizer, number) if plan.tokenizer is not None else None
+    files = [{rel: b"".join(chunk_views(txn, txn.blob(bid), rel)) for rel, bid in inp.snapshot.files.items()
+              if tokenizer.is_tokenizer_file(rel) or rel == "config.json"} for inp in ins]
+    vocab = tokenizer.build(files, base_no, spec, plan.chat_template, names=[short(inp.commit) for inp in ins])
+    if not vocab.changed:
+        return vocab
+    for name in (n for n in template.names if tokenizer.is_vocab_tensor(n)):
+        stored = [t for inp in ins if (t := inp.tensor(txn, name)) is not None]
+        if len(stored) < len(ins):
+            continue  # a tensor missing from an input is reported when the tasks are made
+        compute = plan.compute_dtype or stored[0].dtype
+        values = [_whole(txn, t, memory.kept).to(torch_dtype(compute)) for t in stored]
+        for inp, aligned in zip(ins, tokenizer.align(values, vocab)):
+            raw = _to_bytes(aligned, compute)
+            chunks = tuple(memory.data(raw[i:i + plan.chunk_size]) for i in range(0, len(raw), plan.chunk_size))
+            inp.overrides[name] = Tensor(len(raw), plan.chunk_size, chunks, compute, tuple(aligned.shape))
+    return vocab
+
+
+def _whole(txn: Txn, t: Tensor, kept: dict[bytes, bytes]) -> torch.Tensor:
+    """A stored (or derived) tensor's values, whole, in its dtype."""
+    raw = bytearray(b"".join(kept[k] if k in kept else txn.chunk(k) for k in t.chunks))
+    return torch.frombuffer(raw, dtype=torch_dtype(t.dtype)).reshape(t.shape) if raw else \
+        torch.zeros(t.shape, dtype=torch_dtype(t.dtype))
 
 
 def _files(txn: Txn, prep: Prepared, tensors: dict[str, Tensor], out_dtype: str | None,
@@ -420,7 +482,10 @@ def _files(txn: Txn, prep: Prepared, tensors: dict[str, Tensor], out_dtype: str 
     """The template's non-tensor files; config.json and the shard index follow the output."""
     files: dict[str, bytes] = {}
     blobs: list[Blob] = []
+    vocab = prep.vocab
     for rel, bid in prep.template.snapshot.files.items():
+        if vocab is not None and tokenizer.is_tokenizer_file(rel):
+            continue  # the merged tokenizer's files replace the template's
         blob = txn.blob(bid)
         data = b"".join(chunk_views(txn, blob, rel))
         if rel == "config.json":
@@ -432,6 +497,10 @@ def _files(txn: Txn, prep: Prepared, tensors: dict[str, Tensor], out_dtype: str 
         if new is not None and new != data:
             blob = sink.blob(new, rel)
             blobs.append(blob)
+        files[rel] = blob.id
+    for rel, data in (vocab.files if vocab is not None else {}).items():
+        blob = sink.blob(data, rel)
+        blobs.append(blob)
         files[rel] = blob.id
     return files, blobs
 
@@ -455,6 +524,10 @@ def _config(data: bytes, out_dtype: str | None, prep: Prepared) -> bytes | None:
         changed = True
     if prep.origins is not None:
         changed |= layout.rewrite_layers(doc, prep.origins, prep.template.layers)
+    size = prep.vocab.size if prep.vocab is not None else None
+    if size is not None and doc.get("vocab_size") != size:
+        doc["vocab_size"] = size
+        changed = True
     return (json.dumps(doc, indent=2) + "\n").encode() if changed else None
 
 

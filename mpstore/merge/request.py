@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BadMerge, MpError, quoted
+from ..model import tokenizer
 from ..store.objects import Plan
 from ..units import MAX_SIZE, SizeTooLarge, parse_size
 from . import params as P
@@ -339,9 +340,10 @@ def _request(doc: object, where: str) -> MergeRequest:
     name = doc.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise BadMerge(f"{where}: name is the stage's branch name, got {quoted(name)}")
-    template = doc.get("chat_template")
-    if template is not None and not isinstance(template, str):
-        raise BadMerge(f"{where}: chat_template is auto, a built-in name or a template, got {quoted(template)}")
+    try:
+        template = tokenizer.check_chat_template(doc.get("chat_template"))
+    except MpError as e:
+        raise type(e)(f"{where}: {e}") from None
     req = MergeRequest(
         doc["merge_method"], _ref(base, f"{where}: base_model") if base is not None else None,
         models, model_params, _mapping(doc.get("parameters"), f"{where}: parameters"), dtypes[0], dtypes[1],
@@ -388,54 +390,13 @@ def _slices(value: object, where: str) -> list[SliceRequest]:
     return out
 
 
-TOKENIZER_SOURCES = ("base", "union")
-
-
 def _tokenizer(doc: dict, where: str) -> dict | None:
-    """`tokenizer_source: base | union | REF` or a `tokenizer:` block, as one mapping."""
-    if "tokenizer_source" in doc and "tokenizer" in doc:
-        raise BadMerge(f"{where}: give tokenizer_source or tokenizer, not both (MergeKit refuses both too)")
-    if doc.get("tokenizer_source") is not None:
-        return {"source": _ref(doc["tokenizer_source"], f"{where}: tokenizer_source"), "tokens": {},
-                "pad_to_multiple_of": None}
-    block = doc.get("tokenizer")
-    if block is None:
-        return None
-    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
-        raise BadMerge(f"{where}: tokenizer is {{source: union | base | REF, tokens: {{...}}, "
-                       "pad_to_multiple_of: N}}")
-    pad = block.get("pad_to_multiple_of")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 1 <= pad <= 1 << 20):
-        raise BadMerge(f"{where}: tokenizer.pad_to_multiple_of is a whole number from 1, got {quoted(pad)}")
-    tokens = block.get("tokens") or {}
-    if not isinstance(tokens, dict) or not all(isinstance(k, str) for k in tokens):
-        raise BadMerge(f"{where}: tokenizer.tokens maps each token to {{source: ..., force: ...}}")
-    for tok, cfg in tokens.items():
-        _token(tok, cfg, f"{where}: tokenizer.tokens[{tok!r}]")
-    return {"source": _ref(block.get("source", "union"), f"{where}: tokenizer.source"), "tokens": tokens,
-            "pad_to_multiple_of": pad}
-
-
-def _token(tok: str, cfg: object, where: str) -> None:
-    """A token's embedding source as MergeKit takes it: a model, {kind: model_token, model, token |
-    token_id}, {kind: zero}; `force` a boolean."""
-    if cfg is None:
-        return
-    if not isinstance(cfg, dict) or set(cfg) - {"source", "force"}:
-        raise BadMerge(f"{where} is {{source: ..., force: true|false}}")
-    if "force" in cfg and not isinstance(cfg["force"], bool):
-        raise BadMerge(f"{where}.force is true or false, got {quoted(cfg['force'])}")
-    src = cfg.get("source")
-    if src is None or isinstance(src, str):
-        return
-    ok = isinstance(src, dict) and (
-        (src.get("kind") == "zero" and set(src) == {"kind"})
-        or (src.get("kind") == "model_token" and isinstance(src.get("model"), str)
-            and set(src) - {"kind", "model", "token", "token_id"} == set()
-            and ("token" in src) != ("token_id" in src)))
-    if not ok:
-        raise BadMerge(f"{where}.source is a model, {{kind: zero}} or {{kind: model_token, model: REF, "
-                       f"token: TEXT | token_id: N}}, got {quoted(src)}")
+    """`tokenizer_source: base | union | REF` or a `tokenizer:` block, as one spec whose models
+    are still refs (`to_plan` fixes them as commit ids)."""
+    try:
+        return tokenizer.parse_spec(doc.get("tokenizer_source"), doc.get("tokenizer"), lambda ref: ref)
+    except MpError as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _inputs(refs: list[str], resolve: Callable[[str], bytes]) -> tuple[list[bytes], list[bytes | None]]:
@@ -557,28 +518,12 @@ def _sliced(req: MergeRequest, method: MergeMethod, resolve: Callable[[str], byt
 def _plan(req: MergeRequest, method: str, base: bytes | None, models: tuple[bytes, ...], chains: tuple,
           globals_: dict, chunk_size: int, engine: int, adapters: list[bytes | None],
           resolve: Callable[[str], bytes], slices: list | None) -> Plan:
-    tokenizer = None
+    vocab = None
     if req.tokenizer is not None:
-        tokenizer = dict(req.tokenizer)
-        if tokenizer["source"] not in TOKENIZER_SOURCES:
-            tokenizer["source"] = resolve(tokenizer["source"])
-        tokenizer["tokens"] = {tok: _resolved_token(cfg, resolve) for tok, cfg in tokenizer["tokens"].items()}
+        vocab = tokenizer.with_models(req.tokenizer, lambda ref: resolve(str(ref)))
     return Plan(
         method, base, models, chains, globals_, req.seed, req.compute_dtype or req.dtype,
         req.out_dtype or (req.dtype if req.compute_dtype else None), chunk_size, engine,
         slices=slices, adapters=adapters if any(a is not None for a in adapters) else None,
-        tokenizer=tokenizer, chat_template=req.chat_template,
+        tokenizer=vocab, chat_template=req.chat_template,
     )
-
-
-def _resolved_token(cfg: dict | None, resolve: Callable[[str], bytes]) -> dict | None:
-    """A token's embedding source with its model ref fixed as a commit id."""
-    if cfg is None:
-        return None
-    out = dict(cfg)
-    src = out.get("source")
-    if isinstance(src, str):
-        out["source"] = resolve(src)
-    elif isinstance(src, dict) and "model" in src:
-        out["source"] = {**src, "model": resolve(src["model"])}
-    return out

@@ -90,7 +90,7 @@ def check_chat_template(value: object) -> str | None:
     return value
 
 
-def parse_spec(tokenizer_source: object, tokenizer: object, index: Callable[[str], int]) -> dict | None:
+def parse_spec(tokenizer_source: object, tokenizer: object, index: Callable[[str], object]) -> dict | None:
     """The plan's `tokenizer` field from a YAML's `tokenizer_source` or `tokenizer:` block.
 
     `index` maps a model as the YAML names it to its input number, the position in the `inputs`
@@ -130,7 +130,7 @@ def parse_spec(tokenizer_source: object, tokenizer: object, index: Callable[[str
             "pad_to_multiple_of": pad or None}
 
 
-def _source(value: object, index: Callable[[str], int], where: str) -> str | int:
+def _source(value: object, index: Callable[[str], object], where: str) -> object:
     if value in ("base", "union"):
         assert isinstance(value, str)
         return value
@@ -139,7 +139,7 @@ def _source(value: object, index: Callable[[str], int], where: str) -> str | int
     return index(value)
 
 
-def _token_source(value: object, index: Callable[[str], int], where: str) -> dict | int | None:
+def _token_source(value: object, index: Callable[[str], object], where: str) -> object:
     if value is None:
         return None
     if isinstance(value, str):
@@ -161,6 +161,21 @@ def _token_source(value: object, index: Callable[[str], int], where: str) -> dic
         return {"kind": "model_token", "model": index(model), "token_id": token_id, "token": token}
     raise BadMerge(f"{where} is a model, {{kind: zero}} or {{kind: model_token, model: ..., token: ...}}, "
                    f"got {quoted(value)}")
+
+
+def with_models(spec: Mapping, f: Callable[[object], object]) -> dict:
+    """`spec` with every model it names replaced by `f(model)`: a request's refs become a plan's
+    commit ids, a plan's commit ids become `build`'s input numbers."""
+    tokens = {}
+    for tok, cfg in spec["tokens"].items():
+        src = cfg["source"]
+        if isinstance(src, dict):
+            src = {**src, "model": f(src["model"])} if "model" in src else src
+        elif src is not None:
+            src = f(src)
+        tokens[tok] = {**cfg, "source": src}
+    source = spec["source"]
+    return {**spec, "source": source if source in ("base", "union") else f(source), "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------ reading a tokenizer
