@@ -156,7 +156,7 @@ def _ref(fam: str, key: str) -> str:
     return f"{fam}-{key}"
 
 
-@dataclass
+@dataclass(repr=False)  # a failure report prints the fixture: not every tensor of every run
 class Runs:
     inputs: dict[str, dict[str, dict[str, torch.Tensor]]]  # family -> model key -> tensors
     mergekit: dict[str, dict[str, torch.Tensor]]  # job -> tensors
@@ -164,6 +164,9 @@ class Runs:
     errors: dict[str, str | None]  # MergeKit's error per job
     plans: dict[str, object]  # --compute-dtype runs: method name -> plan
     precise: dict[str, dict[str, torch.Tensor]]  # --compute-dtype float32 runs: name -> tensors
+
+    def __repr__(self) -> str:
+        return f"Runs({len(self.mergekit)} MergeKit outputs, {len(self.mpstore)} mpstore outputs)"
 
 
 @pytest.fixture(scope="module")
