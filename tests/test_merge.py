@@ -582,3 +582,44 @@ def test_killed_merge_leaves_the_store_valid(tmp_path):
         for name, files in originals.items():
             repo.checkout(name, tmp_path / f"final-{name}")
             assert tree_bytes(tmp_path / f"final-{name}") == files
+
+
+STAGES = """\
+name: soup
+merge_method: linear
+models:
+  - {model: e1, parameters: {weight: 0.5}}
+  - {model: e2, parameters: {weight: 0.5}}
+dtype: float16
+---
+merge_method: task_arithmetic
+base_model: base
+models:
+  - {model: soup, parameters: {weight: 0.7}}
+  - {model: e1, parameters: {weight: 0.3}}
+dtype: float32
+"""
+
+
+def test_multi_stage_config_commits_each_stage_and_replays_the_chain(tmp_path, fam):
+    """A mergekit-multi config through `mp merge --config`: the first stage commits on its
+    `name:` branch, the second uses it by that name and commits on -b; replay replays both.
+    The first stage's config.json names float16, the dtype its tensors were written in (a
+    `dtype:` without `out_dtype`)."""
+    root = new_store(tmp_path / "r", fam)
+    cfg = tmp_path / "stages.yml"
+    cfg.write_text(STAGES)
+    lines = ok(run_mp("-C", root, "merge", "--config", cfg, "-b", "final")).split("\n")
+    assert [line.split()[1] for line in lines if line] == ["soup", "final"]
+    with Repo.open(root) as repo:
+        soup, final = repo.resolve("soup"), repo.resolve("final")
+        assert repo.commit("final").commit.parents[1] == soup  # [base, soup, e1]
+        assert {r.dtype for r in repo.ls("soup")} == {"F16"}
+        repo.checkout("soup", tmp_path / "soup")
+    assert json.loads((tmp_path / "soup" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert ok(run_mp("-C", root, "replay", "final")).split() == ["identical", soup.hex()[:12], "identical",
+                                                                 final.hex()[:12]]
+    assert_user_error(run_mp("-C", root, "plan", "--config", cfg), "one-stage config")
+    bad = tmp_path / "unnamed.yml"
+    bad.write_text(STAGES.replace("name: soup\n", ""))
+    assert_user_error(run_mp("-C", root, "merge", "--config", bad, "-b", "x"), "needs `name:`")
