@@ -26,6 +26,7 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
+import yaml
 from conftest import MP, assert_user_error, run_mp, store_fingerprint, tensors_of, tree_bytes
 from make_family import make_family
 from safetensors.torch import load_file, save_file
@@ -623,3 +624,27 @@ def test_multi_stage_config_commits_each_stage_and_replays_the_chain(tmp_path, f
     bad = tmp_path / "unnamed.yml"
     bad.write_text(STAGES.replace("name: soup\n", ""))
     assert_user_error(run_mp("-C", root, "merge", "--config", bad, "-b", "x"), "needs `name:`")
+
+
+@pytest.mark.parametrize("doc, fragments", [
+    ({"merge_method": "linear", "models": [{"model": "e1"}], "parameters": {"weight": 1.0}, "normalize": True},
+     ["normalize", "under `parameters:`"]),
+    ({"merge_method": "linear", "models": [{"model": "e1", "parameters": {"weight": 1.0}}],
+      "parameters": {"dtype": "float16"}}, ["dtype is a top-level key"]),
+    ({"merge_method": "slerp", "base_model": "base", "models": [{"model": "e1", "parameters": {"weight": 0.5}}],
+      "parameters": {"t": 0.5}}, ["slerp has no parameter 'weight'", "MergeKit would ignore it"]),
+    ({"merge_method": "linear", "models": [{"model": "e1"}], "chat_template": "chatml"},
+     ["built-in templates", "Jinja"]),
+    ({"merge_method": "linear", "models": [{"model": "e1"}], "tokenizer_source": "union",
+      "tokenizer": {"source": "union"}}, ["not both"]),
+    ({"merge_method": "linear", "models": [{"model": "e1"}], "mystery": 1},
+     ["unknown key 'mystery'", "MergeKit 0.1.5 ignores unknown top-level keys"]),
+])
+def test_keys_mergekit_would_ignore_are_refused_with_where_they_belong(runs, tmp_path, doc, fragments):
+    """Item 10 of issue 11: refused (safer than MergeKit, which ignores them), in one line that
+    says where the key belongs; no hint about `models:` where it makes no sense."""
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_mp("-C", runs["yaml"].root, "merge", "--config", path, "-b", "never")
+    message = assert_user_error(proc, *fragments)
+    assert "use `models:`" not in message
