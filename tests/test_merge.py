@@ -206,6 +206,13 @@ slices:
 parameters: {weight: 0.5}
 """
 
+YAML_HALF = """\
+merge_method: task_arithmetic
+base_model: base
+models:
+  - {model: half, parameters: {weight: 1.0}}
+"""
+
 YAML_NORMALIZE = """\
 merge_method: linear
 models:
@@ -249,8 +256,9 @@ BAD = {
     "weight-count": Case([*TIES, "--weight", "0.5,0.3,0.2"], ("--weight has 3 values for 2 models",)),
     "shape-mismatch": Case([*M, "--method", "task_arithmetic", "--base", "base", "wide", "--weight", "1"],
                            ("'a'", "[4, 9]", "[4, 8]"), store="odd"),
-    "dtype-mismatch": Case([*M, "--method", "task_arithmetic", "--base", "base", "half", "--weight", "1"],
-                           ("'a'", "F16", "F32"), store="odd"),
+    # without a compute dtype each tensor computes in its own: inputs must agree (with one, as
+    # MergeKit, every input is converted to it)
+    "dtype-mismatch": Case([*M, "--config", "{yaml}"], ("'a'", "F16", "F32"), store="odd", yaml=YAML_HALF),
     "tensor-missing": Case([*M, "--method", "task_arithmetic", "--base", "base", "lacking", "--weight", "1"],
                            ("'b'", "missing"), store="odd"),
     "yaml-slices": Case([*M, "--config", "{yaml}"], ("slices[0]", "different numbers of layers"), yaml=YAML_SLICES),

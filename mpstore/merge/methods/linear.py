@@ -1,6 +1,8 @@
 """linear: a weighted average of the inputs themselves (a given base is one more input).
 
-Computed in float32 (float64 for float64 inputs) whatever the compute dtype, as MergeKit does.
+Computed as MergeKit does: in float32 (float64 for float64 inputs) whatever the compute dtype,
+one fused multiply-add (`addcmul`) per input in input order, a division by the weights' float32
+sum, one rounding to the compute dtype at the end.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ class Linear(MergeMethod):
 
     def combine(self, b: Block, ctx: TensorContext) -> torch.Tensor:
         work = torch.float64 if b.models.dtype == torch.float64 else torch.float32
-        w = torch.tensor([q["weight"] for q in b.p], dtype=work).unsqueeze(1)
-        acc = (b.models.to(work) * w).sum(dim=0)
+        w = torch.tensor([q["weight"] for q in b.p], dtype=work)
+        acc = torch.zeros(b.models.shape[1], dtype=work)
+        for x, c in zip(b.models, w):
+            acc.addcmul_(x, c)
         if b.g["normalize"]:
-            acc = acc / w.sum()
+            acc.div_(w.sum())
         return acc.to(b.models.dtype)
 
 

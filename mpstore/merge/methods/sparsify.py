@@ -4,6 +4,11 @@ Each is a keep-mask for input i's delta within a block: top-k and breadcrumbs by
 |delta| over the whole tensor (found by the radix passes), DARE by a coin per entry, DELLA by a
 coin whose odds rise with the entry's magnitude rank in its row. Also the `rescale` pass, which
 needs the sparsified deltas. Nothing here combines deltas; methods/task_arithmetic.py does.
+
+Dtypes are MergeKit's on CPU: top-k and breadcrumbs mask and rescale in the compute dtype; DARE
+and DELLA in float32 unless the compute dtype is bfloat16 (their keep probabilities too), the
+result rounded back to the compute dtype. The L1 sums behind `rescale` are float64 sums rounded to
+that work dtype, then divided in it, as torch's sums there come out.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from .base import Block, Params, Pass, TensorContext
+from .gram import narrow, overflow
 from .radix import has_ranks, tied
+
+RESCALE_EPS = 1e-7  # an L1 norm below this (whole or kept) leaves the kept delta unscaled
+
+
+def random_work(dtype: torch.dtype) -> torch.dtype:
+    """The dtype MergeKit's Bernoulli sparsifiers (DARE, DELLA) work in on CPU."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
 
 
 def _topk_ranks(q: Params, numel: int) -> list[int]:
@@ -54,21 +67,25 @@ def _crumbs_mask(b: Block, ctx: TensorContext, i: int, d: torch.Tensor) -> torch
 
 
 def _dare_mask(b: Block, ctx: TensorContext, i: int, d: torch.Tensor) -> torch.Tensor:
-    """Each entry kept with probability density, independently."""
-    return torch.rand(d.shape, generator=b.rng(i)) < b.p[i]["density"]
+    """Each entry kept with probability density (as the work dtype holds it), independently."""
+    p = torch.tensor(b.p[i]["density"], dtype=random_work(d.dtype))
+    return torch.rand(d.shape, generator=b.rng(i)) < p
 
 
 def _della_mask(b: Block, ctx: TensorContext, i: int, d: torch.Tensor) -> torch.Tensor:
     """Keep probability rises linearly with the magnitude's rank within its row, from
-    density-epsilon to density+epsilon (a row of one element keeps with p = density)."""
+    density-epsilon to density+epsilon (a row of one element keeps with p = density); ranks and
+    probabilities in the work dtype, where bfloat16 rounds ranks above 256 as MergeKit's do."""
     q = b.p[i]
+    work = random_work(d.dtype)
     rows = d.reshape(-1, b.row_len)
-    m = rows.shape[1]
-    if m > 1:
-        rank = rows.abs().to(torch.float32).argsort(dim=1).argsort(dim=1).to(torch.float32)
-        prob = q["density"] - q["epsilon"] + 2 * q["epsilon"] * rank / (m - 1)
+    if rows.shape[1] > 1:
+        rank = rows.abs().to(torch.float32).argsort(dim=1).argsort(dim=1).to(work) + 1
+        low, high = rank.min(dim=1, keepdim=True).values, rank.max(dim=1, keepdim=True).values
+        spread = ((rank - low) / (high - low)).clamp(0, 1)
+        prob = (q["density"] - q["epsilon"]) + spread * 2 * q["epsilon"]
     else:
-        prob = torch.full(rows.shape, q["density"])
+        prob = torch.full(rows.shape, q["density"], dtype=work)
     return (torch.rand(rows.shape, generator=b.rng(i)) < prob).reshape(d.shape)
 
 
@@ -78,43 +95,90 @@ class Sparsifier:
     mask: Callable[[Block, TensorContext, int, torch.Tensor], torch.Tensor]
     ranks: Callable[[Params, int], list[int]] | None = None  # the order statistics it needs
     row_local: bool = False  # the mask is decided per row: blocks must hold whole rows
+    random: bool = False  # a Bernoulli mask: works in `random_work` of the compute dtype
+
+    def work(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the kept delta is masked and rescaled in, for compute dtype `dtype`."""
+        return random_work(dtype) if self.random else dtype
 
 
 TOPK = Sparsifier("top-k", _topk_mask, _topk_ranks)
 CRUMBS = Sparsifier("breadcrumbs", _crumbs_mask, _crumbs_ranks)
-DARE = Sparsifier("dare", _dare_mask)
-DELLA = Sparsifier("della", _della_mask, row_local=True)
+DARE = Sparsifier("dare", _dare_mask, random=True)
+DELLA = Sparsifier("della", _della_mask, row_local=True, random=True)
+
+
+def _kept(b: Block, ctx: TensorContext, sp: Sparsifier, i: int) -> torch.Tensor:
+    """Row i's delta times its keep-mask, in the sparsifier's work dtype (not rescaled)."""
+    d = b.deltas()[i]
+    work = sp.work(d.dtype)
+    return d.to(work) * sp.mask(b, ctx, i, d).to(work)
 
 
 def sparsified(b: Block, ctx: TensorContext, sp: Sparsifier | None) -> torch.Tensor:
-    """Each input's delta after its sparsifier (inputs with density >= 1 are left whole)."""
+    """Each input's delta after its sparsifier and the `rescale` factor, in the compute dtype
+    (inputs with density >= 1 are left whole, unscaled)."""
     d = b.deltas()
     if sp is None:
         return d
-    rows = [torch.where(sp.mask(b, ctx, i, d[i]), d[i], 0) if q["density"] < 1 else d[i]
-            for i, q in enumerate(b.p)]
+    rows = []
+    for i, q in enumerate(b.p):
+        if q["density"] >= 1:
+            rows.append(d[i])
+            continue
+        kept = _kept(b, ctx, sp, i)
+        if ctx.scale is not None:
+            kept = kept * torch.tensor(ctx.scale[b.index[i]], dtype=kept.dtype)
+        rows.append(kept.to(d.dtype))
     return torch.stack(rows) if rows else d
+
+
+_WORK_BY_EPS = {torch.finfo(t).eps: t for t in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+
+
+def _l1_factor(whole: torch.Tensor, kept: torch.Tensor, work: torch.dtype, i: int) -> float:
+    """MergeKit's `rescale` factor for input i from the float64 L1 sums: both rounded to the work
+    dtype, 1 (no rescale) if either is below RESCALE_EPS, else their quotient in that dtype."""
+    what = f"with rescale, the L1 norm of input {i + 1}'s delta on some tensor"
+    w, k = narrow(whole, work, what), narrow(kept, work, what)
+    if bool(w < RESCALE_EPS) or bool(k < RESCALE_EPS):
+        return 1.0
+    factor = w / k
+    if bool(torch.isfinite(w) & torch.isfinite(k) & ~torch.isfinite(factor)):
+        raise overflow(f"with rescale, the scale factor of input {i + 1}'s delta on some tensor",
+                       float(whole / kept), work)
+    return float(factor)
 
 
 def rescale_pass(sp: Sparsifier) -> Pass:
     """`rescale`: MergeKit scales each sparsified delta so its L1 norm matches the whole delta's.
-    Sums [2, inputs] in float64: row 0 the whole deltas' L1, row 1 the sparsified ones'."""
+    Sums [4, inputs] in float64: row 0 the whole deltas' L1, row 1 the kept ones' (both of the
+    values in the work dtype); rows 2 and 3 carry the work dtype itself to `finish`, which rounds
+    the totals to it (the context does not know the compute dtype): each block read adds 1 and
+    the dtype's epsilon to every column."""
 
     def measure(b: Block, ctx: TensorContext) -> torch.Tensor:
-        sums = torch.zeros(2, ctx.inputs, dtype=torch.float64)
-        rows = torch.tensor(b.index, dtype=torch.int64)
-        sums[0, rows] = b.deltas().to(torch.float64).abs().sum(dim=1)
-        sums[1, rows] = sparsified(b, ctx, sp).to(torch.float64).abs().sum(dim=1)
+        work = sp.work(b.models.dtype)
+        sums = torch.zeros(4, ctx.inputs, dtype=torch.float64)
+        for r, (i, q) in enumerate(zip(b.index, b.p)):
+            if q["density"] < 1:
+                sums[0, i] = b.deltas()[r].to(work).to(torch.float64).abs().sum()
+                sums[1, i] = _kept(b, ctx, sp, r).to(torch.float64).abs().sum()
+        sums[2] = 1
+        sums[3] = torch.finfo(work).eps
         return sums
 
     def finish(ctx: TensorContext, total: torch.Tensor) -> None:
-        ctx.scale = [
-            (w / k) if q["density"] < 1 and w >= 1e-7 and k >= 1e-7 else 1.0
-            for w, k, q in zip(total[0].tolist(), total[1].tolist(), ctx.p)
-        ]
+        blocks = float(total[2, 0])
+        if blocks == 0:  # no block read: every delta is zero, nothing to rescale
+            ctx.scale = [1.0] * ctx.inputs
+            return
+        work = _WORK_BY_EPS[float(total[3, 0]) / blocks]
+        ctx.scale = [_l1_factor(total[0, i], total[1, i], work, i) if q["density"] < 1 else 1.0
+                     for i, q in enumerate(ctx.p)]
 
     def zero(n: int, ctx: TensorContext) -> torch.Tensor:
-        return torch.zeros(2, ctx.inputs, dtype=torch.float64)
+        return torch.zeros(4, ctx.inputs, dtype=torch.float64)
 
     def needed(p: list[Params], g: Params) -> bool:
         return bool(g["rescale"]) and has_ranks(p, g)

@@ -5,6 +5,11 @@ della_linear differ in two choices only, as in MergeKit's generalized task arith
 sparsifier keeps which entries of each delta (methods/sparsify.py), and whether the mix is a plain
 weighted sum or a sign consensus (TIES: per element, only the deltas agreeing with the sign of
 the weighted sum count, normalised by their weights). Parameter names and defaults are MergeKit's.
+
+Every step is MergeKit's operation in the compute dtype, in MergeKit's order: the deltas, the
+sparsified and rescaled deltas (methods/sparsify.py), the weights rounded to the dtype, the
+weighted deltas, their sum (torch sums 16-bit values in float32 and rounds once), the divisor,
+the division, lambda, and the base added back.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ EPSILON = ParamDef("epsilon", 0.15, float)
 LAMBDA = ParamDef("lambda", 1.0)
 
 
-def _plain_mix(weighted: torch.Tensor, weight_sum: float) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """Sum of the weighted deltas, and the divisor `normalize` uses: every input's weight (present
-    in the block or not), as MergeKit, or 1 when they cancel."""
-    total = torch.tensor(weight_sum, dtype=weighted.dtype)
-    return weighted.sum(dim=0), 1.0 if abs(float(total)) < 1e-8 else total
+def _plain_mix(weighted: torch.Tensor, ctx: TensorContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the weighted deltas, and the divisor `normalize` uses: the sum of every input's
+    weight (present in the block or not) in the compute dtype, as MergeKit, or 1 where it is
+    below 1e-8 (the weights cancel)."""
+    divisor = torch.tensor([q["weight"] for q in ctx.p], dtype=weighted.dtype).unsqueeze(1).sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return weighted.sum(dim=0), divisor
 
 
 def _consensus_mix(weighted: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,21 +100,14 @@ class TaskArithmetic(MergeMethod):
     def combine(self, b: Block, ctx: TensorContext) -> torch.Tensor:
         base = b.require_base()
         d = sparsified(b, ctx, self.sparsifier)
-        if ctx.scale is not None:
-            factors = torch.tensor([ctx.scale[i] for i in b.index], dtype=d.dtype).unsqueeze(1)
-            d = d * factors
         w = torch.tensor([q["weight"] for q in b.p], dtype=d.dtype).unsqueeze(1)
         weighted = d * w
-        divisor: torch.Tensor | float
-        if self.consensus:
-            mixed, divisor = _consensus_mix(weighted, w)
-        else:
-            mixed, divisor = _plain_mix(weighted, b.weight_sum)
+        mixed, divisor = _consensus_mix(weighted, w) if self.consensus else _plain_mix(weighted, ctx)
         if b.g["normalize"]:
             mixed = mixed / divisor
         if b.g["lambda"] != 1:
             mixed = mixed * b.g["lambda"]
-        return (base + mixed).to(base.dtype)
+        return base + mixed
 
 
 TASK_ARITHMETIC = TaskArithmetic("task_arithmetic", None, False, False, False)
