@@ -80,6 +80,11 @@ def _nuslerp_lines(g: Params) -> str:
     return "columns" if g["nuslerp_row_wise"] else "rows"
 
 
+def _nuslerp_needed(lines: str) -> Callable[[list[Params], Params], bool]:
+    """A pass needed only when nuslerp's angles are taken over these lines."""
+    return lambda p, g: _nuslerp_lines(g) == lines
+
+
 def _clamped(sum_squares: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     """Norms from float64 sums of squares, as torch.norm in `dtype` gives them, clamped."""
     return narrow(sum_squares.sqrt(), dtype, f"tensor {name!r}: a norm").clamp(min=NUSLERP_MIN_NORM)
@@ -119,7 +124,7 @@ def _column_pass(name: str, pair: Callable[[Block, TensorContext], tuple[torch.T
     def finish(ctx: TensorContext, total: torch.Tensor) -> None:
         ctx.column_dots = total
 
-    return Pass(name, measure, finish, lambda p, g: _nuslerp_lines(g) == "columns")
+    return Pass(name, measure, finish, _nuslerp_needed("columns"))
 
 
 def _slerp_lines(u: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, t: float) -> torch.Tensor:
@@ -138,10 +143,6 @@ def _rows(u: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
 
     cos = torch.sum(unit(u) * unit(v), dim=-1, keepdim=True).clamp(-1, 1)
     return _slerp_lines(u, v, cos, t)
-
-
-def _nuslerp_needed(lines: str) -> Callable[[list[Params], Params], bool]:
-    return lambda p, g: _nuslerp_lines(g) == lines
 
 
 class NuSlerp(MergeMethod):
