@@ -243,14 +243,13 @@ class Executor:
         raw_models = [self._read(task, task.models[i], a, b) for i in present]
         ref = task.ref
         row = ref.shape[-1] if ref.shape else 1
-        weight_sum = sum(q.get("weight", 0.0) for q in task.p)
 
         def build() -> Block:
             values = _values(raw_base, base.dtype, task.compute) if base and raw_base is not None else None
             rows = [_values(r, task.models[i].dtype, task.compute) for r, i in zip(raw_models, present)]
             models = torch.stack(rows) if rows else torch.zeros(0, b - a, dtype=torch_dtype(task.compute))
             return Block(task.name, a, values, models, row, [task.p[i] for i in present], task.g,
-                         self.seed, present, weight_sum, len(ref.shape))
+                         self.seed, present, len(ref.shape))
 
         return build
 
@@ -308,7 +307,7 @@ class Executor:
     def _measure(self, task: Task, method: MergeMethod, o: Outline) -> tuple[TensorContext, list[Block | None] | None]:
         """The tensor's context with every needed pass finished (sweeps, or the catalog), and the
         block cache if there is one."""
-        ctx = TensorContext(len(task.models), task.p, task.g, task.numel,
+        ctx = TensorContext(len(task.models), torch_dtype(task.compute), task.p, task.g, task.numel,
                             {a: n for n, (a, _) in enumerate(o.blocks)})
         if any(task.omitted):
             base = task.base

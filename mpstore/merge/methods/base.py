@@ -60,7 +60,6 @@ class Block:
     g: Params  # global parameters for this tensor
     seed: int
     index: list[int] = field(default_factory=list)  # input number of each row of `models`
-    weight_sum: float = 0.0  # sum of every input's weight (present here or not)
     ndim: int = 1  # of the whole tensor
     _deltas: torch.Tensor | None = field(default=None, repr=False)
 
@@ -108,6 +107,7 @@ class TensorContext:
     written yet are None (or empty)."""
 
     inputs: int  # non-base inputs of the tensor (rows of a block with every input present)
+    compute: torch.dtype  # what blocks arrive in: the dtype MergeKit's math runs in
     p: list[Params]  # per input
     g: Params
     numel: int

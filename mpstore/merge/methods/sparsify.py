@@ -133,9 +133,6 @@ def sparsified(b: Block, ctx: TensorContext, sp: Sparsifier | None) -> torch.Ten
     return torch.stack(rows) if rows else d
 
 
-_WORK_BY_EPS = {torch.finfo(t).eps: t for t in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
-
-
 def _l1_factor(whole: torch.Tensor, kept: torch.Tensor, work: torch.dtype, i: int) -> float:
     """MergeKit's `rescale` factor for input i from the float64 L1 sums: both rounded to the work
     dtype, 1 (no rescale) if either is below RESCALE_EPS, else their quotient in that dtype."""
@@ -152,33 +149,26 @@ def _l1_factor(whole: torch.Tensor, kept: torch.Tensor, work: torch.dtype, i: in
 
 def rescale_pass(sp: Sparsifier) -> Pass:
     """`rescale`: MergeKit scales each sparsified delta so its L1 norm matches the whole delta's.
-    Sums [4, inputs] in float64: row 0 the whole deltas' L1, row 1 the kept ones' (both of the
-    values in the work dtype); rows 2 and 3 carry the work dtype itself to `finish`, which rounds
-    the totals to it (the context does not know the compute dtype): each block read adds 1 and
-    the dtype's epsilon to every column."""
+    Sums [2, inputs] in float64: row 0 the whole deltas' L1, row 1 the kept ones' (both of the
+    values in the work dtype); `finish` rounds the totals to the work dtype, as MergeKit's sums
+    come out in it."""
 
     def measure(b: Block, ctx: TensorContext) -> torch.Tensor:
         work = sp.work(b.models.dtype)
-        sums = torch.zeros(4, ctx.inputs, dtype=torch.float64)
+        sums = torch.zeros(2, ctx.inputs, dtype=torch.float64)
         for r, (i, q) in enumerate(zip(b.index, b.p)):
             if q["density"] < 1:
                 sums[0, i] = b.deltas()[r].to(work).to(torch.float64).abs().sum()
                 sums[1, i] = _kept(b, ctx, sp, r).to(torch.float64).abs().sum()
-        sums[2] = 1
-        sums[3] = torch.finfo(work).eps
         return sums
 
     def finish(ctx: TensorContext, total: torch.Tensor) -> None:
-        blocks = float(total[2, 0])
-        if blocks == 0:  # no block read: every delta is zero, nothing to rescale
-            ctx.scale = [1.0] * ctx.inputs
-            return
-        work = _WORK_BY_EPS[float(total[3, 0]) / blocks]
+        work = sp.work(ctx.compute)
         ctx.scale = [_l1_factor(total[0, i], total[1, i], work, i) if q["density"] < 1 else 1.0
                      for i, q in enumerate(ctx.p)]
 
     def zero(n: int, ctx: TensorContext) -> torch.Tensor:
-        return torch.zeros(4, ctx.inputs, dtype=torch.float64)
+        return torch.zeros(2, ctx.inputs, dtype=torch.float64)
 
     def needed(p: list[Params], g: Params) -> bool:
         return bool(g["rescale"]) and has_ranks(p, g)
