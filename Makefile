@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Test-only: MergeKit 0.1.5, the reference of the merge engine (tests/test_mergekit_oracle.py), in
+# Test-only: MergeKit 0.1.5, the reference of the merge engine (tests/test_mergekit_*.py), in
 # a venv of its own so it never becomes a dependency of mpstore.
 MK_VENV := .venv-mergekit
 MK_STAMP := $(MK_VENV)/.installed

@@ -1,4 +1,5 @@
-"""Run several MergeKit merges in one process (the oracle of tests/test_mergekit_oracle.py).
+"""Run several MergeKit merges in one process: the oracle of the tests/test_mergekit_*.py modules
+(started through tests/mergekit_oracle.py).
 
 Test-only helper, executed with the interpreter of the separate `.venv-mergekit` virtualenv
 (`make mergekit-venv`); mpstore itself never imports MergeKit. One process for every config

@@ -12,9 +12,7 @@ dtype the adapter was merged in; mpstore's `apply` must give every tensor bit fo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import yaml
 from conftest import assert_user_error, load_dir, run_mp, tree_bytes
 from make_family import make_family
+from mergekit_oracle import config_doc, running
 from safetensors.torch import load_file, save_file
 
 from mpstore import Repo
@@ -33,12 +32,6 @@ from mpstore.progress import Silent
 from mpstore.store.chunks import ChunkSink
 from mpstore.store.dtypes import torch_dtype
 from mpstore.store.objects import Tensor
-
-TESTS = Path(__file__).resolve().parent
-MK_VENV = TESTS.parent / ".venv-mergekit"
-MK_PYTHON = MK_VENV / "bin" / "python"
-MK_INSTALLED = MK_VENV / "bin" / "mergekit-yaml"
-CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 FAMILY = {"arch": "qwen2", "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 128,
           "dtype": "bf16", "experts": 1, "kinds": ("dense",), "seed": 3}
@@ -408,37 +401,32 @@ def _case_dtype_is_default(name: str) -> bool:
     return name == "gpt2" or SPECS[name].merge_dtype is None
 
 
+def _alone(model: str, dtype: str) -> dict:
+    """`linear` of one `model+adapter` reference with weight 1, computing in `dtype`: MergeKit
+    returns that reference's merged tensors unchanged."""
+    return config_doc("linear", [(model, {"weight": 1.0})], {model: model}, dtype=dtype)
+
+
 @pytest.fixture(scope="module")
 def mergekit(world) -> dict[str, Path]:
     """MergeKit's `linear` merge of `expert+adapter` alone (weight 1) for every adapter, in the
     dtype the adapter is merged in: the merged model's tensors, as MergeKit holds them."""
-    if not MK_INSTALLED.exists():
-        if CI:
-            pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
-        pytest.skip(f"MergeKit oracle not installed: {MK_INSTALLED} not found (`make mergekit-venv`)")
     root = world.root / "mk"
-    jobs, outs = [], {}
+    jobs = []
     for name in MERGEKIT_CASES:
         model, merge_dtype, dtype = _case(world, name)
-        doc = {"merge_method": "linear", "dtype": dtype,
-               "models": [{"model": f"{model}+{world.adapters[name]}", "parameters": {"weight": 1.0}}]}
         cfg = root / f"{name}.yml"
         cfg.parent.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(yaml.safe_dump(doc))
-        outs[name] = root / "out" / name
+        cfg.write_text(yaml.safe_dump(_alone(f"{model}+{world.adapters[name]}", dtype)))
         options = {"lora_merge_cache": str(root / "cache" / name)}
         if merge_dtype:
             options["lora_merge_dtype"] = merge_dtype
-        jobs.append({"name": name, "config": str(cfg), "out": str(outs[name]), "seed": None, "options": options})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    proc = subprocess.run([str(MK_PYTHON), str(TESTS / "mergekit_driver.py"), str(root / "jobs.json"),
-                           str(root / "result.json")], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((root / "result.json").read_text())
+        jobs.append({"name": name, "config": str(cfg), "out": str(root / "out" / name), "seed": None, "options": options})
+    with running(jobs, root) as driver:
+        result = driver.finish()
     for name, job in result["jobs"].items():
         assert job["error"] is None, f"MergeKit failed on {name}:\n{job['error']}"
-    return outs
+    return driver.out
 
 
 @pytest.mark.parametrize("name", MERGEKIT_CASES)
@@ -463,8 +451,7 @@ def test_model_plus_adapter_config_merges_as_mergekit(world, mergekit, name, tmp
     model, _, dtype = _case(world, name)
     ref = "gpt2" if name == "gpt2" else "expert"
     cfg = tmp_path / "m.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": dtype,
-                                   "models": [{"model": f"{ref}+ad-{name}", "parameters": {"weight": 1.0}}]}))
+    cfg.write_text(yaml.safe_dump(_alone(f"{ref}+ad-{name}", dtype)))
     res = world.repo.merge(from_yaml(cfg), f"lora-{name}")
     adapter = world.repo.resolve(f"ad-{name}")
     assert res.plan.adapters == [None, adapter]

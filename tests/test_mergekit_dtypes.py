@@ -27,43 +27,30 @@ and L1 sum is summed over blocks. Then:
   float64 reference (MergeKit with `dtype: float64`) than the bfloat16 compute.
 
 Each test prints its rate of bit-equal elements (`-s`). MergeKit runs in its own virtualenv
-through tests/mergekit_driver.py, one process for every config (see tests/test_mergekit_oracle.py,
-whose helpers this module shares).
+through tests/mergekit_driver.py, one process for every config (started and collected by the
+helpers of tests/mergekit_oracle.py, which the MergeKit differential modules share).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import load_dir
 from make_family import make_family
-from test_mergekit_oracle import (
-    DRIVER,
-    E1,
-    E2,
-    E3,
-    MERGEKIT_VERSION,
-    MK_INSTALLED,
-    MK_PYTHON,
-    B,
-    _tensors,
-    evaluate,
-    ulp_distance,
-)
+from mergekit_oracle import E1, E2, E3, MERGEKIT_VERSION, B, config_doc, param, require_mergekit, running, ulp_distance
 
 from mpstore import Repo
 from mpstore.merge.request import from_yaml
 from mpstore.store.objects import Plan
+
+require_mergekit(module=True)
 
 FAMILIES = {
     "f32": {"arch": "qwen2", "hidden": 64, "layers": 2, "vocab": 256, "dtype": "f32", "experts": 3,
@@ -86,14 +73,8 @@ class Case:
     seed: int | None = None
 
     def doc(self, where: dict[str, str], dtype: str) -> dict:
-        d: dict = {"merge_method": self.method}
-        if self.base is not None:
-            d["base_model"] = where[self.base]
-        d["models"] = [{"model": where[m], **({"parameters": p} if p else {})} for m, p in self.models]
-        if self.parameters:
-            d["parameters"] = self.parameters
-        d["dtype"] = YAML_DTYPE[dtype]
-        return d
+        return config_doc(self.method, self.models, where, base=self.base, parameters=self.parameters,
+                          dtype=YAML_DTYPE[dtype])
 
 
 FILTERED = [{"filter": "mlp", "value": 0.4}, {"filter": "self_attn", "value": [0.1, 0.3]}]
@@ -188,8 +169,6 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
-    if not MK_INSTALLED.exists():
-        pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("mkdtypes")
     families = {f: make_family(root / f, **spec) for f, spec in FAMILIES.items()}
@@ -205,16 +184,10 @@ def runs(tmp_path_factory) -> Runs:
         if dt != "f64":
             yaml_mp[job] = root / "cfg" / f"{job}.mpstore.yml"
             yaml_mp[job].write_text(yaml.safe_dump(case.doc({k: _ref(fam, k) for k in paths}, dt), sort_keys=False))
-    (root / "jobs.json").write_text(json.dumps(jobs, indent=1))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log = open(root / "mergekit.log", "w")
-    driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
     mp: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     plans, precise = {}, {}
     t1 = time.perf_counter()
-    try:
+    with running(jobs, root) as driver:
         for variant, chunk in CHUNKS.items():
             with Repo.init(root / f"repo-{variant}", chunk_size=chunk) as repo:
                 for f, fam in families.items():
@@ -226,26 +199,20 @@ def runs(tmp_path_factory) -> Runs:
                     request.seed = CASES[name].seed or 0
                     repo.merge(request, f"m-{job}", threads=2)
                     repo.checkout(f"m-{job}", root / "mp" / variant / job)
-                    mp[variant, job] = _tensors(root / "mp" / variant / job)
+                    mp[variant, job] = load_dir(root / "mp" / variant / job)
                 if variant == "chunk1m":
                     for name in PRECISE:
                         request = from_yaml(yaml_mp[_job("f32", "bf16", name)])
                         request.compute_dtype = "F32"
                         plans[name] = repo.merge(request, f"p-{name}", threads=2).plan
                         repo.checkout(f"p-{name}", root / "mp" / "precise" / name)
-                        precise[name] = _tensors(root / "mp" / "precise" / name)
+                        precise[name] = load_dir(root / "mp" / "precise" / name)
         t2 = time.perf_counter()
-        driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
-    assert driver.returncode == 0, f"MergeKit driver failed:\n{(root / 'mergekit.log').read_text()[-4000:]}"
-    info = json.loads((root / "result.json").read_text())
+        info = driver.finish()
     assert info["mergekit"] == MERGEKIT_VERSION, info
     errors = {job: r["error"] for job, r in info["jobs"].items()}
-    mk = {j["name"]: _tensors(Path(j["out"])) for j in jobs if errors[j["name"]] is None}
-    inputs = {f: {k: _tensors(p) for k, p in fam.items()} for f, fam in families.items()}
+    mk = {job: load_dir(out) for job, out in driver.out.items() if errors[job] is None}
+    inputs = {f: {k: load_dir(p) for k, p in fam.items()} for f, fam in families.items()}
     print(f"\n[mergekit dtypes] setup {t1 - t0:.1f}s; mpstore {len(RUNS) * len(CHUNKS)} merges {t2 - t1:.1f}s; "
           f"MergeKit {len(jobs)} merges, waited {time.perf_counter() - t2:.1f}s more")
     return Runs(inputs, mk, mp, errors, plans, precise)
@@ -266,11 +233,7 @@ def _both(runs: Runs, variant: str, job: str, dtype: torch.dtype) -> tuple[dict,
 
 def _param(case: Case, params: dict | None, key: str, name: str, default):
     """A per-model parameter (model level, then global, then default) for tensor `name`."""
-    for level in (params or {}, case.parameters):
-        v = evaluate(level.get(key), name, LAYERS)
-        if v is not None:
-            return v
-    return default
+    return param((params, case.parameters), key, name, LAYERS, default)
 
 
 def _non_base(case: Case) -> list:

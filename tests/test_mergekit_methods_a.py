@@ -20,15 +20,10 @@ holds it exactly).
 Configs MergeKit refuses (input counts, a missing `t`) are refused by both tools.
 The edge-case tests (bad parameters, identical inputs, budgets) need only mpstore and always run;
 the differential tests skip without the MergeKit venv (`make mergekit-venv`), unless CI is set.
-(Constants are not imported from test_mergekit_oracle: importing it skips the importing module
-when MergeKit is absent.)
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,23 +33,16 @@ import torch
 import yaml
 from conftest import load_dir, stored_tensors, tensors_of
 from make_family import make_family
+from mergekit_oracle import E1, E2, E3, MERGEKIT_VERSION, B, config_doc, running
 from safetensors.torch import save_file
 
 from mpstore import Repo
 from mpstore.errors import BadMerge, MpError
 from mpstore.merge.request import MergeRequest, from_yaml
 
-TESTS = Path(__file__).resolve().parent
-MK_VENV = TESTS.parent / ".venv-mergekit"
-MK_PYTHON = MK_VENV / "bin" / "python"
-MK_INSTALLED = MK_VENV / "bin" / "mergekit-yaml"
-DRIVER = TESTS / "mergekit_driver.py"
-CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
 FAMILY = {"arch": "qwen2", "hidden": 64, "layers": 8, "vocab": 128, "dtype": "f32", "experts": 3,
           "kinds": ("dense", "partial", "lora"), "seed": 7}
 CHUNKS = {"chunk1m": 1 << 20, "chunk4k": 4096}
-B, E1, E2, E3 = "base", "expert-1", "expert-2", "expert-3"  # E1 dense, E2 partial, E3 lora
 DTYPES = ("float32", "bfloat16", "float16")
 AGAIN = "base-again"  # a second branch on the base's commit
 F32_ULPS = 4
@@ -68,15 +56,8 @@ class Case:
     parameters: dict | None = None
 
     def doc(self, where: dict[str, str], dtype: str) -> dict:
-        d: dict = {"merge_method": self.method}
-        if self.base is not None:
-            d["base_model"] = where[self.base]
-        d["models"] = [{"model": where[m], **({"parameters": p} if p else {})} for m, p in self.models]
-        if self.parameters:
-            d["parameters"] = self.parameters
-        d["dtype"] = dtype
-        d["out_dtype"] = "float32"
-        return d
+        return config_doc(self.method, self.models, where, base=self.base, parameters=self.parameters,
+                          dtype=dtype, out_dtype="float32")
 
 
 # Filters fall through to the default (passthrough: no scale); gradients run over 8 layers.
@@ -156,35 +137,15 @@ def _configs(root: Path, where: dict[str, str], tool: str) -> dict[str, Path]:
     return out
 
 
-@dataclass
-class Driver:
-    process: subprocess.Popen
-    root: Path
-    out: dict[str, Path]  # job -> MergeKit's output folder
-
-
 @pytest.fixture(scope="module")
 def driver(family, tmp_path_factory):
     """MergeKit running every job in one background process, started before mpstore's merges so
     that both run at once."""
-    if not MK_INSTALLED.exists():
-        if CI:
-            pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
-        pytest.skip(f"MergeKit oracle not installed: {MK_INSTALLED} not found (`make mergekit-venv`)")
     root = tmp_path_factory.mktemp("mergekit-a")
     configs = _configs(root, {k: str(v) for k, v in family.items()}, "mergekit")
-    out = {job: root / "out" / job for job in configs}
-    jobs = [{"name": job, "config": str(c), "out": str(out[job]), "seed": None} for job, c in configs.items()]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(root / "mergekit.log", "w") as log:
-        process = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield Driver(process, root, out)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    jobs = [{"name": job, "config": str(c), "out": str(root / "out" / job), "seed": None} for job, c in configs.items()]
+    with running(jobs, root) as driver:
+        yield driver
 
 
 @dataclass
@@ -218,9 +179,7 @@ def merged(repos, tmp_path_factory) -> Merged:
 def mergekit(driver, merged) -> dict:
     """MergeKit's result.json, once it has finished (mpstore's merges ran meanwhile)."""
     began = time.perf_counter()
-    driver.process.wait(timeout=600)
-    assert driver.process.returncode == 0, (driver.root / "mergekit.log").read_text()[-4000:]
-    info = json.loads((driver.root / "result.json").read_text())
+    info = driver.finish()
     print(f"\n[mergekit methods a] mpstore {merged.seconds:.1f}s; MergeKit finished "
           f"{time.perf_counter() - began:.1f}s later ({sum(j['seconds'] for j in info['jobs'].values()):.1f}s merging)")
     return info
@@ -230,7 +189,7 @@ def mergekit(driver, merged) -> dict:
 
 
 def test_oracle_is_mergekit_0_1_5(mergekit):
-    assert mergekit["mergekit"] == "0.1.5", mergekit
+    assert mergekit["mergekit"] == MERGEKIT_VERSION, mergekit
     assert mergekit["torch"] == torch.__version__, "bit-equality needs the same torch kernels"
 
 

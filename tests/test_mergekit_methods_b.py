@@ -7,8 +7,8 @@ mpstore does MergeKit's operations in MergeKit's order and dtypes, so every outp
 bit-equal to MergeKit's, in a repository with 1 MiB chunks (every tensor one chunk) and in one
 with 4 KiB chunks (ram streams the tensors in many blocks; the others read them whole across
 chunks). MergeKit runs in its own virtualenv through tests/mergekit_driver.py (one process for
-every config), as in tests/test_mergekit_oracle.py, whose helpers this module shares; without
-that virtualenv the module is skipped unless CI is set.
+every config, through the helpers of tests/mergekit_oracle.py); without that virtualenv the
+module is skipped unless CI is set.
 
 The unit tests below need no oracle beyond what they state: bad parameters refused in one line,
 identical inputs, antipodal multislerp inputs, and which of the methods a budget applies to.
@@ -16,27 +16,27 @@ identical inputs, antipodal multislerp inputs, and which of the methods a budget
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import load_dir
 from make_family import make_family
+from mergekit_oracle import E1, E2, E3, B, config_doc, require_mergekit, running
 from safetensors.torch import load_file, save_file
-from test_mergekit_oracle import DRIVER, MK_INSTALLED, MK_PYTHON, _tensors  # skips without the venv, unless CI
 
 from mpstore import Repo
 from mpstore.errors import BadMerge
 from mpstore.merge.request import MergeRequest, from_yaml
 
+require_mergekit(module=True)
+
 FAMILY = {"arch": "qwen2", "hidden": 64, "layers": 8, "vocab": 128, "dtype": "f32", "experts": 3,
           "kinds": ("dense", "partial", "lora"), "seed": 7}
-B, E1, E2, E3, SAME = "base", "expert-1", "expert-2", "expert-3", "base-copy"  # E1 dense, E2 partial, E3 lora
+SAME = "base-copy"  # a byte copy of the base
 DTYPES = ("float32", "bfloat16", "float16")
 CHUNKS = {"chunk1m": 1 << 20, "chunk4k": 4096}
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -53,16 +53,8 @@ class Case:
     out_dtype: str | None = None  # None: written in the compute dtype
 
     def doc(self, where: dict[str, str], dtype: str) -> dict:
-        d: dict = {"merge_method": self.method}
-        if self.base is not None:
-            d["base_model"] = where[self.base]
-        d["models"] = [{"model": where[m], **({"parameters": p} if p else {})} for m, p in self.models]
-        if self.parameters:
-            d["parameters"] = self.parameters
-        d["dtype"] = dtype
-        if self.out_dtype:
-            d["out_dtype"] = self.out_dtype
-        return d
+        return config_doc(self.method, self.models, where, base=self.base, parameters=self.parameters,
+                          dtype=dtype, out_dtype=self.out_dtype)
 
 
 CASES = {
@@ -108,28 +100,20 @@ class Oracle:
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    if not MK_INSTALLED.exists():
-        pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
     root = tmp_path_factory.mktemp("mkb")
     folders = make_family(root / "family", **FAMILY)
     folders[SAME] = root / "family" / SAME
     shutil.copytree(folders[B], folders[SAME])
     (root / "cfg").mkdir()
-    jobs, mk_out, mp_yaml = [], {}, {}
+    jobs, mp_yaml = [], {}
     for case, dtype in RUNS:
         key = _key(case, dtype)
         mk_yaml, mp_yaml[key] = root / "cfg" / f"{key}.mk.yml", root / "cfg" / f"{key}.mp.yml"
         mk_yaml.write_text(yaml.safe_dump(CASES[case].doc({k: str(v) for k, v in folders.items()}, dtype)))
         mp_yaml[key].write_text(yaml.safe_dump(CASES[case].doc({k: k for k in folders}, dtype)))
-        mk_out[key] = root / "mk" / key
-        jobs.append({"name": key, "config": str(mk_yaml), "out": str(mk_out[key]), "seed": None})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    log = open(root / "mergekit.log", "w")
-    driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+        jobs.append({"name": key, "config": str(mk_yaml), "out": str(root / "mk" / key), "seed": None})
     mp_out, repos = {}, {}
-    try:
+    with running(jobs, root) as driver:
         for variant, chunk in CHUNKS.items():  # mpstore meanwhile, in this process
             repos[variant] = repo = Repo.init(root / f"repo-{variant}", chunk_size=chunk)
             for key, path in folders.items():
@@ -139,14 +123,8 @@ def oracle(tmp_path_factory):
                 repo.merge(from_yaml(mp_yaml[key]), f"m-{key}".replace("@", "-"), threads=2)
                 mp_out[variant, key] = root / "mp" / variant / key
                 repo.checkout(f"m-{key}".replace("@", "-"), mp_out[variant, key])
-        driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
-    assert driver.returncode == 0, f"MergeKit driver failed:\n{(root / 'mergekit.log').read_text()[-4000:]}"
-    errors = {k: j["error"] for k, j in json.loads((root / "result.json").read_text())["jobs"].items()}
-    yield Oracle(folders, mk_out, mp_out, repos, errors)
+        errors = {k: j["error"] for k, j in driver.finish()["jobs"].items()}
+    yield Oracle(folders, driver.out, mp_out, repos, errors)
     for repo in repos.values():
         repo.close()
 
@@ -157,7 +135,7 @@ def test_bit_equal_to_mergekit(oracle, variant, case, dtype):
     """Every element of every tensor has MergeKit's bits, in the dtype MergeKit writes."""
     key = _key(case, dtype)
     assert oracle.errors[key] is None, f"MergeKit failed on {key}:\n{oracle.errors[key]}"
-    mk, mp = _tensors(oracle.mergekit[key]), _tensors(oracle.mpstore[variant, key])
+    mk, mp = load_dir(oracle.mergekit[key]), load_dir(oracle.mpstore[variant, key])
     assert sorted(mk) == sorted(mp)
     want = getattr(torch, CASES[case].out_dtype or dtype)
     total = differ = 0
@@ -183,8 +161,8 @@ def test_the_configs_exercise_what_they_claim(oracle):
         assert max(len(r.tensor(t).chunks) for t in snap.tensors.values()) >= 8
     for plain, tuned in (("karcher", "karcher_params"), ("ramplus_tl", "ramplus_tl_params"),
                          ("ram", "ram_epsilon")):
-        a = _tensors(oracle.mpstore["chunk1m", _key(plain, "float32")])
-        b = _tensors(oracle.mpstore["chunk1m", _key(tuned, "float32")])
+        a = load_dir(oracle.mpstore["chunk1m", _key(plain, "float32")])
+        b = load_dir(oracle.mpstore["chunk1m", _key(tuned, "float32")])
         assert any(not torch.equal(a[n], b[n]) for n in a), (plain, tuned)
 
 
@@ -197,7 +175,7 @@ def _merge(repo: Repo, method: str, models: list[str], base: str | None, p: list
     repo.merge(req, branch, threads=2)
     out = repo.root.parent / f"{repo.root.name}-{branch}"
     repo.checkout(branch, out)
-    return _tensors(out)
+    return load_dir(out)
 
 
 W = [{"weight": 1.0}, {"weight": 1.0}]

@@ -21,16 +21,15 @@ streaming executor splits tensors into many blocks. Then:
 - config.json of both names the output dtype.
 
 MergeKit lives in its own virtualenv, `.venv-mergekit` (`make mergekit-venv`), and runs as a
-subprocess (tests/mergekit_driver.py, one process for every config); mpstore never imports it.
-Without that venv the module is skipped, unless CI is set: then every test fails.
+subprocess (tests/mergekit_driver.py, one process for every config, run through the helpers of
+tests/mergekit_oracle.py); mpstore never imports it. Without that venv the module is skipped,
+unless CI is set: then every test fails.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,25 +37,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_mp
+from conftest import load_dir, run_mp
 from make_family import make_family
-from safetensors.torch import load_file
+from mergekit_oracle import E1, E2, E3, MERGEKIT_VERSION, B, config_doc, param, require_mergekit, running, ulp_distance
 
 from mpstore import Repo
 from mpstore.merge.request import from_yaml
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-MK_VENV = ROOT / ".venv-mergekit"
-MK_PYTHON = MK_VENV / "bin" / "python"
-MK_INSTALLED = MK_VENV / "bin" / "mergekit-yaml"  # written by pip once mergekit is installed
-DRIVER = TESTS / "mergekit_driver.py"
-MERGEKIT_VERSION = "0.1.5"
-CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")  # as the Makefile
-
-if not MK_INSTALLED.exists() and not CI:
-    pytest.skip(f"MergeKit oracle not installed: {MK_INSTALLED} not found (build it with "
-                f"`make mergekit-venv`; CI builds it in `make test`)", allow_module_level=True)
+require_mergekit(module=True)
 
 FAMILIES = {
     "main": {"arch": "qwen2", "hidden": 128, "layers": 3, "vocab": 512, "dtype": "f32", "experts": 3,
@@ -73,7 +61,6 @@ FAMILIES = {
 # families whole, 4 KiB splits all but the smallest, so the multi-block passes (top-k thresholds,
 # L1 sums, Gram matrices) and the row-local blocking run too. Both must give MergeKit's result.
 CHUNKS = {"chunk1m": 1 << 20, "chunk4k": 4096}
-B, E1, E2, E3 = "base", "expert-1", "expert-2", "expert-3"  # E1 dense, E2 partial, E3 lora
 
 # ------------------------------------------------------------------------------ the configs
 # Each exercises per-model weights, and most of: densities < 1, layer gradients (3 layers:
@@ -94,15 +81,8 @@ class Cfg:
     family: str = "main"
 
     def doc(self, where: dict[str, str]) -> dict:
-        d = {"merge_method": self.method}
-        if self.base is not None:
-            d["base_model"] = where[self.base]
-        d["models"] = [{"model": where[m], **({"parameters": p} if p else {})} for m, p in self.models]
-        if self.parameters:
-            d["parameters"] = self.parameters
-        d["dtype"] = "float32"
-        d["out_dtype"] = self.out_dtype
-        return d
+        return config_doc(self.method, self.models, where, base=self.base, parameters=self.parameters,
+                          dtype="float32", out_dtype=self.out_dtype)
 
 
 MLP_OR_ATTN = [{"filter": "mlp", "value": 0.4}, {"filter": "self_attn", "value": [0.1, 0.3]}]
@@ -241,30 +221,21 @@ def _ref(family: str, key: str) -> str:
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory) -> Oracle:
-    if not MK_INSTALLED.exists():
-        pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found. "
-                    f"`make test` builds it with `make mergekit-venv` when CI is set.")
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("mkoracle")
     families = {f: make_family(root / f, **spec) for f, spec in FAMILIES.items()}
     (root / "cfg").mkdir()
-    jobs, mk_out, yaml_mp = [], {}, {}
+    jobs, yaml_mp = [], {}
     for name, cfg in CONFIGS.items():
         fam = families[cfg.family]
         mk_yaml, mp_yaml = root / "cfg" / f"{name}.mergekit.yml", root / "cfg" / f"{name}.mpstore.yml"
         mk_yaml.write_text(yaml.safe_dump(cfg.doc({k: str(v) for k, v in fam.items()}), sort_keys=False))
         mp_yaml.write_text(yaml.safe_dump(cfg.doc({k: _ref(cfg.family, k) for k in fam}), sort_keys=False))
-        mk_out[name], yaml_mp[name] = root / "mk" / name, mp_yaml
-        jobs.append({"name": name, "config": str(mk_yaml), "out": str(mk_out[name]), "seed": cfg.seed})
-    (root / "jobs.json").write_text(json.dumps(jobs, indent=1))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        yaml_mp[name] = mp_yaml
+        jobs.append({"name": name, "config": str(mk_yaml), "out": str(root / "mk" / name), "seed": cfg.seed})
     t1 = time.perf_counter()
-    log = open(root / "mergekit.log", "w")
-    driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
     mp_out, repos = {}, {}
-    try:
+    with running(jobs, root) as driver:
         # mpstore meanwhile, in this process: the same YAML with refs instead of paths
         for variant, chunk in CHUNKS.items():
             repos[variant] = root / f"repo-{variant}"
@@ -280,20 +251,14 @@ def oracle(tmp_path_factory) -> Oracle:
                     mp_out[variant, name] = root / "mp" / variant / name
                     repo.checkout(f"m-{name}", mp_out[variant, name])
         t2 = time.perf_counter()
-        driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
+        info = driver.finish()
     t3 = time.perf_counter()
-    assert driver.returncode == 0, f"MergeKit driver failed:\n{(root / 'mergekit.log').read_text()[-4000:]}"
-    info = json.loads((root / "result.json").read_text())
     timing = {"setup": t1 - t0, "mpstore": t2 - t1, "mergekit": t3 - t1,
               "mergekit_jobs": sum(j["seconds"] for j in info["jobs"].values())}
     print(f"\n[mergekit oracle] families+yaml {timing['setup']:.1f}s; mpstore add+merge+checkout of "
           f"{sum(map(len, RUNS.values()))} merges in {len(RUNS)} repositories {timing['mpstore']:.1f}s; MergeKit, "
           f"concurrently, {timing['mergekit']:.1f}s of which merging {timing['mergekit_jobs']:.1f}s")
-    return Oracle(families, mk_out, mp_out, repos, yaml_mp, info, timing)
+    return Oracle(families, driver.out, mp_out, repos, yaml_mp, info, timing)
 
 
 def _mk_ok(oracle: Oracle, name: str) -> None:
@@ -301,16 +266,9 @@ def _mk_ok(oracle: Oracle, name: str) -> None:
     assert job["error"] is None, f"MergeKit failed on {name}:\n{job['error']}"
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def _both(oracle: Oracle, variant: str, name: str) -> tuple[dict, dict]:
     _mk_ok(oracle, name)
-    mk, mp = _tensors(oracle.mergekit[name]), _tensors(oracle.mpstore[variant, name])
+    mk, mp = load_dir(oracle.mergekit[name]), load_dir(oracle.mpstore[variant, name])
     assert sorted(mk) == sorted(mp), (f"tensor names differ: only MergeKit {sorted(set(mk) - set(mp))}, "
                                       f"only mpstore {sorted(set(mp) - set(mk))}")
     want = getattr(torch, CONFIGS[name].out_dtype)
@@ -323,52 +281,14 @@ def _both(oracle: Oracle, variant: str, name: str) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------ helpers
 
 
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance in units in the last place between two bf16 tensors (0 = bit-equal; +0 = -0)."""
-    def ordered(x: torch.Tensor) -> torch.Tensor:
-        bits = x.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def layer_t(name: str, layers: int) -> float:
-    """The layer position MergeKit evaluates gradients at (docs/merge_methods.md §7.2)."""
-    parts = name.split(".")
-    if "layers" in parts:
-        return int(parts[parts.index("layers") + 1]) / (layers - 1) if layers > 1 else 1.0
-    return 0.0
-
-
-def evaluate(spec, name: str, layers: int):
-    """A parameter value for one tensor (scalar, gradient or filter list), or None if silent."""
-    if spec is None:
-        return None
-    if isinstance(spec, dict) or (isinstance(spec, list) and spec and isinstance(spec[0], dict)):
-        for entry in spec if isinstance(spec, list) else [spec]:
-            f = entry.get("filter")
-            if f is None or f == "*" or f in name:
-                return evaluate(entry["value"], name, layers)
-        return None
-    if isinstance(spec, list):
-        x = layer_t(name, layers) * (len(spec) - 1)
-        i = math.floor(x)
-        j = min(i + 1, len(spec) - 1)
-        return (1 - (x - i)) * spec[i] + (x - i) * spec[j]
-    return spec
-
-
 def model_param(cfg: Cfg, params: dict | None, key: str, name: str, default):
-    for level in (params or {}, cfg.parameters):
-        v = evaluate(level.get(key), name, FAMILIES[cfg.family]["layers"])
-        if v is not None:
-            return float(v)
-    return default
+    """A per-model parameter (model level, then global) for tensor `name` as a float, else `default`."""
+    v = param((params, cfg.parameters), key, name, FAMILIES[cfg.family]["layers"])
+    return default if v is None else float(v)
 
 
 def global_param(cfg: Cfg, key: str, name: str, default):
-    v = evaluate(cfg.parameters.get(key), name, FAMILIES[cfg.family]["layers"])
-    return default if v is None else v
+    return param((cfg.parameters,), key, name, FAMILIES[cfg.family]["layers"], default)
 
 
 def _non_base(cfg: Cfg) -> list:
@@ -408,7 +328,7 @@ def threshold_ties(cfg: Cfg, name: str, inputs: dict) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def all_inputs(oracle) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """family -> model key -> tensors"""
-    return {f: {k: _tensors(p) for k, p in fam.items()} for f, fam in oracle.family.items()}
+    return {f: {k: load_dir(p) for k, p in fam.items()} for f, fam in oracle.family.items()}
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -475,7 +395,7 @@ def test_cli_merge_config_matches_api(oracle):
     out = repo.parent / "cli-ties"
     proc = run_mp("checkout", "cli-ties", "-o", out, cwd=repo)
     assert proc.returncode == 0, proc.stderr
-    cli, api = _tensors(out), _tensors(oracle.mpstore["chunk1m", name])
+    cli, api = load_dir(out), load_dir(oracle.mpstore["chunk1m", name])
     assert sorted(cli) == sorted(api)
     for n in cli:
         assert torch.equal(cli[n].view(torch.int16), api[n].view(torch.int16)), n

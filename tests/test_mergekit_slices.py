@@ -12,29 +12,24 @@ count changed (Qwen2Config derives `layer_types` from the old count and then ref
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import load_dir
 from make_family import make_family
-from test_mergekit_oracle import DRIVER, MK_INSTALLED, MK_PYTHON, _tensors
+from mergekit_oracle import E1, E2, B, require_mergekit, running
 
 from mpstore import Repo
 from mpstore.errors import BadMerge
 from mpstore.merge.request import from_yaml, stages
 
-CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-if not MK_INSTALLED.exists() and not CI:
-    pytest.skip(f"MergeKit oracle not installed: {MK_INSTALLED} not found (`make mergekit-venv`)",
-                allow_module_level=True)
+require_mergekit(module=True)
 
 LAYERS = 8
 FAMILY = {"arch": "llama", "hidden": 64, "layers": LAYERS, "vocab": 96, "dtype": "bf16", "experts": 2,
           "kinds": ("dense", "partial"), "seed": 7}
-B, E1, E2 = "base", "expert-1", "expert-2"
 
 
 def src(model: str, first: int, end: int, **params) -> dict:
@@ -108,12 +103,8 @@ def runs(tmp_path_factory):
         (root / f"staged{i}.mk.yml").write_text(yaml.safe_dump(_with(doc, names)))
         jobs.append({"name": f"staged{i}", "config": str(root / f"staged{i}.mk.yml"),
                      "out": str(stage_one if i == 0 else root / "mk" / "staged"), "seed": None})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                              env=env | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     out = {}
-    try:
+    with running(jobs, root) as driver:
         with Repo.init(root / "repo", chunk_size=4096) as repo:  # small chunks: tensors span blocks
             for key, path in fam.items():
                 repo.add(path, f"f-{key}", base=None if key == B else f"f-{B}")
@@ -127,11 +118,7 @@ def runs(tmp_path_factory):
             repo.checkout("m-staged", root / "mp" / "staged")
             out["staged"] = root / "mp" / "staged"
             replay = repo.replay("m-staged")
-        driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    result = json.loads((root / "result.json").read_text())
+        result = driver.finish()
     mk["staged"] = root / "mk" / "staged"
     return {"mk": mk, "mp": out, "jobs": result["jobs"], "stages": done, "replay": replay, "root": root}
 
@@ -141,7 +128,7 @@ def test_sliced_configs_match_mergekit(runs, name):
     for job, info in runs["jobs"].items():
         if job == name or (name == "staged" and job.startswith("staged")):
             assert info["error"] is None, f"MergeKit failed on {job}:\n{info['error']}"
-    mk, mp = _tensors(runs["mk"][name]), _tensors(runs["mp"][name])
+    mk, mp = load_dir(runs["mk"][name]), load_dir(runs["mp"][name])
     assert sorted(mk) == sorted(mp), f"only MergeKit: {sorted(set(mk) - set(mp))[:5]}, only mpstore: {sorted(set(mp) - set(mk))[:5]}"
     for n in mk:
         assert mk[n].dtype == mp[n].dtype and mk[n].shape == mp[n].shape, n
@@ -158,8 +145,8 @@ def test_sliced_configs_match_mergekit(runs, name):
 
 def test_stacked_layers_are_renamed_copies(runs):
     """Output layer 5 of the stack is expert-1's layer 3, bit for bit (passthrough copies)."""
-    out = _tensors(runs["mp"]["stack_passthrough"])
-    e1 = _tensors(Path(runs["root"]) / "fam" / E1)
+    out = load_dir(runs["mp"]["stack_passthrough"])
+    e1 = load_dir(Path(runs["root"]) / "fam" / E1)
     assert max(int(n.split(".")[2]) for n in out if ".layers." in n) == 11
     name = "model.layers.{}.mlp.down_proj.weight"
     assert torch.equal(out[name.format(5)], e1[name.format(3)])

@@ -27,35 +27,26 @@ that order, may then differ by one bfloat16 ulp. Everything else is compared bit
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import transformers
 import yaml
+from conftest import load_dir
 from make_family import Tokenizer, make_family
-from test_mergekit_oracle import (
-    DRIVER,
-    E1,
-    E2,
-    E3,
-    MERGEKIT_VERSION,
-    MK_INSTALLED,
-    MK_PYTHON,
-    B,
-    _tensors,
-    ulp_distance,
-)
+from mergekit_oracle import E1, E2, E3, MERGEKIT_VERSION, B, config_doc, require_mergekit, running, ulp_distance
 
 from mpstore import Repo
 from mpstore.errors import BadMerge
 from mpstore.merge.request import from_yaml
 from mpstore.model import tokenizer as T
+
+require_mergekit(module=True)
 
 TEMPLATE_A = "{% for m in messages %}{{ m.content }}{% endfor %}"
 TEMPLATE_B = "{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}"
@@ -84,17 +75,11 @@ class Case:
     options: dict = field(default_factory=dict)  # MergeKit options (the driver's "options")
 
     def doc(self, where: dict[str, str]) -> dict:
-        d: dict = {"merge_method": self.method}
-        if self.base is not None:
-            d["base_model"] = where[self.base]
-        d["models"] = [{"model": where[m], **({"parameters": p} if p else {})} for m, p in self.models]
-        if self.parameters:
-            d["parameters"] = self.parameters
-        d["dtype"] = "bfloat16"
-        return d | _subst(self.extra, where)
+        return config_doc(self.method, self.models, where, base=self.base, parameters=self.parameters,
+                          dtype="bfloat16", **_subst(self.extra, where))
 
 
-def _subst(obj: object, where: dict[str, str]) -> object:
+def _subst(obj: Any, where: dict[str, str]) -> Any:
     if isinstance(obj, str) and obj.startswith("@"):
         return where[obj[1:]]
     if isinstance(obj, dict):
@@ -167,13 +152,11 @@ def _ref(family: str, key: str) -> str:
 
 
 def _out(folder: Path) -> Out:
-    return Out(folder, _tensors(folder), transformers.AutoTokenizer.from_pretrained(str(folder)).get_vocab())
+    return Out(folder, load_dir(folder), transformers.AutoTokenizer.from_pretrained(str(folder)).get_vocab())
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
-    if not MK_INSTALLED.exists():
-        pytest.fail(f"CI is set but the MergeKit oracle is missing: {MK_INSTALLED} not found")
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("mktokenizer")
     families = {f: make_family(root / f, arch="qwen2", dtype="bf16", tokenizer=tok, **spec)
@@ -188,15 +171,9 @@ def runs(tmp_path_factory) -> Runs:
                                                 allow_unicode=True), encoding="utf-8")
         jobs.append({"name": name, "config": str(mk_yaml), "out": str(root / "mk" / name), "seed": None,
                      "options": case.options})
-    (root / "jobs.json").write_text(json.dumps(jobs, indent=1))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log = open(root / "mergekit.log", "w")
-    driver = subprocess.Popen([str(MK_PYTHON), str(DRIVER), str(root / "jobs.json"), str(root / "result.json")],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
     mp, mp_errors = {}, {}
     t1 = time.perf_counter()
-    try:
+    with running(jobs, root) as driver:
         with Repo.init(root / "repo") as repo:
             for f, fam in families.items():
                 for key, path in fam.items():
@@ -209,16 +186,10 @@ def runs(tmp_path_factory) -> Runs:
                 except Exception as e:  # recorded; the tests that need this merge report it
                     mp_errors[name] = "".join(traceback.format_exception_only(type(e), e)).strip()
         t2 = time.perf_counter()
-        driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
-    assert driver.returncode == 0, f"MergeKit driver failed:\n{(root / 'mergekit.log').read_text()[-4000:]}"
-    info = json.loads((root / "result.json").read_text())
+        info = driver.finish()
     assert info["mergekit"] == MERGEKIT_VERSION, info
     errors = {job: r["error"] for job, r in info["jobs"].items()}
-    mk = {j["name"]: _out(Path(j["out"])) for j in jobs if errors[j["name"]] is None}
+    mk = {name: _out(out) for name, out in driver.out.items() if errors[name] is None}
     print(f"\n[mergekit tokenizer] setup {t1 - t0:.1f}s; mpstore {len(CASES)} merges {t2 - t1:.1f}s; "
           f"MergeKit waited {time.perf_counter() - t2:.1f}s more")
     return Runs(families, yaml_mp, mk, errors, mp, mp_errors, root / "repo")
@@ -305,7 +276,7 @@ def test_align_is_mergekits_permuted_vocabulary(runs, name, tmp_path):
     assert (v.size or _vocab_size(runs.families[case.family][B])) == _vocab_size(mk.folder) == v.length
     selected = next(j for j, (_, p) in enumerate(case.models) if p["weight"] == 1.0)
     for n in VOCAB_TENSORS:
-        tensors = [_tensors(runs.families[case.family][m])[n] for m, _ in case.models]
+        tensors = [load_dir(runs.families[case.family][m])[n] for m, _ in case.models]
         aligned = T.align(tensors, v)[selected]
         ours = Out(tmp_path, {n: aligned}, mine)
         theirs = Out(mk.folder, {n: mk.tensors[n]}, mk.vocab)
