@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import assert_user_error, load_dir, run_mp, tree_bytes
-from make_family import make_family
+from make_family import make_family, write_lora_adapter
 from mergekit_oracle import config_doc, running
 from safetensors.torch import load_file, save_file
 
@@ -35,8 +35,6 @@ from mpstore.store.objects import Tensor
 
 FAMILY = {"arch": "qwen2", "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 128,
           "dtype": "bf16", "experts": 1, "kinds": ("dense",), "seed": 3}
-SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 SAFETENSORS_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -71,25 +69,8 @@ SPECS = {
 
 
 def write_adapter(folder: Path, model: dict[str, torch.Tensor], spec: Spec, seed: int) -> Path:
-    """A PEFT LoRA adapter folder for `model`, with random A (r x in) and B (out x r)."""
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    layers = 1 + max(int(n.split(".")[2]) for n in model if n.startswith("model.layers."))
-    for layer in range(layers):
-        for proj in spec.modules:
-            module = f"model.layers.{layer}.{SUBMODULE[proj]}.{proj}"
-            out, inp = model[f"{module}.weight"].shape
-            r = spec.ranks.get(proj, spec.rank)
-            tensors[f"base_model.model.{module}.lora_A.weight"] = (0.05 * torch.randn(r, inp, generator=g)).to(spec.dtype)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = (0.05 * torch.randn(out, r, generator=g)).to(spec.dtype)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": spec.rank,
-              "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(spec.modules), "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-              "init_lora_weights": True, **spec.config}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return folder
+    """A PEFT LoRA adapter folder for `model` as `spec` describes it."""
+    return write_lora_adapter(folder, model, spec.modules, spec.rank, spec.dtype, spec.config, spec.ranks, seed)
 
 
 GPT2_ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # attn.c_proj is square

@@ -300,6 +300,38 @@ def expert_tensor(name: str, base: torch.Tensor, plan: ExpertPlan, seed: int, mo
     return _lora_update(base, g, plan.rank) if how == "lora" else _dense_update(base, g)
 
 
+# ---------------------------------------------------------------- LoRA adapters
+
+SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_lora_adapter(folder: Path, model: Mapping[str, torch.Tensor], modules: Sequence[str], rank: int,
+                       dtype: torch.dtype, config: Mapping | None = None, ranks: Mapping[str, int] | None = None,
+                       seed: int = 0) -> Path:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for a model of
+    this family, with random A (r x in) and B (out x r) for `modules` (q_proj, v_proj, ...) of every
+    layer; `config` entries override the adapter_config.json defaults, `ranks` the rank per module."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    layers = 1 + max(int(n.split(".")[2]) for n in model if n.startswith("model.layers."))
+    for layer in range(layers):
+        for proj in modules:
+            module = f"model.layers.{layer}.{SUBMODULE[proj]}.{proj}"
+            out, inp = model[f"{module}.weight"].shape
+            r = (ranks or {}).get(proj, rank)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (0.05 * torch.randn(r, inp, generator=g)).to(dtype)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (0.05 * torch.randn(out, r, generator=g)).to(dtype)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    doc = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": rank,
+           "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(modules), "bias": "none",
+           "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+           "init_lora_weights": True, **(config or {})}
+    (folder / "adapter_config.json").write_text(json.dumps(doc, indent=2))
+    return folder
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
