@@ -54,7 +54,8 @@ def walk(txn: Txn, roots: Iterable[tuple[str, bytes]], name_users: bool = False)
             plan = _get(txn, commit.plan, Plan, f"plan of {where}", out)
             if plan is not None:
                 out.objects.add(commit.plan)
-                todo.extend((f"input of {where}", m) for m in [*([plan.base] if plan.base else []), *plan.models])
+                todo.extend((f"input of {where}", m) for m in [*([plan.base] if plan.base else []), *plan.models,
+                                                                *(a for a in plan.adapters or [] if a)])
         snap = _get(txn, commit.snapshot, Snapshot, f"snapshot of {where}", out)
         if snap is None:
             continue
