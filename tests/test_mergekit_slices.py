@@ -144,12 +144,16 @@ def test_sliced_configs_match_mergekit(runs, name):
 
 
 def test_stacked_layers_are_renamed_copies(runs):
-    """Output layer 5 of the stack is expert-1's layer 3, bit for bit (passthrough copies)."""
+    """Output layer 5 of the stack is expert-1's layer 3, bit for bit: the same stored tensor."""
     out = load_dir(runs["mp"]["stack_passthrough"])
     e1 = load_dir(Path(runs["root"]) / "fam" / E1)
     assert max(int(n.split(".")[2]) for n in out if ".layers." in n) == 11
     name = "model.layers.{}.mlp.down_proj.weight"
     assert torch.equal(out[name.format(5)], e1[name.format(3)])
+    with Repo.open(Path(runs["root"]) / "repo") as repo, repo.store.read() as r:
+        merged = r.snapshot_of(repo.resolve("m-stack_passthrough")).tensors
+        source = r.snapshot_of(repo.resolve(f"f-{E1}")).tensors
+    assert merged[name.format(5)] == source[name.format(3)]  # the input's tensor itself: nothing read or written
 
 
 def test_stages_commit_on_their_branches_and_replay_as_a_chain(runs):

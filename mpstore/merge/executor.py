@@ -122,7 +122,7 @@ def _tasks(plan: Plan, method: MergeMethod, made: list[layout.Wanted]) -> list[T
             if not math.isfinite(weights):  # each weight is finite (checked), their sum may not be
                 raise BadMerge(f"tensor {name!r}: the weights sum to {weights}: too large to merge")
             method.check(p, g, name, numel)
-            if distinct == 1 and method.equal_identity(g) and task.out == ref.dtype and holds(compute, ref.dtype):
+            if distinct == 1 and method.equal_identity(p, g) and task.out == ref.dtype and holds(compute, ref.dtype):
                 task.copy = ref
         tasks.append(task)
     return tasks

@@ -225,7 +225,7 @@ class MergeMethod(ABC):
         to that block."""
         return True
 
-    def equal_identity(self, g: Params) -> bool:
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
         """All inputs equal over the whole tensor: is the output that tensor?"""
         return True
 

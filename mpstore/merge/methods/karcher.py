@@ -65,7 +65,7 @@ class Karcher(MergeMethod):
     def local_identity(self, g: Params, has_base: bool) -> bool:
         return False  # equal inputs come back through a unit vector times a rounded mean norm
 
-    def equal_identity(self, g: Params) -> bool:
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
         return False
 
     def check(self, p: list[Params], g: Params, name: str, numel: int) -> None:

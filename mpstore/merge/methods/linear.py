@@ -23,7 +23,7 @@ class Linear(MergeMethod):
     def local_identity(self, g: Params, has_base: bool) -> bool:
         return bool(g["normalize"])  # equal inputs average to themselves only when normalised
 
-    def equal_identity(self, g: Params) -> bool:
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
         return bool(g["normalize"])
 
     def check(self, p: list[Params], g: Params, name: str, numel: int) -> None:

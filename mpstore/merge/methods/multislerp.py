@@ -33,7 +33,7 @@ class MultiSlerp(MergeMethod):
         # models still go through the sphere and need not come back bit for bit.
         return has_base
 
-    def equal_identity(self, g: Params) -> bool:
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
         return False  # without a base, equal inputs are not returned as they are (see above)
 
     def check(self, p: list[Params], g: Params, name: str, numel: int) -> None:

@@ -28,7 +28,7 @@ class NearSwap(MergeMethod):
     def local_identity(self, g: Params, has_base: bool) -> bool:
         return g["t"] >= IDENTITY_T  # smaller t mixes w·B + (1-w)·B, which can round off B
 
-    def equal_identity(self, g: Params) -> bool:
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
         return g["t"] >= IDENTITY_T
 
     def check(self, p: list[Params], g: Params, name: str, numel: int) -> None:

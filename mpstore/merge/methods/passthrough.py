@@ -24,13 +24,13 @@ class Passthrough(MergeMethod):
     max_models = 1
 
     # With one input every block is "equal to the first input", but a scale != 1 still changes
-    # it, and the identity hooks see only global parameters while `scale` is per model: so every
-    # block is combined. With scale 1 the output bytes are the input's and its chunks dedupe.
+    # it. A tensor whose scale is 1 is the input's own (nothing read); `local_identity` sees only
+    # global parameters, so the blocks of a scaled tensor are all combined.
     def local_identity(self, g: Params, has_base: bool) -> bool:
         return False
 
-    def equal_identity(self, g: Params) -> bool:
-        return False
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
+        return all(q["scale"] == 1 for q in p)
 
     def combine(self, b: Block, ctx: TensorContext) -> torch.Tensor:
         x = b.models[0]

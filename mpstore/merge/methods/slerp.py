@@ -168,7 +168,7 @@ class NuSlerp(MergeMethod):
         # still go through the line's weights in the compute dtype, which need not give them back.
         return has_base
 
-    def equal_identity(self, g: Params) -> bool:
+    def equal_identity(self, p: list[Params], g: Params) -> bool:
         # Without a base, equal models slerp to themselves only up to rounding (see local_identity)
         return False
 
