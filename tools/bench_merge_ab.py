@@ -2,6 +2,7 @@
 change move merge speed? (bench_merge.py measures against MergeKit; this isolates our own change.)
 
 Usage: .venv/bin/python tools/bench_merge_ab.py --other /tmp/before [--params 250M] [--experts 8] [--runs 2]
+    [--dtype float32|bfloat16]
 where /tmp/before holds the other code, e.g. `git archive HEAD~5 | tar -x -C /tmp/before`. Both
 trees must read the same store format. Each run merges in a fresh copy of one repository holding
 every model (`cp -r --sparse=always`, untimed), so every run writes its output chunks.
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--params", default="250M")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", help="compute dtype (a YAML's `dtype:`); output is bf16")
     args = ap.parse_args()
     trees = {"this tree": str(HERE.parent), "baseline": args.other}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -67,9 +69,9 @@ def main() -> None:
                     shutil.rmtree(work, ignore_errors=True)
                     subprocess.run(["cp", "-r", "--sparse=always", str(repo), str(work)], check=True)
                     t = mp(tree, "-q", "-C", str(work), "merge", *opts, "--base", "base", *experts,
-                           "--weight", weight, "--dtype", "float32", "--out-dtype", "bfloat16", "-b", "m", cwd=tmp)
+                           "--weight", weight, "--dtype", args.dtype, "--out-dtype", "bfloat16", "-b", "m", cwd=tmp)
                     times.setdefault((method, label), []).append(t)
-        print(f"`mp merge`, {args.params} bf16 family, K={args.experts}, weight 1/K, ties density 0.5, f32 "
+        print(f"`mp merge`, {args.params} bf16 family, K={args.experts}, weight 1/K, ties density 0.5, {args.dtype} "
               f"compute, bf16 out; median of {args.runs} interleaved runs (wall, start-up included)\n")
         print("| method | this tree (s) | baseline (s) | ratio |")
         print("|---|---|---|---|")
