@@ -613,7 +613,8 @@ def replay(ref: str, threads: int | None = typer.Option(None)) -> None:
         if r.identical:
             print(f"identical {short(r.commit)}" if res.chain else "identical")
             continue
-        print(f"differs from {short(r.commit)} in {len(r.differing)} tensors/files:")
+        older = f" (its plan was recorded by merge engine {r.engine}, not this one)" if r.engine else ""
+        print(f"differs from {short(r.commit)} in {len(r.differing)} tensors/files{older}:")
         for name in r.differing:
             print(f"  {_clean(name)}")
     if not res.all_identical:

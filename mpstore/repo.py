@@ -526,7 +526,7 @@ class Repo:
         """Re-execute a merge commit's stored plan from its stored inputs; write nothing. With
         `chain`, the merges its inputs came from are replayed first (a multi-stage config's
         earlier stages), so the whole chain is shown to reproduce."""
-        from .merge.executor import execute
+        from .merge.executor import ENGINE_VERSION, execute
 
         info = self.commit(spec)
         if info.commit.plan is None:
@@ -540,13 +540,14 @@ class Repo:
         result = execute(self.store, plan, sink, progress or Silent(), _workers(threads),
                          memory_limit)
         again = result.snapshot
+        engine = plan.engine if plan.engine != ENGINE_VERSION else None
         if again.id == info.commit.snapshot:
-            return ReplayResult(info.id, True, [], done)
+            return ReplayResult(info.id, True, [], done, engine)
         differing = sorted(
             {n for n in stored.tensors.keys() | again.tensors.keys() if stored.tensors.get(n) != again.tensors.get(n)}
             | {f for f in stored.files.keys() | again.files.keys() if stored.files.get(f) != again.files.get(f)}
         )
-        return ReplayResult(info.id, False, differing or ["(shard headers)"], done)
+        return ReplayResult(info.id, False, differing or ["(shard headers)"], done, engine)
 
     @_writes
     def revert(self, spec: str, branch: str | None = None, force: bool = False,

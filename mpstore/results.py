@@ -42,6 +42,7 @@ class ReplayResult:
     # The merges this one's inputs came from (a multi-stage config's earlier stages), replayed
     # first, each once, deepest first.
     chain: list[ReplayResult] = field(default_factory=list)
+    engine: int | None = None  # the engine that recorded the plan, where it is not this one
 
     @property
     def all_identical(self) -> bool:

@@ -656,3 +656,20 @@ def test_keys_mergekit_would_ignore_are_refused_with_where_they_belong(runs, tmp
     proc = run_mp("-C", runs["yaml"].root, "merge", "--config", path, "-b", "never")
     message = assert_user_error(proc, *fragments)
     assert "use `models:`" not in message
+
+
+def test_replay_says_which_engine_recorded_an_older_plan(tmp_path, fam, monkeypatch):
+    """A plan keeps the engine version that made it; replay under another engine says so (its
+    result may legitimately differ), and says nothing for plans of this engine."""
+    from mpstore.merge import executor
+
+    root = new_store(tmp_path / "r", fam)
+    with Repo.open(root) as repo:
+        req = MergeRequest("task_arithmetic", "base", ["e1", "e2"], global_params={"weight": 0.5})
+        monkeypatch.setattr(executor, "ENGINE_VERSION", executor.ENGINE_VERSION - 1)
+        older = repo.merge(req, "older")
+        monkeypatch.undo()
+        current = repo.merge(req, "current")
+        assert older.plan.engine == executor.ENGINE_VERSION - 1 and current.plan.engine == executor.ENGINE_VERSION
+        assert repo.replay("older").engine == executor.ENGINE_VERSION - 1
+        assert repo.replay("current").engine is None
