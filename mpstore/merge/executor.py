@@ -401,10 +401,12 @@ def prepare(txn: Txn, plan: Plan, method: MergeMethod, memory: MemorySink) -> Pr
     if plan.adapters:
         from ..model import lora
 
-        for inp, adapter in zip([base, *inputs], plan.adapters):
-            if adapter is not None and inp is not None:
-                applied = lora.apply(txn, inp.snapshot, txn.snapshot_of(adapter), memory, None, label=short(adapter))
-                inp.overrides = dict(applied.tensors)
+        adapted = [(inp, txn.snapshot_of(adapter), short(adapter))
+                   for inp, adapter in zip([base, *inputs], plan.adapters) if adapter is not None and inp is not None]
+        for inp, adapter_snap, label in adapted:  # every adapter refused or accepted before any is computed
+            lora.check(txn, inp.snapshot, adapter_snap, None, label)
+        for inp, adapter_snap, label in adapted:
+            inp.overrides = dict(lora.apply(txn, inp.snapshot, adapter_snap, memory, None, label).tensors)
     vocab = _vocabulary(txn, plan, method, base, inputs, memory, template)
     made = layout.wanted(txn, plan, method, template, base if method.base != "none" else None, inputs)
     todo = _tasks(plan, method, made)
