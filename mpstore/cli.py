@@ -225,14 +225,26 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         print(f"plan      {info['plan_id'][:12]}: {plan['method']}, seed {plan['seed']}, "
               f"compute {plan['compute_dtype'] or 'input dtype'}, out {plan['out_dtype'] or 'compute dtype'}, "
               f"engine {plan['engine']}")
+        adapters = plan.get("adapters") or [None] * (1 + len(plan["models"]))
         if plan["base"]:
-            print(f"  base    {plan['base'][:12]}")
-        for m, q in zip(plan["models"], plan["model_params"]):
+            print(f"  base    {plan['base'][:12]}{_adapter(adapters[0])}")
+        for m, q, a in zip(plan["models"], plan["model_params"] or [{}] * len(plan["models"]), adapters[1:]):
             shown = ", ".join(f"{k}={v[0]}" for k, v in q.items() if v)
-            print(f"  input   {m[:12]}  {_clean(shown)}")
+            print(f"  input   {m[:12]}{_adapter(a)}  {_clean(shown)}")
         shown = ", ".join(f"{k}={v[0]}" for k, v in plan["global_params"].items() if v)
         if shown:
             print(f"  global  {_clean(shown)}")
+        for k, sl in enumerate(plan.get("slices") or []):
+            sources = ", ".join(f"{plan['models'][i][:8]}[{a}:{b}]" for i, a, b in sl["sources"])
+            shown = ", ".join(f"{k}={v[0]}" for k, v in sl["global_params"].items() if v)
+            print(f"  slice {k:<2} {sources}  {_clean(shown)}")
+        if plan.get("tokenizer"):
+            t = plan["tokenizer"]
+            print(f"  tokens  from {_clean(str(t['source']))[:12]}, {len(t['tokens'])} configured"
+                  f"{', padded to a multiple of ' + str(t['pad_to_multiple_of']) if t['pad_to_multiple_of'] else ''}")
+        if plan.get("chat_template"):
+            template = plan["chat_template"]
+            print(f"  chat    {'auto' if template == 'auto' else f'a template of {len(template)} characters'}")
         if plan.get("budget"):
             b = plan["budget"]
             print(f"  budget  {b['spec']} = {_human(b['bytes'])} of expert reads ({b['select']})")
@@ -580,6 +592,10 @@ def _print_io(est: dict, st: dict) -> None:
 
 def _ratio(a: int, b: int) -> str:
     return f"{100 * a / b:.1f}%" if b else "-"
+
+
+def _adapter(commit: str | None) -> str:
+    return f"+{commit[:8]}" if commit else ""
 
 
 def _print_plan(p: dict, as_json: bool) -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import load_dir
+import yaml
+from conftest import load_dir, run_mp
 from make_family import Tokenizer, make_family
 
+from mpstore import Repo
 from mpstore.errors import BadMerge
 from mpstore.model import tokenizer as T
 
@@ -374,3 +376,28 @@ def test_make_family_tokenizer_is_off_by_default(tmp_path, different):
     with pytest.raises(ValueError, match="one token per row"):
         make_family(tmp_path / "bad", hidden=64, layers=1, vocab=VOCAB, experts=1,
                     tokenizer=Tokenizer(tokens=80, added={E1: ["x"]}))
+
+
+def test_a_tokenizer_merge_is_shown_and_replayed(different, tmp_path):
+    """`mp show` (text and --json) of a merge whose tokenizer names models (commit ids in the
+    plan, hex in JSON), and `mp replay` of it: identical."""
+    root = tmp_path / "repo"
+    with Repo.init(root) as repo:
+        for key, path in different.items():
+            repo.add(path, key, base=None if key == "base" else "base")
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 0.5}},
+                                             {"model": "expert-1", "parameters": {"weight": 0.5}}],
+        "tokenizer": {"source": "expert-1", "tokens": {"<s>": {"source": {"kind": "model_token", "model": "base",
+                                                                          "token": "<s>"}, "force": True}}},
+        "dtype": "float32"}))
+    assert run_mp("-C", root, "merge", "--config", cfg, "-b", "m").returncode == 0
+    shown = run_mp("-C", root, "show", "m", "--json")
+    assert shown.returncode == 0, shown.stderr
+    with Repo.open(root) as repo:
+        e1, base = repo.resolve("expert-1").hex(), repo.resolve("base").hex()
+    tok = json.loads(shown.stdout)["plan"]["tokenizer"]
+    assert tok["source"] == e1 and tok["tokens"]["<s>"]["source"]["model"] == base
+    assert f"tokens  from {e1[:12]}, 1 configured" in run_mp("-C", root, "show", "m").stdout
+    assert run_mp("-C", root, "replay", "m").stdout.split() == ["identical"]

@@ -242,6 +242,8 @@ class Plan(Stored):
                            for name, per_input in out["omit"].items()}
         if self.adapters:
             out["adapters"] = [a.hex() if a else None for a in self.adapters]
+        if self.tokenizer:
+            out["tokenizer"] = _hexed(self.tokenizer)
         return out
 
     @classmethod
@@ -252,6 +254,17 @@ class Plan(Stored):
             d.get("omit"), d.get("budget"), d.get("estimate"), d.get("slices"), d.get("adapters"),
             d.get("tokenizer"), d.get("chat_template"),
         )
+
+
+def _hexed(value: Any) -> Any:
+    """`value` with every commit id (bytes) written in hex, for JSON."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _hexed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hexed(v) for v in value]
+    return value
 
 
 def bitmap(members: Iterable[int], n: int) -> bytes:
