@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..errors import BadMerge
 from ..store.env import Txn
@@ -46,12 +47,12 @@ class Input:
             return self.tensor(txn, TIED[1])
         return None if tid is None else txn.tensor(tid)
 
-    @property
+    @cached_property
     def names(self) -> list[str]:
         """Tensor names in file order."""
         return [n for s in self.snapshot.shards for n in s.tensors]
 
-    @property
+    @cached_property
     def layers(self) -> int:
         found = {i for n in self.names if (i := P.layer_index(n)) is not None}
         return max(found) + 1 if found else 0
@@ -80,8 +81,7 @@ def wanted(txn: Txn, plan: Plan, method: MergeMethod, template: Input, base: Inp
            inputs: list[Input]) -> list[Wanted]:
     """Every output tensor of `plan`, in output order."""
     if plan.slices is None:
-        return [_made(txn, name, base, inputs, name, list(plan.model_params), plan.global_params,
-                      P.layer_position(name, template.layers), name, plan)
+        return [_made(txn, name, base, inputs, P.layer_position(name, template.layers), plan)
                 for name in template.names]
     out: list[Wanted] = []
     first, last = plan.slices[0], plan.slices[-1]
@@ -137,16 +137,16 @@ def _from_slice(txn: Txn, method: MergeMethod, sl: dict, inputs: list[Input], ou
     return Wanted(out_name, base, models, [sl["model_params"][i] for i in rest], sl["global_params"], t, lead)
 
 
-def _made(txn: Txn, name: str, base: Input | None, inputs: list[Input], source: str, chains: list[dict],
-          globals_: dict, t: float, origin: str, plan: Plan) -> Wanted:
-    b = base.tensor(txn, source) if base else None
+def _made(txn: Txn, name: str, base: Input | None, inputs: list[Input], t: float, plan: Plan) -> Wanted:
+    """Output tensor `name` of a `models:` plan: the same-named tensor of every input."""
+    b = base.tensor(txn, name) if base else None
     models = []
     for i, inp in enumerate(inputs):
-        m = inp.tensor(txn, source)
+        m = inp.tensor(txn, name)
         if m is None:
-            raise BadMerge(f"tensor {source!r} is missing from input {i + 1} ({short(plan.models[i])})")
+            raise BadMerge(f"tensor {name!r} is missing from input {i + 1} ({short(plan.models[i])})")
         models.append(m)
-    return Wanted(name, b, models, chains, globals_, t, origin)
+    return Wanted(name, b, models, list(plan.model_params), plan.global_params, t, name)
 
 
 def shards(template: Snapshot, made: list[Wanted]) -> list[tuple[str, list[str], dict[str, str] | None]]:

@@ -399,11 +399,13 @@ def _tokenizer(doc: dict, where: str) -> dict | None:
         raise type(e)(f"{where}: {e}") from None
 
 
-def _inputs(refs: list[str], resolve: Callable[[str], bytes]) -> tuple[list[bytes], list[bytes | None]]:
-    """Commit ids of refs, and of the LoRA adapter each names (MergeKit's `model+adapter`)."""
+def _inputs(base: str | None, refs: list[str], resolve: Callable[[str], bytes]
+            ) -> tuple[bytes | None, list[bytes], list[bytes | None]]:
+    """Commit ids of the base and of the other inputs, and per input of (base, *others) the LoRA
+    adapter it names (MergeKit's `model+adapter`) or None."""
     commits: list[bytes] = []
-    adapters: list[bytes | None] = []
-    for ref in refs:
+    adapters: list[bytes | None] = [] if base is not None else [None]
+    for ref in ([base] if base is not None else []) + refs:
         try:
             commits.append(resolve(ref))
             adapters.append(None)
@@ -416,7 +418,7 @@ def _inputs(refs: list[str], resolve: Callable[[str], bytes]) -> tuple[list[byte
             raise BadMerge(f"{ref!r}: a model takes at most one adapter (MODEL+ADAPTER)")
         commits.append(resolve(model))
         adapters.append(resolve(adapter))
-    return commits, adapters
+    return (commits.pop(0) if base is not None else None), commits, adapters
 
 
 def _chains(defs: tuple[ParamDef, ...], levels: list[dict]) -> dict[str, list[P.Spec]]:
@@ -451,10 +453,7 @@ def to_plan(req: MergeRequest, resolve: Callable[[str], bytes], chunk_size: int,
     chains = [_chains(method.model_params, [q, req.global_params]) for q in params]
     globals_ = _chains(method.global_params, [req.global_params])
     _required(method, globals_, chains, models)
-    commits, adapters = _inputs([*([req.base] if req.base is not None else []), *models], resolve)
-    base = commits.pop(0) if req.base is not None else None
-    if req.base is None:
-        adapters.insert(0, None)
+    base, commits, adapters = _inputs(req.base, models, resolve)
     return _plan(req, method.name, base, tuple(commits), tuple(chains), globals_, chunk_size, engine,
                  adapters, resolve, None)
 
@@ -508,10 +507,7 @@ def _sliced(req: MergeRequest, method: MergeMethod, resolve: Callable[[str], byt
         out.append({"sources": [[refs.index(src.model), *src.layers] for src in sl.sources],
                     "base": at if method.base != "none" else None,
                     "model_params": chains, "global_params": globals_})
-    commits, adapters = _inputs([*([req.base] if req.base is not None else []), *refs], resolve)
-    base_id = commits.pop(0) if req.base is not None else None
-    if req.base is None:
-        adapters.insert(0, None)
+    base_id, commits, adapters = _inputs(req.base, refs, resolve)
     return _plan(req, method.name, base_id, tuple(commits), (), {}, chunk_size, engine, adapters, resolve, out)
 
 
