@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Generic, TypeVar
 
+import numpy as np
 import torch
 
 from ..errors import BadMerge
@@ -41,7 +42,7 @@ from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, b
 from . import catalog, layout, methods
 from . import params as P
 from .layout import Input
-from .methods.base import Block, MergeMethod, Pass, TensorContext
+from .methods.base import Block, MergeMethod, Pass, Stored, TensorContext
 from .outline import Outline, ReadAccount, Realized, Step, Task, outline
 
 ENGINE_VERSION = 2
@@ -159,6 +160,11 @@ class _Assembler:
         self.chunks.append(self.sink.data(data))
 
 
+# stored dtypes a fused kernel decodes itself: their bit patterns' numpy type, and the shift that
+# makes them float32 bits
+_BITS = {"F32": (np.uint32, 0), "BF16": (np.uint16, 16)}
+
+
 def _values(raw: bytearray, dtype: str, compute: str) -> torch.Tensor:
     if not raw:
         return torch.zeros(0, dtype=torch_dtype(compute))
@@ -244,12 +250,20 @@ class Executor:
         ref = task.ref
         row = ref.shape[-1] if ref.shape else 1
 
+        dtypes = {t.dtype for t in ([base] if base else []) + [task.models[i] for i in present]}
+        bits = _BITS.get(dtypes.pop()) if task.compute == "F32" and len(dtypes) == 1 and present else None
+
         def build() -> Block:
+            args = (row, [task.p[i] for i in present], task.g, self.seed, present, len(ref.shape))
+            if bits is not None:
+                kind, shift = bits
+                stored = Stored(np.frombuffer(raw_base, kind) if raw_base is not None else None,
+                                np.stack([np.frombuffer(r, kind) for r in raw_models]), shift)
+                return Block(task.name, a, None, None, *args, stored=stored)
             values = _values(raw_base, base.dtype, task.compute) if base and raw_base is not None else None
             rows = [_values(r, task.models[i].dtype, task.compute) for r, i in zip(raw_models, present)]
             models = torch.stack(rows) if rows else torch.zeros(0, b - a, dtype=torch_dtype(task.compute))
-            return Block(task.name, a, values, models, row, [task.p[i] for i in present], task.g,
-                         self.seed, present, len(ref.shape))
+            return Block(task.name, a, values, models, *args)
 
         return build
 

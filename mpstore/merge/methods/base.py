@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 import xxhash
 
@@ -44,24 +45,56 @@ class ParamDef:
     kind: type = float  # float or bool
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A block's inputs as the store holds them, for fused kernels (methods/kernels.py): float32
+    or bfloat16 bit patterns, decoded per element, so no float32 copy of K inputs is made."""
+
+    base: np.ndarray | None  # [n] uint32 (float32) or uint16 (bfloat16) bit patterns
+    models: np.ndarray  # [k, n], the same dtype
+    shift: int  # 0: float32 bits; 16: bfloat16 bits (their float32's high half)
+
+    def values(self, bits: np.ndarray) -> torch.Tensor:
+        """Bit patterns as float32 values (what the eager path computes with)."""
+        if self.shift == 0:
+            return torch.from_numpy(bits.view(np.float32))
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(torch.float32)
+
+
 @dataclass
 class Block:
     """Elements [start, start+n) of one tensor from the inputs, in the compute dtype.
 
     For methods with `sparse_inputs`, `models` holds only the inputs whose delta from the base is
-    not zero here (`index` maps its rows to input numbers); the others contribute nothing."""
+    not zero here (`index` maps its rows to input numbers); the others contribute nothing.
+    A block in float32 compute whose inputs share a dtype also carries them as `stored`; then
+    `base` and `models` are decoded from it on first use, and a fused kernel need not decode."""
 
     name: str
     start: int
-    base: torch.Tensor | None  # [n]
-    models: torch.Tensor  # [k, n] the non-base inputs present in this block
+    _base: torch.Tensor | None  # [n]; read through `base`
+    _models: torch.Tensor | None  # [k, n] the non-base inputs present in this block; read through `models`
     row_len: int  # length of the tensor's last axis (rows are whole within a row-local block)
     p: list[Params]  # per-model parameters of the rows of `models`
     g: Params  # global parameters for this tensor
     seed: int
     index: list[int] = field(default_factory=list)  # input number of each row of `models`
     ndim: int = 1  # of the whole tensor
+    stored: Stored | None = None
     _deltas: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        if self._base is None and self.stored is not None and self.stored.base is not None:
+            self._base = self.stored.values(self.stored.base)
+        return self._base
+
+    @property
+    def models(self) -> torch.Tensor:
+        if self._models is None:
+            assert self.stored is not None  # a block is built with its inputs decoded, or stored
+            self._models = self.stored.values(self.stored.models)
+        return self._models
 
     def require_base(self) -> torch.Tensor:
         """The base, for methods that merge from one (the executor always supplies it to them)."""

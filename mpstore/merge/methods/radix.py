@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from .base import Block, HistogramOf, Params, Pass, TensorContext, known
+from . import kernels
+from .base import Block, HistogramOf, Params, Pass, Stored, TensorContext, known
 
 BINS = 1 << 16
 
@@ -29,6 +30,12 @@ BINS = 1 << 16
 def magnitude_bits(d: torch.Tensor) -> torch.Tensor:
     """The float32 bit pattern of |d|, as int32: orders like the magnitude."""
     return d.abs().to(torch.float32).view(torch.int32)
+
+
+def _stored(b: Block) -> Stored | None:
+    """The block's stored inputs where the kernels count from them (counts need no sum order)."""
+    st = b.stored
+    return st if st is not None and st.base is not None and kernels.available() else None
 
 
 def _zero_counts(n: int) -> torch.Tensor:
@@ -59,12 +66,17 @@ def has_ranks(p: list[Params], g: Params) -> bool:
 # ---------------------------------------------------------------------------------- pass 1: high bits
 
 def _high_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
-    d = b.deltas()
+    st = _stored(b)
+    n = b.models.shape[1] if st is None else st.models.shape[1]
     rows = []
     for i in ctx.ranks:
         r = b.row(i)
-        rows.append(_zero_counts(d.shape[1]) if r is None
-                    else torch.bincount(magnitude_bits(d[r]) >> 16, minlength=BINS))
+        if r is None:
+            rows.append(_zero_counts(n))
+        elif st is not None:
+            rows.append(kernels.high_histogram(known(st.base, "the base"), st.models[r], st.shift))
+        else:
+            rows.append(torch.bincount(magnitude_bits(b.deltas()[r]) >> 16, minlength=BINS))
     return torch.stack(rows)
 
 
@@ -91,15 +103,19 @@ def _high_finish(ctx: TensorContext, total: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------- pass 2: low bits
 
 def _low_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
-    d = b.deltas()
+    st = _stored(b)
+    n = b.models.shape[1] if st is None else st.models.shape[1]
     rows = []
     for i, picks in ctx.bins.items():
         r = b.row(i)
-        bits = magnitude_bits(d[r]) if r is not None else None
+        bits = magnitude_bits(b.deltas()[r]) if r is not None and st is None else None
         for hi, _ in picks:
-            if bits is None:
-                rows.append(_zero_counts(d.shape[1] if hi == 0 else 0))
+            if r is None:
+                rows.append(_zero_counts(n if hi == 0 else 0))
+            elif st is not None:
+                rows.append(kernels.low_histogram(known(st.base, "the base"), st.models[r], st.shift, hi))
             else:
+                bits = known(bits, "the magnitudes")
                 rows.append(torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=BINS))
     return torch.stack(rows)
 
@@ -144,14 +160,18 @@ def _low_finish(ctx: TensorContext, total: torch.Tensor) -> None:
 def _ties_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
     """How many entries of this block tie with each cut, as a one-hot over blocks, so the sums
     tell every block how many tied entries come before it."""
-    d = b.deltas()
+    st = _stored(b)
     n = ctx.block_of[b.start]
     counts = torch.zeros(ctx.cuts, len(ctx.block_of), dtype=torch.int64)
     for i, values in ctx.thresholds.items():
         r = b.row(i)
         if r is None:
             continue
-        m = d[r].abs().to(torch.float32)
+        if st is not None:
+            for j, v in enumerate(values):
+                counts[ctx.cut(i, j), n] = kernels.count_equal(known(st.base, "the base"), st.models[r], st.shift, v)
+            continue
+        m = b.deltas()[r].abs().to(torch.float32)
         for j, v in enumerate(values):
             counts[ctx.cut(i, j), n] = int((m == v).sum())
     return counts

@@ -17,9 +17,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .base import Block, Params, Pass, TensorContext
+from . import kernels
+from .base import Block, Params, Pass, TensorContext, known
 from .gram import narrow, overflow
 from .radix import has_ranks, tied
 
@@ -93,6 +95,7 @@ def _della_mask(b: Block, ctx: TensorContext, i: int, d: torch.Tensor) -> torch.
 class Sparsifier:
     name: str
     mask: Callable[[Block, TensorContext, int, torch.Tensor], torch.Tensor]
+    kernel_mode: int  # how the fused kernel keeps entries (kernels.MODE_*)
     ranks: Callable[[Params, int], list[int]] | None = None  # the order statistics it needs
     row_local: bool = False  # the mask is decided per row: blocks must hold whole rows
     random: bool = False  # a Bernoulli mask: works in `random_work` of the compute dtype
@@ -102,10 +105,60 @@ class Sparsifier:
         return random_work(dtype) if self.random else dtype
 
 
-TOPK = Sparsifier("top-k", _topk_mask, _topk_ranks)
-CRUMBS = Sparsifier("breadcrumbs", _crumbs_mask, _crumbs_ranks)
-DARE = Sparsifier("dare", _dare_mask, random=True)
-DELLA = Sparsifier("della", _della_mask, row_local=True, random=True)
+TOPK = Sparsifier("top-k", _topk_mask, kernels.MODE_TOPK, _topk_ranks)
+CRUMBS = Sparsifier("breadcrumbs", _crumbs_mask, kernels.MODE_CRUMBS, _crumbs_ranks)
+DARE = Sparsifier("dare", _dare_mask, kernels.MODE_MASK, random=True)
+DELLA = Sparsifier("della", _della_mask, kernels.MODE_MASK, row_local=True, random=True)
+
+
+@dataclass
+class KernelRows:
+    """What the fused kernel needs per row of a block to keep exactly the entries `sparsified`
+    keeps: the mode, the cut magnitudes, and for each of up to two cuts the tied entries before
+    the block and the positions [first, last] among the tied ones that are kept."""
+
+    mode: np.ndarray  # int8 [k]
+    hi: np.ndarray  # float32 [k]: top-k's cut, breadcrumbs' upper cut
+    lo: np.ndarray  # float32 [k]: breadcrumbs' lower cut
+    before: np.ndarray  # int64 [k, 2]
+    first: np.ndarray  # int64 [k, 2]
+    last: np.ndarray  # int64 [k, 2]
+    mask: np.ndarray  # uint8 [k, n] for Bernoulli sparsifiers, else [k, 0]
+    scale: np.ndarray | None  # float32 [k]: `rescale`'s factors, None without rescale
+
+
+def kernel_rows(b: Block, ctx: TensorContext, sp: Sparsifier | None, n: int) -> KernelRows:
+    """The per-row arguments of `kernels.combine` for block `b` of n elements."""
+    k = len(b.index)
+    rows = KernelRows(np.zeros(k, np.int8), np.zeros(k, np.float32), np.zeros(k, np.float32),
+                      np.zeros((k, 2), np.int64), np.ones((k, 2), np.int64),
+                      np.full((k, 2), kernels.NO_TIE_LIMIT, np.int64),
+                      np.zeros((k, n if sp is not None and sp.random else 0), np.uint8),
+                      None if sp is None or ctx.scale is None else np.zeros(k, np.float32))
+    if sp is None:
+        return rows
+    block = ctx.block_of[b.start]
+    for r, (i, q) in enumerate(zip(b.index, b.p)):
+        if q["density"] >= 1:
+            continue
+        rows.mode[r] = sp.kernel_mode
+        if rows.scale is not None:
+            rows.scale[r] = known(ctx.scale, "the rescale factors")[i]
+        if sp.random:
+            rows.mask[r] = sp.mask(b, ctx, r, b.deltas()[r]).numpy()
+            continue
+        cuts = ctx.thresholds[i]
+        rows.hi[r], rows.lo[r] = cuts[0], cuts[-1]
+        for j in range(len(cuts)):
+            rows.before[r, j] = known(ctx.tied_before, "the tie counts")[ctx.cut(i, j), block]
+        within = ctx.within[i]
+        if sp is TOPK:
+            rows.last[r, 0] = within[0]
+        elif cuts[0] == cuts[1]:  # breadcrumbs cut twice at one magnitude: (see _crumbs_mask)
+            rows.first[r, 0], rows.last[r, 0] = within
+        else:
+            rows.first[r, 0], rows.last[r, 1] = within
+    return rows
 
 
 def _kept(b: Block, ctx: TensorContext, sp: Sparsifier, i: int) -> torch.Tensor:

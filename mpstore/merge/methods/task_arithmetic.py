@@ -14,12 +14,14 @@ the division, lambda, and the base added back.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ...errors import BadMerge
+from . import kernels
 from .base import Block, MergeMethod, ParamDef, Params, Pass, TensorContext
 from .radix import RADIX
-from .sparsify import CRUMBS, DARE, DELLA, TOPK, Sparsifier, rescale_pass, sparsified
+from .sparsify import CRUMBS, DARE, DELLA, TOPK, Sparsifier, kernel_rows, rescale_pass, sparsified
 
 WEIGHT = ParamDef("weight", None, float)
 DENSITY = ParamDef("density", 1.0, float)
@@ -28,13 +30,18 @@ EPSILON = ParamDef("epsilon", 0.15, float)
 LAMBDA = ParamDef("lambda", 1.0)
 
 
-def _plain_mix(weighted: torch.Tensor, ctx: TensorContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the weighted deltas, and the divisor `normalize` uses: the sum of every input's
-    weight (present in the block or not) in the compute dtype, as MergeKit, or 1 where it is
-    below 1e-8 (the weights cancel)."""
-    divisor = torch.tensor([q["weight"] for q in ctx.p], dtype=weighted.dtype).unsqueeze(1).sum(dim=0)
+def _plain_divisor(ctx: TensorContext, dtype: torch.dtype) -> torch.Tensor:
+    """The divisor `normalize` uses without consensus: the sum of every input's weight (present
+    in the block or not) in the compute dtype, as MergeKit, or 1 where it is below 1e-8 (the
+    weights cancel)."""
+    divisor = torch.tensor([q["weight"] for q in ctx.p], dtype=dtype).unsqueeze(1).sum(dim=0)
     divisor[divisor.abs() < 1e-8] = 1
-    return weighted.sum(dim=0), divisor
+    return divisor
+
+
+def _plain_mix(weighted: torch.Tensor, ctx: TensorContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the weighted deltas, and `_plain_divisor`."""
+    return weighted.sum(dim=0), _plain_divisor(ctx, weighted.dtype)
 
 
 def _consensus_mix(weighted: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +105,9 @@ class TaskArithmetic(MergeMethod):
         check_density(p, g, name, numel)
 
     def combine(self, b: Block, ctx: TensorContext) -> torch.Tensor:
+        fused = self._fused(b, ctx)
+        if fused is not None:
+            return fused
         base = b.require_base()
         d = sparsified(b, ctx, self.sparsifier)
         w = torch.tensor([q["weight"] for q in b.p], dtype=d.dtype).unsqueeze(1)
@@ -108,6 +118,21 @@ class TaskArithmetic(MergeMethod):
         if b.g["lambda"] != 1:
             mixed = mixed * b.g["lambda"]
         return base + mixed
+
+
+    def _fused(self, b: Block, ctx: TensorContext) -> torch.Tensor | None:
+        """`combine` in one kernel pass over the stored inputs (methods/kernels.py), bit for bit
+        the eager result; None where the kernels do not apply (compute other than float32,
+        inputs of different dtypes, a block too narrow, the kernels off on this machine)."""
+        st = b.stored
+        if st is None or st.base is None or st.models.shape[1] < kernels.MIN_COLUMNS or not kernels.available():
+            return None
+        rows = kernel_rows(b, ctx, self.sparsifier, st.models.shape[1])
+        w = np.array([q["weight"] for q in b.p], dtype=np.float32)
+        divisor = 1.0 if self.consensus else float(_plain_divisor(ctx, torch.float32)[0])
+        return kernels.combine(st.base, st.models, st.shift, w, rows.mode, rows.hi, rows.lo, rows.before,
+                               rows.first, rows.last, rows.mask, rows.scale, self.consensus,
+                               bool(b.g["normalize"]), divisor, float(b.g["lambda"]))
 
 
 TASK_ARITHMETIC = TaskArithmetic("task_arithmetic", None, False, False, False)

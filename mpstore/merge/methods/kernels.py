@@ -1,0 +1,318 @@
+"""Fused kernels for the task-arithmetic family and its radix passes, in float32 compute.
+
+The eager methods (task_arithmetic.py, sparsify.py, radix.py) make one torch pass per step over
+K × block elements and keep a float32 temporary per step. These kernels do the same arithmetic in
+one pass over the stored inputs (bfloat16 or float32 bit patterns, decoded per element), with no
+K × block float32 temporary, and release the GIL, so the executor's workers keep every core busy.
+
+They are numba functions compiled once per machine (`cache=True` keeps the machine code next to
+this file, or in numba's user cache), chosen over torch.compile (needs a C++ compiler at run time)
+and a compiled extension (a build step per platform) by measurement: docs/benchmarks.md.
+
+Bit-identity with the eager path is the contract: every operation is the eager one, in float32,
+in its order, and every sum over the inputs follows torch's CPU summation order (a cascade of
+16-element levels over the inputs for the vectorised columns; four interleaved accumulators for
+the last columns of a block, which torch sums one by one). Where a block's columns are split
+between those paths depends on the machine's vector width, so `available()` finds the split by
+comparing with torch on this machine once, and turns the kernels off if no split reproduces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numba
+import numpy as np
+import torch
+
+# torch sums very narrow blocks differently again; such blocks (a handful of elements) stay eager
+MIN_COLUMNS = 32
+DISABLE_ENV = "MPSTORE_NO_KERNELS"  # set to 1 for the eager path (A/B benchmarks, debugging)
+ENABLED = os.environ.get(DISABLE_ENV, "") in ("", "0")  # tests compare both paths by setting it
+NO_TIE_LIMIT = 1 << 62  # a tie range without an upper end
+MODE_WHOLE, MODE_TOPK, MODE_CRUMBS, MODE_MASK = 0, 1, 2, 3
+
+_jit = functools.partial(numba.njit, nogil=True, cache=True, error_model="numpy")
+
+
+@_jit(inline="always")
+def _f32(bits: int, shift: int) -> float:
+    """The float32 of a stored element: bfloat16 bits (shift 16) or float32 bits (shift 0)."""
+    return np.uint32(np.uint32(bits) << shift).view(np.float32)
+
+
+@_jit(inline="always")
+def _column_cascade(v: np.ndarray, k: int, m: int, acc: np.ndarray, out: np.ndarray) -> None:
+    """torch's CPU sum over the k rows of v[:, :m] in its vectorised columns: four levels of
+    16-row partial sums (`acc` is [4, >= m] scratch)."""
+    acc[:, :m] = 0
+    i = 0
+    while i + 16 <= k:
+        for _ in range(16):
+            for j in range(m):
+                acc[0, j] += v[i, j]
+            i += 1
+        for level in range(1, 4):
+            for j in range(m):
+                acc[level, j] += acc[level - 1, j]
+                acc[level - 1, j] = 0
+            if i & (15 << (4 * level)):
+                break
+    while i < k:
+        for j in range(m):
+            acc[0, j] += v[i, j]
+        i += 1
+    for j in range(m):
+        out[j] = ((acc[0, j] + acc[1, j]) + acc[2, j]) + acc[3, j]
+
+
+@_jit(inline="always")
+def _rows_cascade(v: np.ndarray, j: int, start: int, stride: int, size: int) -> float:
+    """The same cascade over `size` rows start, start+stride, ... of column j."""
+    a = np.zeros(4, np.float32)
+    i = 0
+    while i + 16 <= size:
+        for _ in range(16):
+            a[0] += v[start + i * stride, j]
+            i += 1
+        for level in range(1, 4):
+            a[level] += a[level - 1]
+            a[level - 1] = 0
+            if i & (15 << (4 * level)):
+                break
+    while i < size:
+        a[0] += v[start + i * stride, j]
+        i += 1
+    return ((a[0] + a[1]) + a[2]) + a[3]
+
+
+@_jit(inline="always")
+def _tail_sum(v: np.ndarray, j: int, k: int) -> float:
+    """torch's sum over the k rows of column j in a block's last (not vectorised) columns: four
+    accumulators over groups of four rows, the leftover rows into the first."""
+    q = k // 4
+    p0 = _rows_cascade(v, j, 0, 4, q)
+    p1 = _rows_cascade(v, j, 1, 4, q)
+    p2 = _rows_cascade(v, j, 2, 4, q)
+    p3 = _rows_cascade(v, j, 3, 4, q)
+    for i in range(q * 4, k):
+        p0 += v[i, j]
+    return ((p0 + p1) + p2) + p3
+
+
+@_jit(inline="always")
+def _sums(v: np.ndarray, k: int, m: int, vectorised: int, acc: np.ndarray, out: np.ndarray) -> None:
+    """Column sums of v[:k, :m] as torch gives them, columns from `vectorised` on in the tail's order."""
+    _column_cascade(v, k, m, acc, out)
+    for j in range(max(0, vectorised), m):
+        out[j] = _tail_sum(v, j, k)
+
+
+@_jit
+def _column_sums(x: np.ndarray, width: int, out: np.ndarray) -> None:
+    k, n = x.shape
+    _sums(x, k, n, n - n % width, np.empty((4, n), np.float32), out)
+
+
+def column_sums(x: np.ndarray, width: int) -> np.ndarray:
+    """Column sums of a float32 [k, n] array in torch's order, its first n - n % width columns
+    summed as torch's vectorised loop does: what `available` compares with torch."""
+    out = np.empty(x.shape[1], np.float32)
+    _column_sums(x, width, out)
+    return out
+
+
+@_jit(inline="always")
+def _tied(a: float, thr: float, r: int, c: int, count: np.ndarray, before: np.ndarray,
+          first: np.ndarray, last: np.ndarray) -> bool:
+    """An entry equal to cut c of row r: kept if its position among the tensor's entries equal to
+    that cut (index order) is within [first, last]; counts it either way."""
+    if a != thr:
+        return False
+    count[r, c] += 1
+    pos = before[r, c] + count[r, c]
+    return first[r, c] <= pos <= last[r, c]
+
+
+TILE = 512  # columns per step: the [k, TILE] float32 working rows stay in the core's cache
+
+
+@_jit
+def _combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mode: np.ndarray,
+             hi: np.ndarray, lo: np.ndarray, before: np.ndarray, first: np.ndarray, last: np.ndarray,
+             mask: np.ndarray, scale: np.ndarray, scaled: bool, consensus: bool, normalize: bool,
+             divisor: float, lam: float, scaled_by_lambda: bool, width: int, out: np.ndarray) -> None:
+    k, n = models.shape
+    v = np.empty((k, TILE), np.float32)  # weighted kept deltas
+    agreeing = np.empty((k, TILE), np.float32)  # consensus: weight of each agreeing delta
+    d = np.empty(TILE, np.float32)
+    f = np.empty(TILE, np.float32)  # 1 where an entry is kept, else 0
+    b = np.empty(TILE, np.float32)
+    total = np.empty(TILE, np.float32)
+    mixed = np.empty(TILE, np.float32)
+    div = np.empty(TILE, np.float32)
+    acc = np.empty((4, TILE), np.float32)
+    count = np.zeros((k, 2), np.int64)
+    one = np.float32(1)
+    zero = np.float32(0)
+    main = n - n % width
+    for t0 in range(0, n, TILE):
+        m = min(TILE, n - t0)
+        for j in range(m):
+            b[j] = _f32(base[t0 + j], shift)
+        for r in range(k):
+            for j in range(m):
+                d[j] = _f32(models[r, t0 + j], shift) - b[j]
+            md = mode[r]
+            if md == MODE_WHOLE:
+                for j in range(m):
+                    v[r, j] = d[j] * w[r]
+                continue
+            ties = 0
+            if md == MODE_TOPK:
+                for j in range(m):
+                    a = abs(d[j])
+                    f[j] = one if a > hi[r] else zero
+                    ties += a == hi[r]
+            elif md == MODE_CRUMBS:  # strictly inside the cuts; the tied are settled below
+                for j in range(m):
+                    a = abs(d[j])
+                    f[j] = one if (a > lo[r]) & (a < hi[r]) else zero
+                    ties += (a == hi[r]) | (a == lo[r])
+            else:
+                for j in range(m):
+                    f[j] = one if mask[r, t0 + j] != 0 else zero
+            factor = scale[r] if scaled else one
+            if scaled:
+                for j in range(m):
+                    v[r, j] = ((d[j] * f[j]) * factor) * w[r]
+            else:
+                for j in range(m):
+                    v[r, j] = (d[j] * f[j]) * w[r]
+            if ties:  # in index order: an entry's place among the tied decides
+                for j in range(m):
+                    a = abs(d[j])
+                    at_hi = _tied(a, hi[r], r, 0, count, before, first, last)
+                    at_lo = md == MODE_CRUMBS and hi[r] != lo[r] and _tied(a, lo[r], r, 1, count, before, first, last)
+                    if at_hi or at_lo:
+                        kept = d[j] * one
+                        if scaled:
+                            kept = kept * factor
+                        v[r, j] = kept * w[r]
+        _sums(v, k, m, main - t0, acc, total)
+        if consensus:
+            for r in range(k):
+                for j in range(m):
+                    agree = v[r, j] > zero if total[j] >= zero else v[r, j] < zero
+                    agreeing[r, j] = (one if agree else zero) * w[r]
+                    v[r, j] = v[r, j] if agree else zero
+            _sums(v, k, m, main - t0, acc, mixed)
+            _sums(agreeing, k, m, main - t0, acc, div)
+            for j in range(m):
+                if div[j] == zero:
+                    div[j] = one
+        else:
+            for j in range(m):
+                mixed[j] = total[j]
+                div[j] = divisor
+        for j in range(m):
+            x = mixed[j]
+            if normalize:
+                x = x / div[j]
+            if scaled_by_lambda:
+                x = x * lam
+            out[t0 + j] = b[j] + x
+
+
+@_jit
+def _high_hist(base: np.ndarray, row: np.ndarray, shift: int, hist: np.ndarray) -> None:
+    for j in range(row.shape[0]):
+        bits = np.float32(abs(_f32(row[j], shift) - _f32(base[j], shift))).view(np.uint32)
+        hist[bits >> 16] += 1
+
+
+@_jit
+def _low_hist(base: np.ndarray, row: np.ndarray, shift: int, high: int, hist: np.ndarray) -> None:
+    for j in range(row.shape[0]):
+        bits = np.float32(abs(_f32(row[j], shift) - _f32(base[j], shift))).view(np.uint32)
+        if bits >> 16 == high:
+            hist[bits & 0xFFFF] += 1
+
+
+@_jit
+def _count_equal(base: np.ndarray, row: np.ndarray, shift: int, value: float) -> int:
+    n = 0
+    for j in range(row.shape[0]):
+        if abs(_f32(row[j], shift) - _f32(base[j], shift)) == value:
+            n += 1
+    return n
+
+
+def _matches(x: np.ndarray, want: np.ndarray, width: int) -> bool:
+    return bool(np.array_equal(column_sums(x, width).view(np.uint32), want))
+
+
+@functools.cache
+def _width() -> int | None:
+    """How many leading columns of a block torch sums vectorised, as a multiple of this width:
+    the width whose split reproduces torch's sums here, or None (the kernels stay off)."""
+    rng = np.random.default_rng(12)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = []
+        for k in (3, 5, 6, 7, 8, 13, 17, 40):
+            shape = (k, 4096 + 63)  # every column path, at several input counts
+            x = (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape) * 3)).astype(np.float32)
+            cases.append((x, torch.from_numpy(x).sum(dim=0).numpy().view(np.uint32)))
+        for width in (32, 16, 64, 8):
+            if all(_matches(x, want, width) for x, want in cases):
+                return width
+        return None
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def available() -> bool:
+    """The kernels are on and reproduce torch's float32 sums on this machine (checked once)."""
+    return ENABLED and _width() is not None
+
+
+def width() -> int:
+    found = _width()
+    if found is None:
+        raise AssertionError("kernels used where available() is False")
+    return found
+
+
+def combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mode: np.ndarray,
+            hi: np.ndarray, lo: np.ndarray, before: np.ndarray, first: np.ndarray, last: np.ndarray,
+            mask: np.ndarray, scale: np.ndarray | None, consensus: bool, normalize: bool,
+            divisor: float, lam: float) -> torch.Tensor:
+    """base + the (sparsified, weighted, consensus-filtered, normalised, lambda-scaled) mix of the
+    deltas, one pass per element; arguments per row of `models` (see task_arithmetic.fused)."""
+    out = np.empty(models.shape[1], np.float32)
+    _combine(base, models, shift, w, mode, hi, lo, before, first, last, mask,
+             scale if scale is not None else w, scale is not None, consensus, normalize,
+             np.float32(divisor), np.float32(lam), lam != 1, width(), out)
+    return torch.from_numpy(out)
+
+
+def high_histogram(base: np.ndarray, row: np.ndarray, shift: int) -> torch.Tensor:
+    """The radix HIGH_BITS histogram of one input's |delta| (float32 bits >> 16)."""
+    hist = np.zeros(1 << 16, np.int64)
+    _high_hist(base, row, shift, hist)
+    return torch.from_numpy(hist)
+
+
+def low_histogram(base: np.ndarray, row: np.ndarray, shift: int, high: int) -> torch.Tensor:
+    """The radix LOW_BITS histogram of the entries of |delta| whose high bits are `high`."""
+    hist = np.zeros(1 << 16, np.int64)
+    _low_hist(base, row, shift, high, hist)
+    return torch.from_numpy(hist)
+
+
+def count_equal(base: np.ndarray, row: np.ndarray, shift: int, value: float) -> int:
+    """Entries of |delta| equal to `value` (a radix cut)."""
+    return int(_count_equal(base, row, shift, np.float32(value)))
