@@ -15,8 +15,11 @@ What it measures:
   * wall time vs K (K = 2, 4, 6, 8 by default; --full-sweep for every K from 2) for both tools,
     as a markdown table and a PNG plot (--plot).
 
-Targets (from the issue): mp merge ≤ 1/10 of MergeKit's wall time for ties, ≤ 1/3 for
-task_arithmetic; mp's peak RSS ≤ 1 GiB.
+  * the floor of each merge (tools/merge_floor.py: reading every input chunk once from the page
+    cache plus one fused pass of the method's arithmetic, on all cores): mp / floor is the gap left.
+
+Targets (issue 12): mp merge ≤ 1/10 of MergeKit's wall time for ties, ≤ 1/5 for task_arithmetic,
+≤ 3× the floor; mp's peak RSS ≤ 1 GiB.
 
 Timing conventions are tools/bench_store.py's (whose helpers this imports): wall clock from
 spawn to reaping, peak RSS as GNU time's %M (the command's ru_maxrss: for mp it counts the mapped
@@ -49,8 +52,9 @@ from bench_store import MIB, MP, ROOT, Run, b, log, rm, table, warm  # noqa: E40
 
 GIB = 1 << 30
 RSS_TARGET = 1 * GIB
-TARGETS = {"ties": 1 / 10, "task_arithmetic": 1 / 3}  # mp merge wall time / MergeKit's
-TARGET_TEXT = {"ties": "≤ 1/10", "task_arithmetic": "≤ 1/3"}
+TARGETS = {"ties": 1 / 10, "task_arithmetic": 1 / 5}  # mp merge wall time / MergeKit's (issue 12)
+TARGET_TEXT = {"ties": "≤ 1/10", "task_arithmetic": "≤ 1/5"}
+FLOOR_TARGET = 3.0  # mp merge wall time / the floor (tools/merge_floor.py)
 METHODS = ("ties", "task_arithmetic")
 DENSITY = 0.5
 
@@ -156,6 +160,7 @@ class Case:
     mp: list[Run] = field(default_factory=list)
     mk: list[Run] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # `mp show --json`'s realized stats of the merge
+    floor: dict = field(default_factory=dict)  # tools/merge_floor.py's measurement of the same merge
 
     @property
     def mp_s(self) -> float:
@@ -249,6 +254,12 @@ class Bench:
             log(f"  MergeKit {method} K={k} #{i + 1}: {r.seconds:.2f} s, maxrss {r.maxrss / MIB:.0f} MiB")
             if i == 0 and check:
                 mk_out = out
+        log(f"  floor of {method} K={k} (tools/merge_floor.py)")
+        c.floor = json.loads(subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("merge_floor.py")), str(repo), str(mp_cfg), "--repeat", "3"]
+            + (["--threads", str(self.args.threads)] if self.args.threads else []),
+            check=True, capture_output=True, text=True).stdout)
+        log(f"  floor: {c.floor['seconds']:.2f} s (runs {c.floor['runs']})")
         agree = None
         if check:
             co = self.tmp / f"co-{method}-k{k}"
@@ -338,6 +349,8 @@ def plot(res: dict, path: Path, title: str) -> None:
         ax.plot(ks, [c.mp_s for c in cases], "o-", color=col, label=f"mp merge {method} (models added)")
         ax.plot(ks, [c.mp_s + res["bench"].adds_seconds(c.k) for c in cases], "^:", color=col, alpha=0.6,
                 label=f"mp adds + merge {method}")
+        ax.plot(ks, [c.floor["seconds"] for c in cases], "v-.", color=col, alpha=0.6,
+                label=f"floor {method} (reads + fused pass)")
     ax.set_xticks(sorted({k for _, k in res["sweep"]}))
     ax.set_xlabel("K (experts merged)")
     ax.set_ylabel("wall time (s)")
@@ -358,6 +371,11 @@ def report(args: argparse.Namespace, res: dict, params: str, experts: int, model
         c = res["main"][method]
         rows.append(row(f"{method} K={K}: `mp merge` (models added) vs MergeKit", secs(c.mp), secs(c.mk),
                         c.mp_s / c.mk_s, TARGETS[method], TARGET_TEXT[method]))
+    for method in METHODS:
+        c = res["main"][method]
+        rows.append(row(f"{method} K={K}: `mp merge` vs the measured floor (tools/merge_floor.py)", secs(c.mp),
+                        f"{c.floor['seconds']:.2f} s (runs {', '.join(f'{x:.2f}' for x in c.floor['runs'])})",
+                        c.mp_s / c.floor["seconds"], FLOOR_TARGET, "≤ 3"))
     for method in METHODS:
         c = res["main"][method]
         rows.append(row(f"{method} K={K}: peak RSS `mp merge` (ru_maxrss, incl. mapped store pages)",
@@ -397,6 +415,7 @@ def report(args: argparse.Namespace, res: dict, params: str, experts: int, model
         for (method, k), c in sorted(res["sweep"].items()):
             e2e = bench.adds_seconds(k) + c.mp_s
             srows.append([method, str(k), f"{c.mp_s:.2f}" + (f" (n={len(c.mp)})" if len(c.mp) > 1 else ""),
+                          f"{c.floor['seconds']:.2f}", f"{c.mp_s / c.floor['seconds']:.2f}",
                           f"{e2e:.2f}", f"{c.mk_s:.2f}", f"{c.mp_s / c.mk_s:.3f}", f"{e2e / c.mk_s:.3f}",
                           b(rss(c.mp)), b(rss(c.mk))])
         sweep_md = (
@@ -405,7 +424,8 @@ def report(args: argparse.Namespace, res: dict, params: str, experts: int, model
             f" (the K={K} points are the runs above), MergeKit one run; experts 1..K; "
             "`mp e2e` = init + adds of the base and experts 1..K (from the adds below) + merge."
             + (f" Plot: `{args.plot}`." if args.plot else "") + "\n\n"
-            + table(["method", "K", "mp merge (s)", "mp e2e (s)", "MergeKit (s)", "mp/MK", "e2e/MK",
+            + table(["method", "K", "mp merge (s)", "floor (s)", "mp/floor", "mp e2e (s)", "MergeKit (s)", "mp/MK",
+                     "e2e/MK",
                      "mp peak RSS", "MK peak RSS"], srows) + "\n"
         )
 

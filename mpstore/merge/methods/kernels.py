@@ -45,26 +45,37 @@ def _f32(bits: int, shift: int) -> float:
 @_jit(inline="always")
 def _column_cascade(v: np.ndarray, k: int, m: int, acc: np.ndarray, out: np.ndarray) -> None:
     """torch's CPU sum over the k rows of v[:, :m] in its vectorised columns: four levels of
-    16-row partial sums (`acc` is [4, >= m] scratch)."""
-    acc[:, :m] = 0
+    16-row partial sums (`acc` is [4, >= m] scratch). Loops run over contiguous row views, which
+    the compiler vectorises."""
+    for level in range(4):
+        acc[level, :m] = 0
+    a0 = acc[0, :m]
     i = 0
     while i + 16 <= k:
         for _ in range(16):
+            row = v[i, :m]
             for j in range(m):
-                acc[0, j] += v[i, j]
+                a0[j] += row[j]
             i += 1
         for level in range(1, 4):
+            lower = acc[level - 1, :m]
+            upper = acc[level, :m]
             for j in range(m):
-                acc[level, j] += acc[level - 1, j]
-                acc[level - 1, j] = 0
+                upper[j] += lower[j]
+                lower[j] = 0
             if i & (15 << (4 * level)):
                 break
     while i < k:
+        row = v[i, :m]
         for j in range(m):
-            acc[0, j] += v[i, j]
+            a0[j] += row[j]
         i += 1
+    a1 = acc[1, :m]
+    a2 = acc[2, :m]
+    a3 = acc[3, :m]
+    o = out[:m]
     for j in range(m):
-        out[j] = ((acc[0, j] + acc[1, j]) + acc[2, j]) + acc[3, j]
+        o[j] = ((a0[j] + a1[j]) + a2[j]) + a3[j]
 
 
 @_jit(inline="always")
@@ -146,9 +157,9 @@ def _combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mo
     k, n = models.shape
     v = np.empty((k, TILE), np.float32)  # weighted kept deltas
     agreeing = np.empty((k, TILE), np.float32)  # consensus: weight of each agreeing delta
-    d = np.empty(TILE, np.float32)
-    f = np.empty(TILE, np.float32)  # 1 where an entry is kept, else 0
-    b = np.empty(TILE, np.float32)
+    d_tile = np.empty(TILE, np.float32)
+    f_tile = np.empty(TILE, np.float32)  # 1 where an entry is kept, else 0
+    b_tile = np.empty(TILE, np.float32)
     total = np.empty(TILE, np.float32)
     mixed = np.empty(TILE, np.float32)
     div = np.empty(TILE, np.float32)
@@ -159,85 +170,109 @@ def _combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mo
     main = n - n % width
     for t0 in range(0, n, TILE):
         m = min(TILE, n - t0)
+        b = b_tile[:m]
+        d = d_tile[:m]
+        f = f_tile[:m]
+        src = base[t0:t0 + m]
         for j in range(m):
-            b[j] = _f32(base[t0 + j], shift)
+            b[j] = _f32(src[j], shift)
         for r in range(k):
+            src = models[r, t0:t0 + m]
+            vr = v[r, :m]
+            wr = w[r]
             for j in range(m):
-                d[j] = _f32(models[r, t0 + j], shift) - b[j]
+                d[j] = _f32(src[j], shift) - b[j]
             md = mode[r]
             if md == MODE_WHOLE:
                 for j in range(m):
-                    v[r, j] = d[j] * w[r]
+                    vr[j] = d[j] * wr
                 continue
             ties = 0
+            h = hi[r]
+            low = lo[r]
             if md == MODE_TOPK:
                 for j in range(m):
                     a = abs(d[j])
-                    f[j] = one if a > hi[r] else zero
-                    ties += a == hi[r]
+                    f[j] = one if a > h else zero
+                    ties += a == h
             elif md == MODE_CRUMBS:  # strictly inside the cuts; the tied are settled below
                 for j in range(m):
                     a = abs(d[j])
-                    f[j] = one if (a > lo[r]) & (a < hi[r]) else zero
-                    ties += (a == hi[r]) | (a == lo[r])
+                    f[j] = one if (a > low) & (a < h) else zero
+                    ties += (a == h) | (a == low)
             else:
+                keep = mask[r, t0:t0 + m]
                 for j in range(m):
-                    f[j] = one if mask[r, t0 + j] != 0 else zero
+                    f[j] = one if keep[j] != 0 else zero
             factor = scale[r] if scaled else one
             if scaled:
                 for j in range(m):
-                    v[r, j] = ((d[j] * f[j]) * factor) * w[r]
+                    vr[j] = ((d[j] * f[j]) * factor) * wr
             else:
                 for j in range(m):
-                    v[r, j] = (d[j] * f[j]) * w[r]
+                    vr[j] = (d[j] * f[j]) * wr
             if ties:  # in index order: an entry's place among the tied decides
                 for j in range(m):
                     a = abs(d[j])
-                    at_hi = _tied(a, hi[r], r, 0, count, before, first, last)
-                    at_lo = md == MODE_CRUMBS and hi[r] != lo[r] and _tied(a, lo[r], r, 1, count, before, first, last)
+                    at_hi = _tied(a, h, r, 0, count, before, first, last)
+                    at_lo = md == MODE_CRUMBS and h != low and _tied(a, low, r, 1, count, before, first, last)
                     if at_hi or at_lo:
                         kept = d[j] * one
                         if scaled:
                             kept = kept * factor
-                        v[r, j] = kept * w[r]
+                        vr[j] = kept * wr
         _sums(v, k, m, main - t0, acc, total)
         if consensus:
+            tot = total[:m]
             for r in range(k):
+                vr = v[r, :m]
+                ag = agreeing[r, :m]
+                wr = w[r]
                 for j in range(m):
-                    agree = v[r, j] > zero if total[j] >= zero else v[r, j] < zero
-                    agreeing[r, j] = (one if agree else zero) * w[r]
-                    v[r, j] = v[r, j] if agree else zero
+                    x = vr[j]
+                    agree = x > zero if tot[j] >= zero else x < zero
+                    ag[j] = (one if agree else zero) * wr
+                    vr[j] = x if agree else zero
             _sums(v, k, m, main - t0, acc, mixed)
             _sums(agreeing, k, m, main - t0, acc, div)
+            dv = div[:m]
             for j in range(m):
-                if div[j] == zero:
-                    div[j] = one
+                dv[j] = one if dv[j] == zero else dv[j]
         else:
-            for j in range(m):
-                mixed[j] = total[j]
-                div[j] = divisor
+            mixed[:m] = total[:m]
+            div[:m] = divisor
+        mx = mixed[:m]
+        dv = div[:m]
+        o = out[t0:t0 + m]
         for j in range(m):
-            x = mixed[j]
+            x = mx[j]
             if normalize:
-                x = x / div[j]
+                x = x / dv[j]
             if scaled_by_lambda:
                 x = x * lam
-            out[t0 + j] = b[j] + x
+            o[j] = b[j] + x
+
+
+@_jit(inline="always")
+def _magnitude_bits(base: np.ndarray, row: np.ndarray, shift: int, j: int) -> np.uint32:
+    """The float32 bits of |row[j] - base[j]|: they order like the magnitude."""
+    return np.float32(abs(_f32(row[j], shift) - _f32(base[j], shift))).view(np.uint32)
 
 
 @_jit
 def _high_hist(base: np.ndarray, row: np.ndarray, shift: int, hist: np.ndarray) -> None:
     for j in range(row.shape[0]):
-        bits = np.float32(abs(_f32(row[j], shift) - _f32(base[j], shift))).view(np.uint32)
-        hist[bits >> 16] += 1
+        hist[_magnitude_bits(base, row, shift, j) >> np.uint32(16)] += 1
 
 
 @_jit
 def _low_hist(base: np.ndarray, row: np.ndarray, shift: int, high: int, hist: np.ndarray) -> None:
+    """Counts into hist[65536] (a spare last bin takes the entries of other high bits: no branch)."""
+    want = np.uint32(high)
     for j in range(row.shape[0]):
-        bits = np.float32(abs(_f32(row[j], shift) - _f32(base[j], shift))).view(np.uint32)
-        if bits >> 16 == high:
-            hist[bits & 0xFFFF] += 1
+        bits = _magnitude_bits(base, row, shift, j)
+        inside = np.uint32(bits >> np.uint32(16)) == want
+        hist[np.uint32(bits & np.uint32(0xFFFF)) if inside else np.uint32(0x10000)] += 1
 
 
 @_jit
@@ -308,9 +343,9 @@ def high_histogram(base: np.ndarray, row: np.ndarray, shift: int) -> torch.Tenso
 
 def low_histogram(base: np.ndarray, row: np.ndarray, shift: int, high: int) -> torch.Tensor:
     """The radix LOW_BITS histogram of the entries of |delta| whose high bits are `high`."""
-    hist = np.zeros(1 << 16, np.int64)
+    hist = np.zeros((1 << 16) + 1, np.int64)
     _low_hist(base, row, shift, high, hist)
-    return torch.from_numpy(hist)
+    return torch.from_numpy(hist[:-1])
 
 
 def count_equal(base: np.ndarray, row: np.ndarray, shift: int, value: float) -> int:
