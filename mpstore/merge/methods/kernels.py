@@ -253,26 +253,39 @@ def _combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mo
             o[j] = b[j] + x
 
 
+SCAN = 2048  # elements whose magnitude bits are computed (vectorised) before they are counted
+
+
 @_jit(inline="always")
-def _magnitude_bits(base: np.ndarray, row: np.ndarray, shift: int, j: int) -> np.uint32:
-    """The float32 bits of |row[j] - base[j]|: they order like the magnitude."""
-    return np.float32(abs(_f32(row[j], shift) - _f32(base[j], shift))).view(np.uint32)
+def _magnitude_bits(base: np.ndarray, row: np.ndarray, shift: int, t0: int, bits: np.ndarray) -> int:
+    """The float32 bits of |row - base| (they order like the magnitude) for elements
+    [t0, t0 + SCAN) into `bits`; returns how many there were."""
+    m = min(SCAN, row.shape[0] - t0)
+    r = row[t0:t0 + m]
+    b = base[t0:t0 + m]
+    out = bits[:m]
+    for j in range(m):
+        out[j] = np.float32(abs(_f32(r[j], shift) - _f32(b[j], shift))).view(np.uint32)
+    return m
 
 
 @_jit
 def _high_hist(base: np.ndarray, row: np.ndarray, shift: int, hist: np.ndarray) -> None:
-    for j in range(row.shape[0]):
-        hist[_magnitude_bits(base, row, shift, j) >> np.uint32(16)] += 1
+    bits = np.empty(SCAN, np.uint32)
+    for t0 in range(0, row.shape[0], SCAN):
+        for j in range(_magnitude_bits(base, row, shift, t0, bits)):
+            hist[bits[j] >> np.uint32(16)] += 1
 
 
 @_jit
 def _low_hist(base: np.ndarray, row: np.ndarray, shift: int, high: int, hist: np.ndarray) -> None:
-    """Counts into hist[65536] (a spare last bin takes the entries of other high bits: no branch)."""
     want = np.uint32(high)
-    for j in range(row.shape[0]):
-        bits = _magnitude_bits(base, row, shift, j)
-        inside = np.uint32(bits >> np.uint32(16)) == want
-        hist[np.uint32(bits & np.uint32(0xFFFF)) if inside else np.uint32(0x10000)] += 1
+    bits = np.empty(SCAN, np.uint32)
+    for t0 in range(0, row.shape[0], SCAN):
+        for j in range(_magnitude_bits(base, row, shift, t0, bits)):
+            x = bits[j]
+            if np.uint32(x >> np.uint32(16)) == want:
+                hist[np.uint32(x & np.uint32(0xFFFF))] += 1
 
 
 @_jit
@@ -343,9 +356,9 @@ def high_histogram(base: np.ndarray, row: np.ndarray, shift: int) -> torch.Tenso
 
 def low_histogram(base: np.ndarray, row: np.ndarray, shift: int, high: int) -> torch.Tensor:
     """The radix LOW_BITS histogram of the entries of |delta| whose high bits are `high`."""
-    hist = np.zeros((1 << 16) + 1, np.int64)
+    hist = np.zeros(1 << 16, np.int64)
     _low_hist(base, row, shift, high, hist)
-    return torch.from_numpy(hist[:-1])
+    return torch.from_numpy(hist)
 
 
 def count_equal(base: np.ndarray, row: np.ndarray, shift: int, value: float) -> int:
