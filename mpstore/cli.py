@@ -436,7 +436,8 @@ def gc(
         _emit_json(freed)
         return
     print(f"freed {freed['objects']} objects, {freed['chunks']} chunks ({_human(freed['chunk_bytes'])}), "
-          f"{freed['reflog_entries']} expired reflog entries, {freed['catalog_entries']} catalog entries")
+          f"{freed['reflog_entries']} expired reflog entries, {freed['catalog_entries']} catalog entries, "
+          f"{freed['file_cache_entries']} file-cache entries")
     if compact:
         print(f"data file: {_human(freed['file_bytes_before'])} -> {_human(freed['file_bytes_after'])}")
 

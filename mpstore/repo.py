@@ -21,6 +21,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
@@ -44,6 +46,7 @@ from .results import (
     StatusResult,
     TensorRow,
 )
+from .store import filecache
 from .store import gc as _gc
 from .store.chunks import ChunkSink
 from .store.derived import CatalogRules
@@ -52,11 +55,11 @@ from .store.env import DEFAULT_MAP_SIZE, Store, Txn
 from .store.fsck import FsckResult
 from .store.fsck import fsck as _fsck
 from .store.ids import short
-from .store.objects import Blob, Commit, Plan, Shard, Snapshot, StoredObject, Tensor, timestamp
+from .store.objects import Commit, Plan, Shard, Snapshot, StoredObject, Tensor, timestamp
 from .store.refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
 
 if TYPE_CHECKING:
-    from .merge.catalog import AnalyzeResult
+    from .merge.catalog import AnalyzeResult, Recorder
     from .merge.planner import Selector
     from .merge.request import MergeRequest
 
@@ -74,6 +77,58 @@ def _pairs(r: Txn, tensors: dict[str, bytes], base: Snapshot,
     """(expert tensor, base tensor) by name; `known`: tensors not stored yet (an add in progress)."""
     return [(known.get(tid) or r.tensor(tid), r.tensor(base.tensors[n]))
             for n, tid in tensors.items() if n in base.tensors]
+
+
+@dataclass
+class _Read:
+    """What `Repo.add` got from a source folder: the objects it made, the snapshot's maps, and
+    the file-identity cache entries to record."""
+
+    objects: list[StoredObject] = field(default_factory=list)
+    tensors: dict[str, bytes] = field(default_factory=dict)  # name -> tensor id
+    known: dict[bytes, Tensor] = field(default_factory=dict)  # tensors read now, by id
+    files: dict[str, bytes] = field(default_factory=dict)  # relative path -> blob id
+    shards: list[Shard] = field(default_factory=list)
+    seen: list[filecache.Entry] = field(default_factory=list)
+
+
+def _read_source(txn: Txn, sink: ChunkSink, src: ingest.Source, recorder: Recorder | None) -> _Read:
+    """Read every file the file-identity cache does not vouch for (a header is always hashed:
+    it is small, and a cached entry must name the same header blob)."""
+    out = _Read()
+    for file, header in src.weights.items():
+        path = src.root / file
+        hblob = sink.blob(header.raw, "header")  # the raw header: checkout rewrites it exactly
+        out.objects.append(hblob)
+        out.shards.append(ingest.shard_record(file, header, hblob.id))
+        names = [t.name for t in header.tensors]
+        now = ingest.identity(path)
+        ids = filecache.lookup(txn, now, filecache.WEIGHTS)
+        if ids is not None and ids[0] == hblob.id and len(ids) == 1 + len(names):
+            out.tensors.update(zip(names, ids[1:]))
+            sink.progress.advance(now.size - len(header.raw))
+            continue
+        tensors, seen = ingest.read_weights(sink, path, header, recorder.watch if recorder is not None else None)
+        for tname, tensor in tensors.items():
+            out.objects.append(tensor)
+            out.tensors[tname] = tensor.id
+            out.known[tensor.id] = tensor
+        if seen is not None:
+            out.seen.append(filecache.Entry(seen.identity, seen.began_ns, filecache.WEIGHTS,
+                                            (hblob.id, *(tensors[n].id for n in names))))
+    for rel in src.files:
+        now = ingest.identity(src.root / rel)
+        ids = filecache.lookup(txn, now, filecache.BLOB)
+        if ids is not None and len(ids) == 1:
+            out.files[rel] = ids[0]
+            sink.progress.advance(now.size)
+            continue
+        blob, seen = ingest.read_blob(sink, src.root / rel, rel)
+        out.objects.append(blob)
+        out.files[rel] = blob.id
+        if seen is not None:
+            out.seen.append(filecache.Entry(seen.identity, seen.began_ns, filecache.BLOB, (blob.id,)))
+    return out
 
 
 def _writes(fn: Callable[Concatenate[Repo, P], R]) -> Callable[Concatenate[Repo, P], R]:
@@ -306,42 +361,47 @@ class Repo:
         message: str | None = None,
         progress: Progress | None = None,
     ) -> AddResult:
-        """Store a model folder (or one .safetensors file) as a new commit on branch `name`."""
+        """Store a model folder (or one .safetensors file) as a new commit on branch `name`.
+
+        Files the file-identity cache vouches for are not read (store/filecache.py); the others
+        are read once, and with `base` the delta catalog is measured in that same pass."""
         progress = progress or Silent()
         check_name(name)
         base_id = self.resolve(base) if base else None
         src = ingest.scan(Path(source), store=self.store.path)  # never the repository's own store
         total = ingest.total_bytes(src)
         sink = ChunkSink(self.store, self.chunk_size, progress)
+        threads = os.cpu_count() or 1
         progress.start(f"add {name}", total)
         try:
-            objects: list[StoredObject] = []
-            tensors: dict[str, Tensor] = {}
-            shards: list[Shard] = []
-            for file, header in src.weights.items():
-                hblob = sink.blob(header.raw, "header")  # the raw header: checkout rewrites it exactly
-                objects.append(hblob)
-                shards.append(ingest.shard_record(file, header, hblob.id))
-                for tname, tensor in ingest.read_weights(sink, src.root / file, header).items():
-                    objects.append(tensor)
-                    tensors[tname] = tensor
-            files: dict[str, Blob] = {rel: ingest.read_blob(sink, src.root / rel, rel) for rel in src.files}
-            objects.extend(files.values())
-            sink.flush()
+            with sink.pipelined(reserve=total + total // 8) as txn:
+                recorder = None
+                if base_id is not None:  # the catalog of this expert's deltas, measured as it is read
+                    from .merge.catalog import Recorder
+
+                    base_snap = txn.snapshot_of(base_id)
+                    recorder = Recorder(txn, sink, {n: txn.tensor(t) for n, t in base_snap.tensors.items()},
+                                        threads)
+                try:
+                    got = _read_source(txn, sink, src, recorder)
+                finally:
+                    measured = recorder.finish() if recorder is not None else None
         finally:
             progress.finish()
-        snapshot = Snapshot({n: t.id for n, t in tensors.items()}, {f: b.id for f, b in files.items()}, tuple(shards))
+        snapshot = Snapshot(got.tensors, got.files, tuple(got.shards))
         analyzed = None
-        if base_id is not None:  # the catalog of this expert's deltas: a one-time cost per model
+        if base_id is not None:  # what the add did not read (cached files) is measured from the store
             from .merge.catalog import analyze
 
             with self.store.read() as r:
-                pairs = _pairs(r, snapshot.tensors, r.snapshot_of(base_id), {t.id: t for t in tensors.values()})
-            analyzed = analyze(self.store, pairs, progress, os.cpu_count() or 1)
+                pairs = _pairs(r, snapshot.tensors, r.snapshot_of(base_id), got.known)
+            analyzed = analyze(self.store, pairs, progress, threads, measured)
         folder_name = Path(os.path.abspath(source)).name or str(source)  # `mp add .`: the folder's real name
-        cid = self._commit(name, snapshot, objects, message if message is not None else f"add {folder_name}",
+        cid = self._commit(name, snapshot, got.objects, message if message is not None else f"add {folder_name}",
                            f"add {source}", lambda head: [head] if head else [], base=base_id,
                            new_bytes=sink.new_bytes)
+        if got.seen:  # after the commit: an entry names objects that exist (a lost one is a miss)
+            self.store.write(lambda txn: filecache.record(txn, got.seen))
         return AddResult(cid, sink.new_bytes, total, analyzed)
 
     # reading ------------------------------------------------------------------------------
@@ -441,7 +501,9 @@ class Repo:
         from .merge.planner import plan as make_plan
         from .merge.request import to_plan
 
-        with self.store.read() as r:
+        # A budget's plan looks up catalog entries scattered through the file: read-ahead off,
+        # or each cold lookup reads the device's whole window around it (docs/benchmarks.md).
+        with self.store.read() as r, (self.store.no_read_ahead() if budget is not None else nullcontext()):
             resolved = to_plan(request, lambda spec: resolve(r, spec), self.chunk_size, ENGINE_VERSION)
             return make_plan(r, resolved, parse_budget(budget) if budget is not None else None,
                              select, memory_limit)

@@ -168,7 +168,7 @@ def test_estimate_is_what_the_merge_does(f32_store, method):
         for k in COUNTED:
             assert exact.plan.estimate[k] == exact.realized[k], (k, exact.plan.estimate, exact.realized)
         assert exact.realized["chunks_omitted"] == 0 and exact.realized["expert_bytes"] == total
-        assert set(exact.realized["seconds"]) == {"plan", "execute", "read", "write"}
+        assert set(exact.realized["seconds"]) == {"plan", "execute", "read", "write", "workers"}
         exact_snap = repo.commit(f"{method}/exact").commit.snapshot
         assert exact_snap != snapshot_of(repo, "base")
         check_plan_against_store(repo, exact.plan, cands)

@@ -246,7 +246,8 @@ def test_status_lists_refs_size_and_what_gc_could_reclaim(tmp_path, models):
     report = fsck_clean(root)
     assert st["entries"]["chunks"] == report["checked"]["chunks"]
     assert st["entries"]["objects"] == report["checked"]["objects"]
-    assert st["reclaimable"] == {"objects": 0, "chunks": 0, "chunk_bytes": 0, "reflog_entries": 0, "catalog_entries": 0}
+    assert st["reclaimable"] == {"objects": 0, "chunks": 0, "chunk_bytes": 0, "reflog_entries": 0, "catalog_entries": 0,
+                                "file_cache_entries": 0}
     text = mp_ok("-C", root, "status")
     assert re.search(rf"^\* other\s+{c1[:12]}", text, re.M) and re.search(rf"^  main\s+{c0[:12]}", text, re.M)
     assert "tags/v1" in text and "reclaimable by gc: 0 B in 0 chunks and 0 objects" in text

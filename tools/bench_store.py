@@ -4,7 +4,10 @@
 What it measures (each timed command is run --repeat times; the median is compared, the min shown):
   * `mp add` of a model into an empty repository vs `cp -r` of the same folder to a fresh folder
     on the same filesystem, and vs `cp -r` followed by `sync` (a durable copy: `mp add` fsyncs);
-  * `mp add` of the same model again (every byte already stored) vs `cp -r`;
+  * `mp add` of the same, unchanged folder again (the file-identity cache vouches for every
+    file: nothing but the headers is read) vs `cp -r`;
+  * `mp add --base` of the family's first dense expert into a repository holding the base (the
+    delta catalog is measured while the expert is read) vs `cp -r` of the expert;
   * `mp checkout` of that model vs `cp -r`;
   * the store's size after adding the whole family (data.mdb's allocated blocks — the file is sparse up to the map size — and LMDB's used pages)
     vs the bytes of the family's unique chunks, computed here from the files themselves;
@@ -22,7 +25,11 @@ into --work and reused when it is already there with the same parameters.
 
 Usage (from the repository root, with the venv's python):
   python tools/bench_store.py [--work bench/store] [--out results.md] [--repeat 3]
-      [--quick] [--chunk-sweep] [--keep]
+      [--params 250M] [--experts 8] [--quick] [--chunk-sweep] [--keep]
+  The ~3 GB rows of issue 12: --params 1.5B --experts 1 (one dense expert). Targets: add ≤ 1.5×
+  `cp` at ≥ 2 GiB, ≤ 2× `cp` + `sync` below; add --base ≤ 2.5× `cp`; re-add ≤ 0.3× `cp`;
+  checkout ≤ 1.0× `cp` at ≥ 2 GiB, ≤ 1.5× below. MP_BENCH_COMMAND=/path/to/mp runs another
+  `mp` (a frozen copy of the code while others edit the tree).
 """
 
 from __future__ import annotations
@@ -51,9 +58,10 @@ import xxhash
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MP = str(BIN / "mp")
+MP = os.environ.get("MP_BENCH_COMMAND") or str(BIN / "mp")  # another `mp` (e.g. a copy of the code)
 MIB = 1 << 20
 RSS_TARGET = 512 * MIB
+BIG_BYTES = 2 << 30  # from this base folder size on, the ~3 GB targets apply
 SWEEP_SIZES = ("256KiB", "1MiB", "4MiB")
 POLL_S = 0.01
 STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
@@ -426,6 +434,7 @@ def bench(args: argparse.Namespace) -> str:
     log("warming the page cache with the family's files")
     warm(models)
     base_bytes = folder_bytes(base)
+    big = base_bytes >= BIG_BYTES  # issue 12's targets differ for a ~3 GB model and the 0.5 GB family
     rows: list[list[str]] = []
     notes: list[str] = []
     try:
@@ -446,9 +455,9 @@ def bench(args: argparse.Namespace) -> str:
                      "cp -r + sync": cp_variant(True)}, R)
         add_new, cp1, cps = t["mp add"], t["cp -r"], t["cp -r + sync"]
         rows.append(row("add new model (base, empty repo)", add_new.text(), "cp -r: " + cp1.text(),
-                        add_new.median / cp1.median, 1.5))
+                        add_new.median / cp1.median, 1.5 if big else None))
         rows.append(row("add new model, durable baseline", add_new.text(), "cp -r + sync: " + cps.text(),
-                        add_new.median / cps.median, None))
+                        add_new.median / cps.median, None if big else 2.0))
 
         # 2. add the identical model again: every chunk already stored -----------------------
         log("re-add identical")
@@ -456,8 +465,33 @@ def bench(args: argparse.Namespace) -> str:
                                                  f"again-{i}"], None, True),
                      "cp -r": cp_variant(False)}, R)
         readd, cp2 = t["mp add again"], t["cp -r"]
-        rows.append(row("re-add identical model (all bytes stored)", readd.text(), "cp -r: " + cp2.text(),
+        rows.append(row("re-add unchanged folder (file-identity cache)", readd.text(), "cp -r: " + cp2.text(),
                         readd.median / cp2.median, 0.3))
+
+        # 2b. add --base of a dense expert: the delta catalog measured while the expert is read --
+        expert = next((m for m in models[1:] if model_kind(m) == "dense"), None)
+        add_base = None
+        if expert is not None:
+            log(f"add --base of the dense {expert.name} ({b(folder_bytes(expert))})")
+            brepo = tmp / "repo-base"
+
+            def prep_add_base(i: int) -> list[str]:
+                rm(brepo)
+                run([MP, "-C", str(brepo), "--quiet", "init"])
+                run([MP, "-C", str(brepo), "--quiet", "add", str(base), "--name", "base"])
+                return [MP, "-C", str(brepo), "--quiet", "add", str(expert), "--name", expert.name, "--base", "base"]
+
+            log("  untimed warm-up (compiles the catalog kernel once, if this code never ran)")
+            run(prep_add_base(0))
+            cpe = tmp / "cp-expert"
+            t = compare({"mp add --base": (prep_add_base, None, True),
+                         "cp -r": (lambda i: (rm(cpe), cp_cmd(expert, cpe, False))[1], lambda i: rm(cpe), False)}, R)
+            add_base, cp4 = t["mp add --base"], t["cp -r"]
+            rows.append(row(f"add --base of a dense expert ({expert.name}, catalog measured)", add_base.text(),
+                            "cp -r: " + cp4.text(), add_base.median / cp4.median, 2.5))
+            rows.append(row("catalog's cost: add --base of the expert vs add of the base (same size)",
+                            add_base.text(), "add new: " + add_new.text(), add_base.median / add_new.median, None))
+            rm(brepo)
 
         # 3. checkout ----------------------------------------------------------------------
         log("checkout")
@@ -477,7 +511,8 @@ def bench(args: argparse.Namespace) -> str:
 
         t = compare({"mp checkout": (prep_co, check_co, True), "cp -r": cp_variant(False)}, R)
         checkout, cp3 = t["mp checkout"], t["cp -r"]
-        rows.append(row("checkout (base)", checkout.text(), "cp -r: " + cp3.text(), checkout.median / cp3.median, 1.2))
+        rows.append(row("checkout (base)", checkout.text(), "cp -r: " + cp3.text(), checkout.median / cp3.median,
+                        1.0 if big else 1.5))
         rm(repo)
 
         # 4. the whole family in one repo: store size vs unique chunk bytes -------------------
@@ -509,7 +544,7 @@ def bench(args: argparse.Namespace) -> str:
                         f"sum of folders: {b(uniq['total_files'])}", stats["file"] / uniq["total_files"], None))
 
         # 5. peak RSS ------------------------------------------------------------------------
-        all_adds = Timing(add_new.runs + readd.runs + family_adds)
+        all_adds = Timing(add_new.runs + readd.runs + family_adds + (add_base.runs if add_base else []))
         for label, tm in (("mp add", all_adds), ("mp checkout", checkout)):
             rows.append(row(f"peak RSS {label} (ru_maxrss, incl. mapped store pages)", b(tm.peak()),
                             f"limit {b(RSS_TARGET)}", tm.peak() / RSS_TARGET, 1.0))
@@ -584,8 +619,8 @@ def bench(args: argparse.Namespace) -> str:
         f"all folders {b(uniq['total_files'])}. Timings: median of {R} runs (min in parentheses), wall clock "
         "from spawn to exit, run interleaved with their baseline. Page cache: **not dropped**; sources are "
         "read once beforehand so both sides read warm files, and an untimed `sync` precedes each timed "
-        "command. `mp add` fsyncs (each 64 MiB batch and at the end); `cp -r` does not, hence the "
-        "`cp -r + sync` row. `mp` runs as the installed console script with `-C REPO --quiet`. Unique chunk "
+        "command. `mp add` fsyncs (each 32 MiB batch, committed by a writer thread while the next is "
+        "read, and at the end); `cp -r` does not, hence the `cp -r + sync` row. `mp` runs as the installed console script with `-C REPO --quiet`. Unique chunk "
         "bytes are computed from the safetensors files (header + each tensor's bytes, and every other file, "
         "cut into 1 MiB chunks, xxh3-128, deduplicated) and cross-checked against the sum of the store's "
         "chunks-db values (less the codec byte). Peak RSS: "

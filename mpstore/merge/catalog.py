@@ -14,20 +14,22 @@ meets the same pair shares them, and gc drops them with their chunks.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
 from ..errors import CorruptData
 from ..progress import Progress
+from ..store.chunks import FOLIO_BYTES, ChunkSink, Watch
 from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
 from ..store.dtypes import FLOATS, ITEMSIZE
-from ..store.env import Store, Txn
+from ..store.env import Store, Txn, checked_chunk, stored_payload
 from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
@@ -36,6 +38,7 @@ BINS = 1 << 16
 WRITE_BATCH = 2048  # entries per write transaction
 WINDOW = 16  # chunk pairs in flight per worker thread
 ENTRY_BOUND = 6 * BINS + 128  # bytes of the largest entry: every bin used (uint16 bin, uint32 count)
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ def lookup(txn: Txn, expert_chunk: bytes, base_chunk: bytes, dtype: str) -> Delt
     return None if value is None else _current(k, value)  # an outdated entry: analyze measures it again
 
 
-def _float32(raw: bytes | bytearray, dtype: str) -> np.ndarray:
+def _float32(raw: Buffer, dtype: str) -> np.ndarray:
     """Chunk bytes as float32 values (numpy: `mp add` need not import torch)."""
     if dtype == "BF16":  # bfloat16 is the top half of a float32
         return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -138,19 +141,24 @@ def _float32(raw: bytes | bytearray, dtype: str) -> np.ndarray:
     return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype)).to(torch.float32).numpy()
 
 
-def measure(expert: bytes | bytearray, base: bytes | bytearray, dtype: str) -> DeltaStats:
-    """The statistics of one chunk pair's delta, computed in float32 like the executor's passes."""
-    b = _float32(base, dtype)
-    mag = np.abs(_float32(expert, dtype) - b)
-    hist = np.bincount(mag.view(np.int32) >> 16, minlength=BINS)
+def measure(expert: Buffer, base: Buffer, dtype: str) -> DeltaStats:
+    """The statistics of one chunk pair's delta, computed in float32 like the executor's passes
+    (one compiled pass, `deltakernel`; releases the GIL, so threads measure in parallel)."""
+    from .deltakernel import bf16_to_float32, delta_stats
+
+    def values(raw: Buffer) -> np.ndarray:
+        return bf16_to_float32(np.frombuffer(raw, dtype=np.uint16)) if dtype == "BF16" else _float32(raw, dtype)
+
+    hist = np.empty(BINS, dtype=np.int64)
+    sq, max_abs, changed, base_max, base_sq = delta_stats(values(expert), values(base), hist)
     used = np.flatnonzero(hist)
     return DeltaStats(
         dtype=dtype,
-        l2=float(np.sqrt(np.square(mag, dtype=np.float64).sum())),
-        max_abs=float(mag.max()) if mag.size else 0.0,
-        changed=int(np.count_nonzero(mag)),
-        base_max=float(np.abs(b).max()) if b.size else 0.0,
-        base_l2=float(np.sqrt(np.square(b, dtype=np.float64).sum())),
+        l2=float(np.sqrt(np.float64(sq))),
+        max_abs=float(max_abs),
+        changed=int(changed),
+        base_max=float(base_max),
+        base_l2=float(np.sqrt(np.float64(base_sq))),
         bins=used.astype(np.uint16).tobytes(),
         counts=hist[used].astype(np.uint32).tobytes(),
     )
@@ -168,9 +176,10 @@ class AnalyzeResult:
     measured: int = 0  # of them, newly measured and stored
     bytes_read: int = 0  # expert and base chunk bytes read to measure them
     seconds: float = 0.0
+    keys: set[bytes] = field(default_factory=set, repr=False)  # entries a Recorder wrote
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "keys"}
 
 
 def differing(tensors: Iterable[tuple[Tensor, Tensor]]) -> Iterable[tuple[bytes, bytes, str]]:
@@ -183,16 +192,22 @@ def differing(tensors: Iterable[tuple[Tensor, Tensor]]) -> Iterable[tuple[bytes,
 
 
 def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress,
-            threads: int) -> AnalyzeResult:
+            threads: int, measured: AnalyzeResult | None = None) -> AnalyzeResult:
     """Measure every differing chunk pair the catalog lacks, and store the entries.
 
     The main thread reads (LMDB stays on one thread) and workers measure; entries are written in
     batches of their own transactions: an entry only describes two chunks, so one written before
-    the commit that needs it (or by a process that dies) is harmless, and gc removes it with them."""
+    the commit that needs it (or by a process that dies) is harmless, and gc removes it with them.
+    `measured`: what a `Recorder` measured while the expert was added; those pairs are counted,
+    not measured again."""
     start = time.perf_counter()
     result = AnalyzeResult()
+    known = measured.keys if measured is not None else frozenset()
     todo = list(dict.fromkeys(differing(pairs)))  # (expert, base, dtype), each once
     result.pairs = len(todo)
+    if measured is not None:
+        result.measured, result.bytes_read = measured.measured, measured.bytes_read
+        todo = [p for p in todo if key(*p) not in known]
     progress.start("analyze", len(todo))
     done: list[tuple[bytes, bytes]] = []
 
@@ -233,8 +248,94 @@ def analyze(store: Store, pairs: list[tuple[Tensor, Tensor]], progress: Progress
             write()
     finally:
         progress.finish()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start + (measured.seconds if measured is not None else 0.0)
     return result
+
+
+def _load_kernel() -> None:
+    from . import deltakernel  # noqa: F401
+
+
+class Recorder:
+    """Measures the catalog while `mp add --base` reads the expert: each chunk is measured as it
+    is hashed, from the bytes in hand and the base chunk at the same position, on a thread pool
+    (the kernel releases the GIL), so the expert is read once. A worker reads the base chunk
+    itself with `pread` at the offset the read transaction gives (`Txn.extent`; the pages stay
+    put while it is open) and hash-checks it: faulting 1 MiB of the map in, page by page, on
+    the reading thread cost more than the measurement. Entries ride in the sink's batch
+    transactions (`ChunkSink.attach`), and a chunk's buffer goes back to the sink when measured
+    (`ChunkSink.release`). `finish` says what was measured; `analyze(..., measured=)` then
+    measures only what the add did not read (files the file-identity cache answered for)."""
+
+    def __init__(self, txn: Txn, sink: ChunkSink, base: dict[str, Tensor], threads: int):
+        self._txn = txn  # open for the whole add (ChunkSink.pipelined)
+        self._sink = sink
+        self._base = base
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mp-catalog")
+        self._pool.submit(_load_kernel)  # numba's import and cache load overlap the first reads
+        self._file = open(sink.store.path / "data.mdb", "rb", buffering=0)  # noqa: SIM115 (closed in finish)
+        self._pending: deque[tuple[bytes, Future[DeltaStats], memoryview]] = deque()
+        self.result = AnalyzeResult()  # seconds: time the add waited for measurements
+
+    def watch(self, name: str, dtype: str, shape: tuple[int, ...]) -> Watch | None:
+        """What the sink calls with each chunk of tensor `name` (None: nothing to measure)."""
+        base = self._base.get(name)
+        if base is None or not (base.dtype == dtype and base.shape == shape and dtype in FLOATS
+                                and base.chunk_size == self._sink.chunk_size):
+            return None
+
+        def chunk(c: int, digest: bytes, data: memoryview) -> bool:
+            b = base.chunks[c]
+            k = key(digest, b, dtype)
+            if digest == b or k in self.result.keys:
+                return False
+            self.result.keys.add(k)
+            old = self._txn.catalog(k)
+            if old is not None and current(k, old):
+                return False
+            at = self._txn.extent(b"chunks", b)
+            self._sink.store.touched(FOLIO_BYTES)  # the B-tree leaf's page cache folio got mapped
+            if at is None:  # a layout the extent lookup does not know: read through the map
+                base_bytes = self._txn.chunk(b)
+                self._sink.store.touched(len(base_bytes))
+                task = self._pool.submit(measure, data, base_bytes, dtype)
+            else:
+                task = self._pool.submit(_measure_stored, self._file.fileno(), at, b, data, dtype)
+            self.result.bytes_read += 2 * len(data)
+            self._pending.append((k, task, data))
+            while len(self._pending) >= WINDOW * self._threads:
+                self._collect()
+            return True
+
+        return chunk
+
+    def _collect(self) -> None:
+        k, fut, data = self._pending.popleft()
+        began = time.perf_counter()
+        value = fut.result().encode()
+        self.result.seconds += time.perf_counter() - began
+        self._sink.release(data)
+        self._sink.attach(lambda txn: txn.put_catalog(k, value), len(value) + 64)
+        self.result.measured += 1
+
+    def finish(self) -> AnalyzeResult:
+        """Wait for every measurement and hand its entry to the sink (before its last flush)."""
+        try:
+            while self._pending:
+                self._collect()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+            self._file.close()
+        return self.result
+
+
+def _measure_stored(fd: int, at: tuple[int, int], base_key: bytes, expert: memoryview, dtype: str) -> DeltaStats:
+    """measure(), the base chunk read from the data file at `at` (offset, length of its stored
+    value) and hash-checked here, on the worker."""
+    offset, length = at
+    value = memoryview(os.pread(fd, length, offset))
+    return measure(expert, checked_chunk(base_key, stored_payload(base_key, value)), dtype)
 
 
 def elements(t: Tensor, c: int) -> int:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Generic, TypeVar
@@ -39,6 +41,7 @@ from ..store.dtypes import FLOATS, ITEMSIZE, holds, torch_dtype
 from ..store.env import Store, Txn
 from ..store.ids import short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
+from ..store.prefetch import Prefetcher
 from . import catalog, layout, methods
 from . import params as P
 from .layout import Input
@@ -165,10 +168,13 @@ class _Assembler:
 _BITS = {"F32": (np.uint32, 0), "BF16": (np.uint16, 16)}
 
 
-def _values(raw: bytearray, dtype: str, compute: str) -> torch.Tensor:
+def _values(raw: memoryview | bytearray, dtype: str, compute: str) -> torch.Tensor:
+    """Stored bytes as values in the compute dtype; a view into the map is copied first (torch
+    keeps no tensor over read-only memory)."""
     if not raw:
         return torch.zeros(0, dtype=torch_dtype(compute))
-    return torch.frombuffer(raw, dtype=torch_dtype(dtype)).to(torch_dtype(compute))
+    return torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw),
+                            dtype=torch_dtype(dtype)).to(torch_dtype(compute))
 
 
 def _to_bytes(values: torch.Tensor, dtype: str) -> bytes:
@@ -176,7 +182,7 @@ def _to_bytes(values: torch.Tensor, dtype: str) -> bytes:
     return out.view(torch.uint8).numpy().tobytes() if out.numel() else b""
 
 
-def _converted(raw: bytearray, dtype: str, compute: str, out: str) -> bytes:
+def _converted(raw: memoryview | bytearray, dtype: str, compute: str, out: str) -> bytes:
     """Stored values through the compute dtype into the output dtype (an unchanged block)."""
     return _to_bytes(_values(raw, dtype, compute), out)
 
@@ -213,8 +219,10 @@ class Executor:
     """Runs tasks one by one over a thread pool (see the module docstring)."""
 
     def __init__(self, store: Store, txn: Txn, sink: ChunkSink, pool: ThreadPoolExecutor, threads: int,
-                 memory_limit: int, plan: Plan, progress: Progress, derived: dict[bytes, bytes]):
+                 memory_limit: int, plan: Plan, progress: Progress, derived: dict[bytes, bytes],
+                 prefetch: Prefetcher | None = None):
         self.store, self.txn, self.sink, self.pool = store, txn, sink, pool
+        self.prefetch = prefetch  # told of every stored chunk read, to fetch further ahead
         self.derived = derived  # chunks of tensors derived from the inputs, in memory
         self.chunk_size, self.seed = plan.chunk_size, plan.seed
         self.threads, self.memory_limit = threads, memory_limit
@@ -222,19 +230,26 @@ class Executor:
         self.realized = Realized()
         self.reads = ReadAccount(self.realized)
         self.read_seconds = 0.0
+        self.busy: list[float] = []  # seconds of each worker job: how busy the cores were
 
     # reading -----------------------------------------------------------------------------
-    def _read(self, task: Task, t: Tensor, a: int, b: int) -> bytearray:
-        """Elements [a, b) of a stored tensor as raw bytes (chunks hash-checked)."""
+    def _read(self, task: Task, t: Tensor, a: int, b: int) -> memoryview | bytearray:
+        """Elements [a, b) of a stored tensor as raw bytes (chunks hash-checked): a view into the
+        map (or the derived chunk) when they lie in one chunk, so the main thread copies nothing;
+        the view stays valid for the executor's read transaction. Else the pieces joined."""
         began = time.perf_counter()
         isz = ITEMSIZE[t.dtype]
-        out = bytearray((b - a) * isz)
-        pos = 0
+        pieces = []
         for c, lo, hi in self.reads.read(task, t, a, b):
             key = t.chunks[c]
-            view = self.derived[key] if key in self.derived else self.txn.chunk(key)
-            out[pos: pos + (hi - lo) * isz] = view[lo * isz: hi * isz]
-            pos += (hi - lo) * isz
+            if key in self.derived:
+                view = memoryview(self.derived[key])
+            else:
+                if self.prefetch is not None:
+                    self.prefetch.reached(key)
+                view = self.txn.chunk(key)
+            pieces.append(view[lo * isz: hi * isz])
+        out = pieces[0] if len(pieces) == 1 else bytearray(b"".join(pieces))
         self.store.touched(len(out))
         self.read_seconds += time.perf_counter() - began
         return out
@@ -278,11 +293,18 @@ class Executor:
         pending: deque[Future[R] | _Ready[R]] = deque()
         window = self._window(task)
         for job in jobs:
-            pending.append(job if isinstance(job, _Ready) else self.pool.submit(job))
+            pending.append(job if isinstance(job, _Ready) else self.pool.submit(self._timed, job))
             while len(pending) >= window:
                 yield _result(pending.popleft())
         while pending:
             yield _result(pending.popleft())
+
+    def _timed(self, job: Callable[[], R]) -> R:
+        began = time.perf_counter()
+        try:
+            return job()
+        finally:
+            self.busy.append(time.perf_counter() - began)  # list.append is atomic: no lock
 
     def _cache(self, task: Task, o: Outline) -> list[Block | None] | None:
         """Build every block once when the whole tensor fits in half the memory limit, so the
@@ -554,16 +576,23 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     with store.read() as txn:  # the tasks hold decoded objects only: they outlive the transaction
         prep = prepare(txn, plan, method, MemorySink(plan.chunk_size))
     todo = prep.todo
-    # The output is written while the inputs are read, and the map cannot grow under an open read.
-    store.reserve(sum(_out_size(t) for t in todo) + (16 << 20))
-    with store.read() as txn:
+    # The output is written (by the sink's writer thread) while the inputs are read; the map
+    # cannot grow under an open read, so the sink reserves the output's room first.
+    with sink.pipelined(sum(_out_size(t) for t in todo) + (16 << 20)) as txn:
         progress.start(f"merge {plan.method}", sum(_out_size(t) for t in todo))
         old_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            # A budget's chunks are scattered through the file: fetch them in runs, read-ahead off.
+            # An exact merge reads every differing chunk, contiguous per input: the kernel's
+            # read-ahead serves it as well (docs/benchmarks.md). MP_PREFETCH=0: off, to compare.
+            reads = (key for t in todo if t.copy is None
+                     for key in outline(txn, t, method, memory_limit, counting=True).chunks_read())
+            prefetching = bool(plan.omit) and os.environ.get("MP_PREFETCH", "1") != "0"
             # one BLAS thread in every worker too, so sums do not depend on the machine's cores
-            with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                ex = Executor(store, txn, sink, pool, threads, memory_limit, plan, progress, prep.derived)
+            with (ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+                  Prefetcher(store, txn, reads) if prefetching else nullcontext() as prefetch):
+                ex = Executor(store, txn, sink, pool, threads, memory_limit, plan, progress, prep.derived, prefetch)
                 outputs = {t.name: ex.run(t, method) for t in todo}
         finally:
             torch.set_num_threads(old_threads)
@@ -579,10 +608,10 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
             shards.append(Shard(file, hblob.id, tuple(names), metadata))
         files, blobs = _files(txn, prep, outputs, plan.out_dtype or plan.compute_dtype, sink)
         objects.extend(blobs)
-    sink.flush()
     snapshot = Snapshot({n: t.id for n, t in outputs.items()}, files, tuple(shards))
     ex.realized.seconds = {"execute": round(time.perf_counter() - began, 3),
-                           "read": round(ex.read_seconds, 3), "write": round(sink.write_seconds, 3)}
+                           "read": round(ex.read_seconds, 3), "write": round(sink.write_seconds, 3),
+                           "workers": round(sum(ex.busy), 3)}
     return Result(snapshot, objects, ex.realized)
 
 

@@ -13,6 +13,7 @@ entries exist (when counting) or for their histograms (when running).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -67,10 +68,18 @@ class Realized:
     chunks_skipped: int = 0
     chunks_omitted: int = 0  # expert chunks a budget left out
     tensors_copied: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # time per phase
+    # time per phase: execute (wall), read and write (the main thread's), workers (the sum of
+    # every worker job's time: workers / (threads * execute) is how busy the cores were)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+
+def chunk_range(t: Tensor, a: int, b: int) -> range:
+    """The chunks of stored tensor t that hold its elements [a, b)."""
+    per = t.chunk_size // ITEMSIZE[t.dtype]
+    return range(a // per, (b - 1) // per + 1 if b > a else a // per)
 
 
 class ReadAccount:
@@ -86,7 +95,7 @@ class ReadAccount:
         isz = ITEMSIZE[t.dtype]
         per = t.chunk_size // isz
         spans = []
-        for c in range(a // per, (b - 1) // per + 1 if b > a else a // per):
+        for c in chunk_range(t, a, b):
             lo, hi = max(a, c * per) - c * per, min(b, (c + 1) * per) - c * per
             spans.append((c, lo, hi))
             key = t.chunks[c]
@@ -142,6 +151,18 @@ class Outline:
     def sweep_reads(self, pas: Pass, n: int) -> bool:
         """Without a cache: pass `pas` reads block n (else it adds the pass's zero-block sums)."""
         return not (pas.zero is not None and self.task.base is not None and not self.changed[n])
+
+    def chunks_read(self) -> Iterator[bytes]:
+        """The digests of the chunks this merge reads, block by block (each block's tensors in
+        `inputs_read` order, the reference's for a copied block): what a prefetcher fetches ahead.
+        A cached tensor's blocks are read before any is copied; that order differs from this one
+        only in when a chunk is fetched, not in which."""
+        for n, (a, b) in enumerate(self.blocks):
+            step = self.step(n)
+            swept = self.cache_reads(n) if self.cached else any(self.sweep_reads(p, n) for p in self.swept)
+            tensors = self.inputs_read(n) if swept or step is Step.COMBINE else []
+            for t in tensors + ([self.task.ref] if step is Step.COPY else []):
+                yield from (t.chunks[c] for c in chunk_range(t, a, b))
 
     def step(self, n: int) -> Step:
         if not (self.identity and not self.changed[n]):

@@ -4,7 +4,9 @@ Everything about the input is validated before the first byte is written, so bad
 the store as it was. Bytes are then read sequentially in chunk-sized pieces (never a whole
 tensor), hashed, and only chunks the store lacks are kept; they are written in batches of their
 own transactions, and the objects plus the ref move in one final transaction. A crash before
-that transaction leaves only unreferenced chunks, which the branch never points to.
+that transaction leaves only unreferenced chunks, which the branch never points to. Each read
+also reports the file's identity while it was read (`Observed`), for the file-identity cache
+(store/filecache.py) that lets the next add of the unchanged file skip it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import errno
 import json
 import os
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import BadInput
-from ..store.chunks import ChunkSink
+from ..store.chunks import ChunkSink, Watch
+from ..store.filecache import Identity, Observed
 from ..store.objects import Blob, Shard, Tensor
 from .header import Header, read_header
 from .paths import check_relpath
@@ -192,28 +198,53 @@ def scan(path: Path, store: Path | None = None) -> Source:
     return Source(path, weights, [r for r in rels if r not in weights])
 
 
-def read_blob(sink: ChunkSink, path: Path, where: str) -> Blob:
+def identity(path: Path) -> Identity:
+    """The file's identity now, for a file-identity cache lookup (see store.filecache)."""
     try:
-        size = path.stat().st_size
+        return Identity.of(os.stat(path))
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+
+
+def _observed(f: BinaryIO, before: os.stat_result, began_ns: int) -> Observed | None:
+    """The file's identity during a read that began at `began_ns`, or None if it changed meanwhile
+    (what was read is still stored, but the cache must not vouch for it)."""
+    seen = Identity.of(before)
+    return Observed(seen, began_ns) if Identity.of(os.fstat(f.fileno())) == seen else None
+
+
+def read_blob(sink: ChunkSink, path: Path, where: str) -> tuple[Blob, Observed | None]:
+    try:
         with open(path, "rb") as f:
-            return Blob(size, sink.chunk_size, sink.consume(f, size, where))
+            began = time.time_ns()
+            before = os.fstat(f.fileno())
+            blob = Blob(before.st_size, sink.chunk_size, sink.consume(f, before.st_size, where))
+            return blob, _observed(f, before, began)
     except OSError as e:  # validated readable; this is the file changing or failing under us
         raise _cannot_read(path, e) from None
 
 
-def read_weights(sink: ChunkSink, path: Path, header: Header) -> dict[str, Tensor]:
-    """Every tensor of one safetensors file, read in file order."""
+WatchTensor = Callable[[str, str, tuple[int, ...]], Watch | None]  # name, dtype, shape -> its chunks' watcher
+
+
+def read_weights(sink: ChunkSink, path: Path, header: Header,
+                 watch: WatchTensor | None = None) -> tuple[dict[str, Tensor], Observed | None]:
+    """Every tensor of one safetensors file, read in file order; `watch` sees each chunk as it
+    is hashed (the delta catalog measures it then)."""
     tensors: dict[str, Tensor] = {}
     try:
         with open(path, "rb") as f:
+            began = time.time_ns()
+            before = os.fstat(f.fileno())
             f.seek(header.data_start)
             for t in header.tensors:
                 size = t.end - t.begin
-                chunks = sink.consume(f, size, f"{path}: tensor {t.name!r}")
+                chunks = sink.consume(f, size, f"{path}: tensor {t.name!r}",
+                                      watch(t.name, t.dtype, t.shape) if watch is not None else None)
                 tensors[t.name] = Tensor(size, sink.chunk_size, chunks, t.dtype, t.shape)
+            return tensors, _observed(f, before, began)
     except OSError as e:
         raise _cannot_read(path, e) from None
-    return tensors
 
 
 def total_bytes(source: Source) -> int:

@@ -3,12 +3,21 @@
 Both `mp add` (bytes from files) and the merge executor (bytes it computes) produce chunks this
 way. Batches are their own transactions, written before the objects that will reference them, so
 a crash leaves only unreferenced chunks. A dry sink only computes digests (for replay).
+
+`mp add` runs the sink `pipelined`: a writer thread commits each batch (LMDB copies it and
+fsyncs, releasing the GIL) while the caller reads and hashes the next, so the disk's write
+time overlaps the reading instead of following it. Frames the writer is done with are reused,
+so a chunk's buffer is not allocated and zeroed again for every chunk.
 """
 
 from __future__ import annotations
 
 import io
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from ..errors import BadInput
@@ -17,14 +26,55 @@ from .env import Store, Txn, framed, new_frame, payload
 from .ids import digest
 from .objects import Blob
 
-BATCH_BYTES = 64 << 20  # new chunk bytes per write transaction: bounds memory, amortises fsync
+BATCH_BYTES = 32 << 20  # chunk bytes per write transaction: bounds memory (three batches in flight), amortises fsync
 # A presence check maps the page cache folio around the chunk's first page: up to 2 MiB with
 # large folios, which is what it counts as touched.
 FOLIO_BYTES = 2 << 20
+SPARE_FRAMES = 32  # frames kept for reuse (one batch of 1 MiB chunks)
+
+# What a reader of chunks may do with each chunk as it is hashed (the delta catalog measures it
+# in the same pass): given its index in the stream, its digest and its bytes, it returns whether
+# it keeps a reference to the bytes (then their buffer is not reused).
+Watch = Callable[[int, bytes, memoryview], bool]
+_Pending = tuple[bytes, bytearray, bool]  # digest, frame, whether the frame may be reused after the write
+_Derived = Callable[[Txn], object]  # a record derived from chunks, written with them (see attach)
+_Batch = tuple[list[_Pending], list[_Derived], int]  # what one transaction writes; its bytes
 
 
 class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class _Writer:
+    """The thread that commits a pipelined sink's batches, one at a time, in order. The first
+    error stops it and is raised to the caller at its next hand-over or at the end."""
+
+    def __init__(self, write: Callable[[_Batch], None]):
+        self._write = write
+        self._queue: queue.Queue[_Batch | None] = queue.Queue(1)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mp-chunk-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(batch)
+                except BaseException as e:  # handed to the caller's thread
+                    self.error = e
+
+    def submit(self, batch: _Batch) -> None:
+        self.check()
+        self._queue.put(batch)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 class ChunkSink:
@@ -37,14 +87,42 @@ class ChunkSink:
         self.dry = dry
         self.new_bytes = 0
         self.write_seconds = 0.0
-        self._pending: list[tuple[bytes, bytearray]] = []
+        self._pending: list[_Pending] = []
         self._pending_bytes = 0
+        self._derived: list[_Derived] = []
         self._queued: set[bytes] = set()
+        self._spare: list[bytearray] = []
+        # Frames a watcher holds: how many of {watcher, writer} still use each (by id), so the
+        # last to let go puts it back for reuse (both threads do: hence the lock).
+        self._claims: dict[int, int] = {}
+        self._claims_lock = threading.Lock()
+        self._writer: _Writer | None = None
 
-    def consume(self, f: Readable, size: int, where: str) -> tuple[bytes, ...]:
+    @contextmanager
+    def pipelined(self, reserve: int) -> Iterator[Txn]:
+        """Commit batches on a writer thread while the caller goes on reading; at the end every
+        batch is committed (or the first error raised). Yields a read transaction, open
+        throughout, for reading the store (a chunk view stays valid until the end). `reserve`:
+        bytes the batches may add; the map is grown for them first, as it cannot grow while the
+        read transaction is open."""
+        self.store.reserve(reserve)
+        with self.store.read() as txn:
+            self._writer = _Writer(self._commit)
+            try:
+                yield txn
+                self.flush()
+            finally:
+                writer, self._writer = self._writer, None
+                writer.close()
+            writer.check()
+
+    def _frame(self) -> bytearray:
+        return self._spare.pop() if self._spare else new_frame(self.chunk_size)
+
+    def consume(self, f: Readable, size: int, where: str, watch: Watch | None = None) -> tuple[bytes, ...]:
         """Read `size` bytes from `f` as chunks; return their digests in order."""
         digests: list[bytes] = []
-        frame = new_frame(self.chunk_size)
+        frame = self._frame()
         remaining = size
         while remaining:
             n = min(self.chunk_size, remaining)
@@ -52,12 +130,20 @@ class ChunkSink:
                 frame = new_frame(n)
             if f.readinto(payload(frame)) != n:
                 raise BadInput(f"{where}: file ended early (changed while being added?)")
-            key, kept = self.offer(frame)
+            key = digest(payload(frame))
+            held = watch is not None and watch(len(digests), key, payload(frame))
             digests.append(key)
-            if kept:
-                frame = new_frame(self.chunk_size)
+            if held:
+                with self._claims_lock:
+                    self._claims[id(frame)] = 1
+            if self._take(key, frame, claimed=held):
+                frame = self._frame()
+            elif held:
+                frame = self._frame()
             remaining -= n
             self.progress.advance(n)
+        if len(frame) == 1 + self.chunk_size and len(self._spare) < SPARE_FRAMES:
+            self._spare.append(frame)
         return tuple(digests)
 
     def data(self, data: bytes | bytearray | memoryview) -> bytes:
@@ -72,16 +158,49 @@ class ChunkSink:
     def offer(self, frame: bytearray) -> tuple[bytes, bool]:
         """Take a chunk as a store frame (see store.env.new_frame); returns its digest and whether
         the sink kept `frame` (then the caller must not reuse it)."""
-        data = payload(frame)
-        key = digest(data)
-        if self.dry or key in self._queued or self._stored(key):
-            return key, False
+        key = digest(payload(frame))
+        return key, self._take(key, frame, recycle=False)
+
+    def release(self, data: memoryview) -> None:
+        """A watcher is done with the chunk bytes it held (`payload` of a frame of this sink)."""
+        self._unclaim(data.obj)
+
+    def _unclaim(self, frame: object) -> None:
+        with self._claims_lock:
+            left = self._claims.pop(id(frame)) - 1
+            if left:
+                self._claims[id(frame)] = left
+        if not left:
+            self._recycle(frame)
+
+    def _recycle(self, frame: object) -> None:
+        if isinstance(frame, bytearray) and len(frame) == 1 + self.chunk_size and len(self._spare) < SPARE_FRAMES:
+            self._spare.append(frame)
+
+    def attach(self, write: _Derived, nbytes: int) -> None:
+        """Write a record derived from chunks (a catalog entry) in the next batch transaction;
+        `write` must be safe to run again (a transaction that fills the map is rerun)."""
+        self._derived.append(write)
+        self._pending_bytes += nbytes
+
+    def _take(self, key: bytes, frame: bytearray, recycle: bool = True, claimed: bool = False) -> bool:
+        """Queue the chunk unless the store has it; True if the frame was queued. `recycle`: the
+        writer may reuse the frame once written; `claimed`: a watcher holds it too (the later
+        of the two lets go of it, see release)."""
+        # Pipelined, the writer's put decides (it finds a stored chunk in the same B-tree walk,
+        # and LMDB commits nothing for a batch of chunks all present); checking here too would
+        # map B-tree pages on this thread as well.
+        if self.dry or key in self._queued or (self._writer is None and self._stored(key)):
+            return False
         self._queued.add(key)
-        self._pending.append((key, frame))
-        self._pending_bytes += len(data)
+        if claimed:
+            with self._claims_lock:
+                self._claims[id(frame)] += 1
+        self._pending.append((key, frame, recycle))
+        self._pending_bytes += len(frame) - 1
         if self._pending_bytes >= BATCH_BYTES:
             self.flush()
-        return key, True
+        return True
 
     def _stored(self, key: bytes) -> bool:
         self.store.touched(FOLIO_BYTES)
@@ -89,21 +208,34 @@ class ChunkSink:
             return r.has_chunk(key)
 
     def flush(self) -> None:
-        """Commit the pending chunks in one transaction (rerunnable: it only puts what it holds)."""
-        if not self._pending:
+        """Commit the pending chunks in one transaction (rerunnable: it only puts what it holds);
+        pipelined, hand them to the writer thread."""
+        if not (self._pending or self._derived):
             return
-        pending = self._pending
+        batch = (self._pending, self._derived, self._pending_bytes)
+        self._pending, self._derived, self._pending_bytes = [], [], 0
+        if self._writer is not None:
+            self._writer.submit(batch)
+        else:
+            self._commit(batch)
+
+    def _commit(self, batch: _Batch) -> None:
+        pending, derived, nbytes = batch
 
         def put_all(txn: Txn) -> int:
-            return sum(len(payload(frame)) for key, frame in pending if txn.put_chunk(key, frame))
+            for write in derived:
+                write(txn)
+            return sum(len(frame) - 1 for key, frame, _ in pending if txn.put_chunk(key, frame))
 
         began = time.perf_counter()
-        self.new_bytes += self.store.write(put_all, reserve=self._pending_bytes)
-        self._pending, self._pending_bytes = [], 0
-        self.store.release_pages()
+        self.new_bytes += self.store.write(put_all, reserve=nbytes)
+        self.store.release_pages()  # the B-tree pages the puts mapped (large folios: up to 2 MiB each)
+        for _, frame, recycle in pending:
+            if id(frame) in self._claims:
+                self._unclaim(frame)
+            elif recycle:
+                self._recycle(frame)
         self.write_seconds += time.perf_counter() - began
-
-
 
 
 class ChunkWriter(Protocol):

@@ -17,8 +17,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import shutil
+import struct
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +54,15 @@ DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"reflog", b"catalog")
 DEFAULT_MAP_SIZE = 1 << 40
 MIN_MAP_SIZE = 1 << 30  # where address space is limited (ulimit -v), open with less
 MAP_SLACK = 64 << 20
-MADV_DONTNEED = 4
+MADV_NORMAL, MADV_RANDOM, MADV_DONTNEED = 0, 1, 4
+# LMDB 0.9's on-disk structures that Store.overflow_extent reads (mdb.c: MDB_node, MDB_page)
+NODE = struct.Struct("@HHHH")  # data size (two halves, in the machine's order), flags, key size
+NODE_HEADER = NODE.size
+F_BIGDATA = 0x01  # the node's data is the number of its first overflow page
+PGNO = struct.Struct("@N")
+PAGE = struct.Struct("@NHHI")  # page number, pad, flags, overflow page count
+PAGE_HEADER = PAGE.size
+P_OVERFLOW = 0x04
 RELEASE_EVERY = 64 << 20  # bytes of the map touched between releases of this process's mapping
 
 T = TypeVar("T")
@@ -107,6 +118,13 @@ def stored_payload(key: bytes, value: memoryview) -> memoryview:
     return value[1:]
 
 
+def checked_chunk(key: bytes, data: memoryview) -> memoryview:
+    """`data` if it hashes to `key`, else CorruptData: no chunk's bytes are used unchecked."""
+    if digest(data) != key:
+        raise CorruptData(f"chunk {key.hex()} does not match its digest")
+    return data
+
+
 class Txn:
     """One LMDB transaction seen through the store's vocabulary (read-only unless from write()).
 
@@ -131,17 +149,29 @@ class Txn:
 
     def chunk(self, key: bytes) -> memoryview:
         """The chunk's bytes (a view into the map, valid for this transaction), hash-checked."""
+        return checked_chunk(key, self.unchecked_chunk(key))
+
+    def unchecked_chunk(self, key: bytes) -> memoryview:
+        """The chunk's bytes before their hash check, for a reader that runs `checked_chunk` on
+        them elsewhere (checkout's writer threads, which must not call into the transaction)."""
         value = self._t.get(key, db=self._db(b"chunks"), default=None)
         if value is None:
             raise CorruptData(f"chunk {key.hex()} is missing")
-        data = stored_payload(key, memoryview(value))
-        if digest(data) != key:
-            raise CorruptData(f"chunk {key.hex()} does not match its digest")
-        return data
+        return stored_payload(key, memoryview(value))
 
     def chunks(self) -> Iterator[tuple[bytes, memoryview]]:
         """(digest, stored value) of every chunk, in key order; `stored_payload` reads a value."""
         return self._items(b"chunks")
+
+    def extent(self, db: bytes, key: bytes) -> tuple[int, int] | None:
+        """(offset in the data file, length) of value `key` of `db`, found without reading the
+        value (py-lmdb's get touches every page of a value before it returns): what a prefetcher
+        fetches ahead (store.prefetch). None for a missing key, for a small value kept in its
+        B-tree leaf (the lookup has read it), and if the file's layout is not the one read here."""
+        cur = self._t.cursor(db=self._db(db))
+        if not cur.set_key(key):
+            return None
+        return self._s.overflow_extent(memoryview(cur.key()))
 
     # catalog (derived statistics of chunk pairs; see store.derived) -------------------------
     def catalog(self, key: bytes) -> memoryview | None:
@@ -297,6 +327,24 @@ class Txn:
     def delete_meta(self, key: str) -> None:
         self._t.delete(key.encode(), db=self._db(b"meta"))
 
+    # binary meta records (the file-identity cache, store/filecache.py) ---------------------
+    def meta_bytes(self, key: bytes) -> memoryview | None:
+        value = self._t.get(key, db=self._db(b"meta"), default=None)
+        return None if value is None else memoryview(value)
+
+    def set_meta_bytes(self, key: bytes, value: bytes) -> None:
+        self._t.put(key, value, db=self._db(b"meta"))
+
+    def meta_items(self, prefix: bytes) -> Iterator[tuple[bytes, memoryview]]:
+        """(key, value) of every meta record whose key starts with `prefix`, in key order."""
+        cur = self._t.cursor(db=self._db(b"meta"))
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                key = bytes(k)
+                if not key.startswith(prefix):
+                    break
+                yield key, memoryview(v)
+
 
 class Store:
     """An open LMDB environment; `read()` and `write()` are the only ways in."""
@@ -308,6 +356,9 @@ class Store:
         self._open_lock: BinaryIO | None = open_lock  # held shared for as long as the store is open
         self._touched = 0
         self._live = 0  # transactions open in this process: the map may be resized only at 0
+        self._layout_ok: bool | None = None  # overflow_extent reads LMDB 0.9's nodes (checked once)
+        self._no_read_ahead = 0  # depth of no_read_ahead()
+        self._mapped: list[tuple[int, int]] | None = None  # the map's address ranges, until it is remapped
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod
@@ -474,6 +525,7 @@ class Store:
             swap()
         finally:
             self.env = _open_env(self.path, size)
+            self._mapped = None
             self.db = {name: self.env.open_db(name, create=False) for name in DATABASES}
 
     @contextmanager
@@ -538,15 +590,101 @@ class Store:
         """Drop this process's mapping of store pages it has touched, so a long read or write
         keeps a bounded resident set; the pages stay in the page cache and fault back in on the
         next access. Safe for a shared file mapping: written pages stay dirty in the page cache."""
-        datafile = str(self.path.resolve() / "data.mdb")
+        self._advise(MADV_DONTNEED)
+
+    def overflow_extent(self, leaf_key: memoryview) -> tuple[int, int] | None:
+        """(offset, length) of the value on overflow pages whose B-tree leaf node holds
+        `leaf_key` (a key as a cursor returns it: a view into its leaf page). The node is LMDB
+        0.9's (`MDB_node`: data size in two halves, flags, key size, the key, then the first
+        overflow page's number); the first value located is checked against its page's header
+        (`MDB_page`: its own number, P_OVERFLOW, its page count), and if that disagrees nothing
+        is located in this store again: a prefetch then does nothing, every read still works."""
+        import numpy as np  # the address of a read-only view; numpy is loaded wherever this runs
+
+        if self._layout_ok is False:
+            return None
+        node = int(np.frombuffer(leaf_key, dtype=np.uint8).ctypes.data) - NODE_HEADER
+        first, second, flags, ksize = NODE.unpack(ctypes.string_at(node, NODE.size))
+        if not flags & F_BIGDATA or ksize != len(leaf_key):
+            return None
+        lo, hi = (first, second) if sys.byteorder == "little" else (second, first)
+        (pgno,) = PGNO.unpack(ctypes.string_at(node + NODE_HEADER + ksize, PGNO.size))
+        psize = self.env.stat()["psize"]
+        offset, length = pgno * psize + PAGE_HEADER, lo | hi << 16
+        if self._layout_ok is None:
+            try:
+                with open(self.path / "data.mdb", "rb") as f:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # that page, no read-ahead
+                    header = os.pread(f.fileno(), PAGE.size, pgno * psize)
+            except OSError:
+                header = b""
+            own, _, page_flags, pages = PAGE.unpack(header) if len(header) == PAGE.size else (-1, 0, 0, 0)
+            self._layout_ok = own == pgno and bool(page_flags & P_OVERFLOW) and pages * psize >= PAGE_HEADER + length
+            if not self._layout_ok:
+                return None
+        return offset, length
+
+    @contextmanager
+    def no_read_ahead(self) -> Iterator[None]:
+        """The kernel's read-ahead on this process's map off while inside (uses nest; on again
+        when the outermost ends, and kept off across a resize of the map). Off, a page fault
+        reads that one page instead of the device's read-ahead window around it (8 MiB on a VM
+        disk): right for scattered reads, such as a budgeted merge's, whose bulk a prefetcher
+        fetches in runs (store.prefetch); ruinous for long reads without one."""
+        self._no_read_ahead += 1
+        if self._no_read_ahead == 1:
+            self._advise(MADV_RANDOM)
         try:
-            with open("/proc/self/maps") as maps:
-                ranges = [line.split()[0] for line in maps if line.rstrip().endswith(datafile)]
-        except OSError:
-            return
-        for r in ranges:
-            start, end = (int(x, 16) for x in r.split("-"))
-            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+            yield
+        finally:
+            self._no_read_ahead -= 1
+            if not self._no_read_ahead:
+                self._advise(MADV_NORMAL)
+
+    def _advise(self, advice: int) -> None:
+        """madvise every range where this process maps the data file."""
+        for start, end in self._map_ranges():
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+    def _map_ranges(self) -> list[tuple[int, int]]:
+        """The address ranges where this process maps the data file (from /proc/self/maps, read
+        once per mapping: with torch loaded the file has thousands of lines); none if unreadable."""
+        if self._mapped is None:
+            datafile = str(self.path.resolve() / "data.mdb")
+            try:
+                with open("/proc/self/maps") as maps:
+                    ranges = [line.split()[0] for line in maps if line.rstrip().endswith(datafile)]
+            except OSError:
+                return []
+            self._mapped = [(int(a, 16), int(b, 16)) for a, b in (r.split("-") for r in ranges)]
+        return self._mapped
+
+    def uncached(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The runs (offset, length) of whole pages of [offset, offset + length) of the data file
+        that are not in the page cache, from mincore on this process's map (LMDB maps the file
+        from its start), which asks without reading; the whole range where that cannot be told.
+        Any thread may ask while a transaction keeps the map in place."""
+        ranges = self._map_ranges()
+        page = mmap.PAGESIZE
+        first = offset // page * page
+        pages = (offset + length - first + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        if not ranges or _libc().mincore(ctypes.c_void_p(min(a for a, _ in ranges) + first),
+                                         ctypes.c_size_t(pages * page), vec):
+            return [(offset, length)]
+        flags = bytes(vec)
+        if flags.count(0) in (0, pages):  # the usual answers: all cached (warm), none (cold)
+            return [] if flags[0] else [(first, pages * page)]
+        runs: list[tuple[int, int]] = []
+        for i, resident in enumerate(flags):
+            if resident & 1:
+                continue
+            at = first + i * page
+            if runs and runs[-1][0] + runs[-1][1] == at:
+                runs[-1] = (runs[-1][0], runs[-1][1] + page)
+            else:
+                runs.append((at, page))
+        return runs
 
     def _begin(self, write: bool) -> lmdb.Transaction:
         try:
@@ -574,6 +712,9 @@ class Store:
             raise StoreBusy(f"{self.path}: the store's map must grow while a read is in progress "
                             "(another process wrote much since); run the command again")
         self.env.set_mapsize(size)
+        self._mapped = None
+        if self._no_read_ahead:  # a new mapping: advise it too
+            self._advise(MADV_RANDOM)
 
 
 def _fsync(path: Path) -> None:
@@ -685,6 +826,7 @@ def _libc() -> ctypes.CDLL:
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
         _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _LIBC.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
         if hasattr(_LIBC, "mallopt"):
             _LIBC.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return _LIBC

@@ -1,8 +1,9 @@
 """Garbage collection (`mp gc`): delete what no ref, tag or live reflog entry reaches.
 
 Marking walks from the refs and from every reflog entry younger than the expiry (as git keeps
-what its reflogs name), then unreachable objects, chunks, expired reflog entries and catalog
-entries whose chunks are gone (or whose layout is outdated) are deleted in one transaction,
+what its reflogs name), then unreachable objects, chunks, expired reflog entries, catalog
+entries whose chunks are gone (or whose layout is outdated) and file-identity cache entries
+naming objects that go (store/filecache.py) are deleted in one transaction,
 which first checks that no ref moved since the marking (else it marks again). The whole
 collection runs under the store's exclusive gc lock, which commands that write chunks hold shared while they
 work, so a commit in progress never loses its chunks. Readers are never disturbed: LMDB keeps
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from ..errors import MpError, StoreBusy
+from . import filecache
 from .derived import CatalogRules, catalog_chunks
 from .env import Store, Txn
 from .objects import timestamp
@@ -34,6 +36,7 @@ class Garbage:
     chunk_bytes: int = 0
     reflog_entries: int = 0
     catalog_entries: int = 0
+    file_cache_entries: int = 0  # entries of the file-identity cache naming objects deleted here
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -45,9 +48,11 @@ class _Dead:
     chunks: list[bytes] = field(default_factory=list)
     reflog: list[bytes] = field(default_factory=list)
     catalog: list[bytes] = field(default_factory=list)
+    file_cache: list[bytes] = field(default_factory=list)  # keys in `meta`
 
     def by_database(self) -> dict[bytes, list[bytes]]:
-        return {b"objects": self.objects, b"chunks": self.chunks, b"reflog": self.reflog, b"catalog": self.catalog}
+        return {b"objects": self.objects, b"chunks": self.chunks, b"reflog": self.reflog, b"catalog": self.catalog,
+                b"meta": self.file_cache}
 
 
 def _cutoff(expire: timedelta) -> str:
@@ -73,7 +78,11 @@ def _find(txn: Txn, cutoff: str, rules: CatalogRules) -> tuple[Garbage, _Dead]:
         expert, base = catalog_chunks(key)
         if expert not in reach.chunks or base not in reach.chunks or not rules.current(key, value):
             dead.catalog.append(key)
+    for key, cached in filecache.entries(txn):  # a damaged entry, or one naming objects that go
+        if cached is None or not all(i in reach.objects for i in cached.ids):
+            dead.file_cache.append(key)
     found.objects, found.chunks, found.catalog_entries = len(dead.objects), len(dead.chunks), len(dead.catalog)
+    found.file_cache_entries = len(dead.file_cache)
     return found, dead
 
 

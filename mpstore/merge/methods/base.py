@@ -56,6 +56,8 @@ class Stored:
 
     def values(self, bits: np.ndarray) -> torch.Tensor:
         """Bit patterns as float32 values (what the eager path computes with)."""
+        if not bits.flags.writeable:  # a view into the store's map: torch keeps no read-only tensor
+            bits = bits.copy()
         if self.shift == 0:
             return torch.from_numpy(bits.view(np.float32))
         return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(torch.float32)
