@@ -11,6 +11,7 @@ removes it once it can prove its writer dead (see `remove_stale`).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -20,15 +21,16 @@ import shutil
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import cast
 
 from ..errors import CorruptData, TargetExists, WriteFailed
 from ..progress import Progress
-from ..store.env import RELEASE_EVERY, Store, Txn, checked_chunk
+from ..store.env import Store, Txn, checked_chunk
 from ..store.objects import Chunked, Snapshot
 from .paths import check_relpath, inside
 
@@ -212,178 +214,25 @@ _START = _start_time()
 
 
 def snapshot_size(txn: Txn, snap: Snapshot) -> int:
-    """Total bytes of the folder a snapshot rebuilds (from its objects: no chunk is read)."""
-    return sum(size for _, size, _ in _files(txn, snap))
-
-
-# ---------------------------------------------------------------------------- writing
-# A checkout writes straight from the store's memory map. Each file's pieces (views of stored
-# chunks, and the few bytes made here) are cut into ranges, and threads take the ranges as the
-# main thread finds their chunks, each writing through a descriptor of its own. Every chunk is
-# hash-checked by the thread that writes it, just before writing it, so one thread checks while
-# another writes (a file takes one writer at a time; different files are written at once); the
-# views stay valid because the read transaction outlives the threads. Measured against `cp -r`
-# (0.5 GB and 3 GB models, ext4): two writers of one file spent 5% of the CPU spinning in the
-# kernel on the file's write lock (hence `_Range.lock`), and batches of 16 MiB (checked, then
-# written) were slower than 4 MiB ones.
-RANGE_BYTES = 16 << 20  # a thread's unit of work: about this many bytes of one file
-BATCH_BYTES = 4 << 20  # chunks checked, then written by one writev while still in the CPU cache
-IOV_MAX = 1024  # buffers one writev takes (Linux and the BSDs; POSIX promises at least 16)
-THREADS = min(4, os.cpu_count() or 1)  # a file is written by one thread at a time: more threads
-# only check more ranges ahead, and map more store pages at once
-AHEAD = 2  # ranges found ahead of the writers, per thread: enough to keep them busy, and the
-# store pages mapped at once (released in write order, see Store.touched) stay a few ranges
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """Bytes of a file: a stored chunk's view, checked against `key` before it is written, or
-    bytes made here (`key` None: a shard's header length). `what` names it in errors."""
-
-    data: memoryview
-    key: bytes | None
-    what: str
-
-
-@dataclass
-class _Range:
-    """Consecutive pieces of one file, starting `offset` bytes into it. `lock` is the file's:
-    ranges of a file are checked at once but written one at a time (the kernel serialises writes
-    to one file anyway, and a writer waiting in the kernel spins on a CPU the others need)."""
-
-    path: Path
-    lock: threading.Lock
-    offset: int
-    pieces: list[_Piece] = field(default_factory=list)
-    size: int = 0
-
-
-def _pieces(txn: Txn, obj: Chunked, what: str) -> Iterator[_Piece]:
-    for key in obj.chunks:
-        try:
-            view = txn.unchecked_chunk(key)
-        except CorruptData as e:
-            raise CorruptData(f"{what}: {e}") from None
-        yield _Piece(view, key, what)
-
-
-def _files(txn: Txn, snap: Snapshot) -> list[tuple[str, int, Iterator[_Piece]]]:
-    """Every file of the snapshot's folder: (name, size, its pieces in file order, found as they
-    are taken). A shard is its 8-byte little-endian header length, its header, then its tensors
-    in file order (safetensors files have no holes: ingest refuses them), so byte for byte."""
-    files = []
-    for rel, blob_id in snap.files.items():
-        blob = txn.blob(blob_id)
-        files.append((rel, blob.size, _pieces(txn, blob, rel)))
+    """Total bytes of the folder a snapshot rebuilds."""
+    total = sum(txn.blob(b).size for b in snap.files.values())
     for shard in snap.shards:
-        header = txn.blob(shard.header)
-        tensors = [(name, txn.tensor(snap.tensors[name])) for name in shard.tensors]
-        pieces = chain([_Piece(memoryview(struct.pack("<Q", header.size)), None, shard.file)],
-                       _pieces(txn, header, f"{shard.file}: header"),
-                       *(_pieces(txn, t, f"{shard.file}: tensor {name!r}") for name, t in tensors))
-        files.append((shard.file, 8 + header.size + sum(t.size for _, t in tensors), pieces))
-    return files
+        total += 8 + txn.blob(shard.header).size
+        total += sum(txn.tensor(snap.tensors[n]).size for n in shard.tensors)
+    return total
 
 
-def _ranges(path: Path, pieces: Iterator[_Piece]) -> Iterator[_Range]:
-    """`pieces` cut into ranges of about RANGE_BYTES (a chunk is never split)."""
-    lock = threading.Lock()
-    r = _Range(path, lock, 0)
-    for piece in pieces:
-        if r.size >= RANGE_BYTES:
-            yield r
-            r = _Range(path, lock, r.offset + r.size)
-        r.pieces.append(piece)
-        r.size += len(piece.data)
-    if r.size:
-        yield r
+class _Writer:
+    """Writes verified chunks to files and releases store pages as it goes."""
 
+    def __init__(self, store: Store, txn: Txn, progress: Progress):
+        self.store, self.txn, self.progress = store, txn, progress
 
-def _create(path: Path) -> None:
-    """Create the (empty) file its ranges are written into. Not preallocated: on ext4, writes into
-    fallocate'd (unwritten) extents cost more kernel time than delayed allocation at 3 GB."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
-
-
-def _write_all(fd: int, views: list[memoryview]) -> None:
-    """writev until every view is written (one call may take fewer bytes)."""
-    i = 0
-    while i < len(views):
-        n = os.writev(fd, views[i:i + IOV_MAX])
-        if n == 0:
-            raise OSError(errno.EIO, "the file system took no bytes")
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
-
-
-def _write_range(r: _Range) -> None:
-    """Check and write one range through a descriptor of its own, positioned at the range's start
-    (writev, not pwritev, so the descriptor's position shows how far the write got)."""
-    fd = os.open(r.path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.lseek(fd, r.offset, os.SEEK_SET)
-        batch: list[memoryview] = []
-        size = 0
-        for piece in r.pieces:
-            if piece.key is not None:
-                try:
-                    checked_chunk(piece.key, piece.data)
-                except CorruptData as e:
-                    raise CorruptData(f"{piece.what}: {e}") from None
-            if piece.data:
-                batch.append(piece.data)
-                size += len(piece.data)
-            if size >= BATCH_BYTES:
-                with r.lock:
-                    _write_all(fd, batch)
-                batch, size = [], 0
-        with r.lock:
-            _write_all(fd, batch)
-    finally:
-        os.close(fd)
-
-
-def _write(files: list[tuple[str, int, Iterator[_Piece]]], tmp: Path, store: Store, progress: Progress) -> None:
-    """Create every file under `tmp` and write its ranges on THREADS threads (writev releases the
-    GIL), at most AHEAD per thread found ahead. Progress follows the ranges in order, on this
-    thread; every RELEASE_EVERY bytes the threads are let finish and the store pages they read
-    are released (releasing under them would unmap pages they are about to read, and each would
-    be faulted in twice). On an error, ranges not yet started are cancelled and running ones
-    finish before this returns (their views must not outlive the transaction)."""
-    pending: deque[tuple[int, Future[None]]] = deque()
-    mapped = 0  # bytes of store pages handed to the threads since the last release
-
-    def settle(limit: int) -> None:
-        while len(pending) > limit:
-            size, future = pending.popleft()
-            future.result()
-            progress.advance(size)
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        try:
-            for rel, size, pieces in files:
-                target = inside(tmp, rel)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _create(target)
-                written = 0
-                for r in _ranges(target, pieces):
-                    pending.append((r.size, pool.submit(_write_range, r)))
-                    written += r.size
-                    mapped += r.size
-                    if mapped >= RELEASE_EVERY:
-                        settle(0)
-                        store.release_pages()
-                        mapped = 0
-                    settle(AHEAD * THREADS)
-                if written != size:
-                    raise CorruptData(f"{rel}: its chunks hold {written} bytes where its objects say {size}")
-            settle(0)
-        finally:
-            for _, future in pending:
-                future.cancel()
+    def write(self, f, obj: Chunked, what: str) -> None:
+        for view in chunk_views(self.txn, obj, what):
+            f.write(view)
+            self.progress.advance(len(view))
+            self.store.touched(len(view))
 
 
 def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress: Progress) -> None:
@@ -397,7 +246,6 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
         snap = txn.snapshot(snapshot_id)
         for rel in [*snap.files, *(s.file for s in snap.shards)]:
             check_relpath(rel)
-        files = _files(txn, snap)
         tmp = _sibling(out, "tmp")
         lock: int | None = None
         try:
@@ -407,9 +255,21 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
             lock = _lock_dir(tmp, wait=True)  # held until this process ends or the folder is in place
         except OSError as e:
             raise WriteFailed(f"{out}: cannot create the folder: {e.strerror}") from None
-        progress.start("checkout", sum(size for _, size, _ in files))
+        progress.start("checkout", snapshot_size(txn, snap))
         try:
-            _write(files, tmp, store, progress)
+            writer = _Writer(store, txn, progress)
+            for rel, blob_id in snap.files.items():
+                target = inside(tmp, rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as f:
+                    writer.write(f, txn.blob(blob_id), rel)
+            for shard in snap.shards:
+                header = txn.blob(shard.header)
+                with open(inside(tmp, shard.file), "wb") as f:
+                    f.write(struct.pack("<Q", header.size))
+                    writer.write(f, header, f"{shard.file}: header")
+                    for name in shard.tensors:
+                        writer.write(f, txn.tensor(snap.tensors[name]), f"{shard.file}: tensor {name!r}")
             _swap_into_place(tmp, out)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
