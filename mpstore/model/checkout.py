@@ -1,36 +1,28 @@
 """Rebuilding a snapshot as a folder (`mp checkout`), byte for byte, or not at all.
 
-Every chunk is hash-checked as it is read, by the thread that writes it from the store's memory
-map (files and parts of files are written in parallel: see "writing" below). The folder is
-written under a temporary sibling name and renamed into place only when complete, so the target
-is either untouched or whole; file names are checked again here so that no snapshot, however it
-was made, writes outside its target, and no target may lie inside the store. A checkout killed
-before its rename leaves the temporary folder; the next checkout into the same parent folder
-removes it once it can prove its writer dead (see `remove_stale`).
+Every chunk is hash-checked as it is read. The folder is written under a temporary sibling name
+and renamed into place only when complete, so the target is either untouched or whole; file names
+are checked again here so that no snapshot, however it was made, writes outside its target, and
+no target may lie inside the store. A checkout killed before its rename leaves the temporary
+folder; the next checkout into the same parent folder removes it once it can prove its writer
+dead (see `remove_stale`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import os
 import re
 import secrets
 import shutil
 import struct
-import threading
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import chain
+from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO
 
 from ..errors import CorruptData, TargetExists, WriteFailed
 from ..progress import Progress
-from ..store.env import Store, Txn, checked_chunk
+from ..store.env import Store, Txn
 from ..store.objects import Chunked, Snapshot
 from .paths import check_relpath, inside
 
@@ -228,7 +220,7 @@ class _Writer:
     def __init__(self, store: Store, txn: Txn, progress: Progress):
         self.store, self.txn, self.progress = store, txn, progress
 
-    def write(self, f, obj: Chunked, what: str) -> None:
+    def write(self, f: BinaryIO, obj: Chunked, what: str) -> None:
         for view in chunk_views(self.txn, obj, what):
             f.write(view)
             self.progress.advance(len(view))

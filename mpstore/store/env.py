@@ -357,6 +357,7 @@ class Store:
         self._touched = 0
         self._live = 0  # transactions open in this process: the map may be resized only at 0
         self._layout_ok: bool | None = None  # overflow_extent reads LMDB 0.9's nodes (checked once)
+        self._psize: int | None = None  # the environment's page size, once asked
         self._no_read_ahead = 0  # depth of no_read_ahead()
         self._mapped: list[tuple[int, int]] | None = None  # the map's address ranges, until it is remapped
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
@@ -609,7 +610,9 @@ class Store:
             return None
         lo, hi = (first, second) if sys.byteorder == "little" else (second, first)
         (pgno,) = PGNO.unpack(ctypes.string_at(node + NODE_HEADER + ksize, PGNO.size))
-        psize = self.env.stat()["psize"]
+        if self._psize is None:
+            self._psize = int(self.env.stat()["psize"])  # asked once: the call opens a transaction
+        psize = self._psize
         offset, length = pgno * psize + PAGE_HEADER, lo | hi << 16
         if self._layout_ok is None:
             try:
