@@ -339,7 +339,9 @@ def combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mod
             mask: np.ndarray, scale: np.ndarray | None, consensus: bool, normalize: bool,
             divisor: float, lam: float) -> torch.Tensor:
     """base + the (sparsified, weighted, consensus-filtered, normalised, lambda-scaled) mix of the
-    deltas, one pass per element; arguments per row of `models` (see task_arithmetic.fused)."""
+    deltas, in one pass over the block; per-row arguments as `sparsify.KernelRows` describes them
+    (`TaskArithmetic._fused` makes them). Without `scale` no rescale multiply is made at all (the
+    kernel still takes an array there: the weights stand in, unread)."""
     out = np.empty(models.shape[1], np.float32)
     _combine(base, models, shift, w, mode, hi, lo, before, first, last, mask,
              scale if scale is not None else w, scale is not None, consensus, normalize,
