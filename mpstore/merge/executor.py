@@ -249,7 +249,7 @@ class Executor:
                     self.prefetch.reached(key)
                 view = self.txn.chunk(key)
             pieces.append(view[lo * isz: hi * isz])
-        out = pieces[0] if len(pieces) == 1 else bytearray(b"".join(pieces))
+        out = pieces[0] if len(pieces) == 1 else bytearray().join(pieces)
         self.store.touched(len(out))
         self.read_seconds += time.perf_counter() - began
         return out
