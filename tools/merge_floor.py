@@ -32,27 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mpstore import Repo  # noqa: E402
 from mpstore.merge import executor, methods  # noqa: E402
 from mpstore.merge.methods import kernels  # noqa: E402
+from mpstore.merge.methods.base import STORED_BITS  # noqa: E402
+from mpstore.merge.methods.task_arithmetic import TaskArithmetic  # noqa: E402
 from mpstore.merge.request import from_yaml  # noqa: E402
 
-BITS = {"F32": (np.uint32, 0), "BF16": (np.uint16, 16)}
 
-
-def jobs(repo: Repo, cfg: Path) -> tuple[list[tuple[bytes, list[bytes], str, list[float]]], str, bool]:
+def jobs(repo: Repo, cfg: Path) -> tuple[list[tuple[bytes, list[bytes], str, list[float]]], TaskArithmetic]:
     """Per chunk position of every merged tensor: the base chunk, the differing expert chunks,
-    the dtype and those experts' weights; and the method's kernel mode and consensus."""
+    the dtype and those experts' weights; and the method (one the kernels run)."""
     plan = repo.plan(from_yaml(cfg))
     method = methods.get(plan.method)
+    if not isinstance(method, TaskArithmetic):
+        raise SystemExit(f"{plan.method}: the fused kernels run the task-arithmetic family only")
     out = []
     with repo.store.read() as txn:
         for t in executor.tasks(txn, plan, method):
-            if t.copy is not None or t.base is None or t.base.dtype not in BITS:
+            if t.copy is not None or t.base is None or t.base.dtype not in STORED_BITS:
                 continue
             for c, key in enumerate(t.base.chunks):
                 differing = [(m.chunks[c], p["weight"]) for m, p in zip(t.models, t.p) if m.chunks[c] != key]
                 if differing:
                     out.append((key, [k for k, _ in differing], t.base.dtype, [w for _, w in differing]))
-    sparse = plan.method != "task_arithmetic"
-    return out, plan.method, sparse
+    return out, method
 
 
 def run_once(repo: Repo, todo: list, sparse: bool, consensus: bool, threads: int) -> tuple[float, int]:
@@ -61,7 +62,7 @@ def run_once(repo: Repo, todo: list, sparse: bool, consensus: bool, threads: int
     width = kernels.MIN_COLUMNS
 
     def work(base: memoryview, rows: list[memoryview], dtype: str, weights: list[float]) -> None:
-        kind, shift = BITS[dtype]
+        kind, shift = STORED_BITS[dtype]
         b = np.frombuffer(base, kind)
         m = np.stack([np.frombuffer(r, kind) for r in rows])
         k = len(rows)
@@ -99,8 +100,8 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit("the fused kernels are off on this machine: no floor to measure")
     repo = Repo.open(Path(args.repo))
-    todo, name, sparse = jobs(repo, Path(args.config))
-    consensus = name in ("ties", "dare_ties", "breadcrumbs_ties", "della")
+    todo, method = jobs(repo, Path(args.config))
+    sparse, consensus = method.sparsifier is not None, method.consensus
     run_once(repo, todo[:8], sparse, consensus, args.threads)  # compile or load the kernels: not timed
     runs = []
     nbytes = 0

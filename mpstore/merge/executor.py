@@ -45,7 +45,7 @@ from ..store.prefetch import Prefetcher
 from . import catalog, layout, methods
 from . import params as P
 from .layout import Input
-from .methods.base import Block, MergeMethod, Pass, Stored, TensorContext
+from .methods.base import STORED_BITS, Block, MergeMethod, Pass, Stored, TensorContext
 from .outline import Outline, ReadAccount, Realized, Step, Task, outline
 
 ENGINE_VERSION = 2
@@ -163,11 +163,6 @@ class _Assembler:
         self.chunks.append(self.sink.data(data))
 
 
-# stored dtypes a fused kernel decodes itself: their bit patterns' numpy type, and the shift that
-# makes them float32 bits
-_BITS = {"F32": (np.uint32, 0), "BF16": (np.uint16, 16)}
-
-
 def _values(raw: memoryview | bytearray, dtype: str, compute: str) -> torch.Tensor:
     """Stored bytes as values in the compute dtype; a view into the map is copied first (torch
     keeps no tensor over read-only memory)."""
@@ -266,7 +261,7 @@ class Executor:
         row = ref.shape[-1] if ref.shape else 1
 
         dtypes = {t.dtype for t in ([base] if base else []) + [task.models[i] for i in present]}
-        bits = _BITS.get(dtypes.pop()) if task.compute == "F32" and len(dtypes) == 1 and present else None
+        bits = STORED_BITS.get(dtypes.pop()) if task.compute == "F32" and len(dtypes) == 1 and present else None
 
         def build() -> Block:
             args = (row, [task.p[i] for i in present], task.g, self.seed, present, len(ref.shape))

@@ -45,6 +45,11 @@ class ParamDef:
     kind: type = float  # float or bool
 
 
+# Stored dtypes a fused kernel decodes itself: their bit patterns' numpy type, and the shift that
+# makes them float32 bits (`Stored.shift`).
+STORED_BITS: dict[str, tuple[type[np.unsignedinteger], int]] = {"F32": (np.uint32, 0), "BF16": (np.uint16, 16)}
+
+
 @dataclass(frozen=True)
 class Stored:
     """A block's inputs as the store holds them, for fused kernels (methods/kernels.py): float32
