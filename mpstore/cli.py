@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import rich.progress
 
     from .merge.catalog import AnalyzeResult
+    from .remote.sync import Moved
 
 from .errors import CorruptData, MpError
 from .merge.request import MergeRequest, dtype_name, parse_value, split_per_model, stages
@@ -111,7 +112,8 @@ def init(chunk_size: str = typer.Option(str(DEFAULT_CHUNK_SIZE), help="Chunk siz
 
 @app.command()
 def add(
-    path: Path = typer.Argument(..., help="A Hugging Face folder or a .safetensors file."),
+    path: str = typer.Argument(..., help="A Hugging Face folder, a .safetensors file, or hf://ORG/NAME[@REVISION] "
+                                         "from the Hugging Face cache (offline with HF_HUB_OFFLINE=1)."),
     name: str = typer.Option(..., "--name", "-n", help="Branch to commit on."),
     base: str | None = typer.Option(None, "--base", help="The model this one was fine-tuned from."),
     message: str | None = typer.Option(None, "-m", "--message"),
@@ -417,7 +419,8 @@ def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
         if not STATE.quiet:  # the problems are flushed first: on one terminal the summary follows them
             sys.stdout.flush()
             print(f"checked {res.refs} refs, {res.objects} objects, {res.chunks} chunks "
-                  f"({_human(res.chunk_bytes)}), {res.catalog} catalog entries: {len(res.problems)} problems",
+                  f"({_human(res.chunk_bytes)}), {res.catalog} catalog entries: {len(res.problems)} problems"
+                  + (f"; {res.not_fetched} chunks not fetched yet (a lazy clone)" if res.not_fetched else ""),
                   file=sys.stderr)
     if not res.ok:
         raise typer.Exit(1)
@@ -555,7 +558,8 @@ def merge(
     with _open() as repo:
         if planning:
             plan = repo.plan(request, budget=budget, select=select, memory_limit=memory)
-            _print_plan(plan.to_json(), as_json)
+            network = repo.network_bytes(plan, memory)
+            _print_plan(plan.to_json() | ({} if network is None else {"network_bytes": network}), as_json)
             return
         assert branch is not None  # checked above: only `mp plan` goes without
         res = repo.merge(request, branch, message=message, threads=threads,
@@ -619,6 +623,8 @@ def _print_plan(p: dict, as_json: bool) -> None:
     bound = "none" if e["bound"] is None else f"{e['bound']:.6g} (L2 over all tensors)"
     print(f"bound     {bound}; covers {e['bound_covers']}")
     print(f"time      ~{e['seconds']:.1f} s")
+    if "network_bytes" in p:
+        print(f"network   {_human(p['network_bytes'])} to download (a lazy clone: chunks it reads that are not here)")
 
 
 @app.command()
@@ -649,6 +655,110 @@ def revert(
     with _open() as repo:
         rid = repo.revert(ref, branch=branch, force=force, message=message)
     print(rid.hex())
+
+
+remote_app = typer.Typer(help="Name remotes: other repositories (a path) or object stores (s3://BUCKET/PREFIX).")
+app.add_typer(remote_app, name="remote")
+
+
+@remote_app.callback(invoke_without_command=True)
+def remote_list(ctx: typer.Context, verbose: bool = typer.Option(False, "-v", "--verbose", help="With URLs."),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """List remotes (names; with -v, their URLs)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _open() as repo:
+        remotes = repo.remotes()
+    if as_json:
+        _emit_json(remotes)
+        return
+    for name, url in sorted(remotes.items()):
+        print(f"{_clean(name)}\t{_clean(url)}" if verbose else _clean(name))
+
+
+@remote_app.command("add")
+def remote_add(name: str, url: str) -> None:
+    """Name the remote at URL (credentials come from the AWS environment, never the store)."""
+    with _open() as repo:
+        kept = repo.remote_add(name, url)
+    _say(f"remote {_clean(name)} -> {_clean(kept)}")
+
+
+@remote_app.command("remove")
+def remote_remove(name: str) -> None:
+    """Forget a remote and its remote-tracking branches."""
+    with _open() as repo:
+        repo.remote_remove(name)
+
+
+def _say_moved(verb: str, where: str, m: Moved) -> None:
+    if STATE.quiet:
+        return
+    print(f"{verb} {m.objects} objects, {m.chunks} chunks ({_human(m.chunk_bytes)}), {m.catalog} catalog entries "
+          f"{'to' if verb == 'sent' else 'from'} {_clean(where)}: {_human(m.wire_bytes)} on the wire", file=sys.stderr)
+    for name, old, new in m.refs:
+        print(f"  {_clean(name)}: {short(old) if old else '(new)'} -> {short(new)}", file=sys.stderr)
+    for name in m.up_to_date:
+        print(f"  {_clean(name)}: up to date", file=sys.stderr)
+    for why in m.skipped:
+        print(f"  skipped {_clean(why)}", file=sys.stderr)
+
+
+@app.command()
+def clone(url: str, directory: str,
+          lazy: bool = typer.Option(False, "--lazy", help="Refs and objects only: chunks are fetched when read."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Copy a remote repository into DIRECTORY, with the remote named origin."""
+    repo, moved = Repo.clone(url, directory, lazy=lazy)
+    with repo:
+        branch = repo.current_branch()
+    if as_json:
+        _emit_json({"directory": directory, "branch": branch, "fetched": moved.to_json()})
+        return
+    _say_moved("received", url, moved)
+    _say(f"cloned into {_clean(directory)}" + (f", on branch {_clean(branch)}" if branch else "")
+         + (" (lazy: chunks are fetched when read)" if lazy else ""))
+
+
+@app.command()
+def fetch(remote: str = typer.Argument("origin"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Bring a remote's branches (as REMOTE/BRANCH) and tags, and what they reach."""
+    with _open() as repo:
+        moved = repo.fetch(remote)
+    if as_json:
+        _emit_json(moved.to_json())
+    else:
+        _say_moved("received", remote, moved)
+
+
+@app.command()
+def pull(remote: str = typer.Argument("origin"), branch: str | None = typer.Argument(None),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fetch, then fast-forward BRANCH (default: the current one) to REMOTE/BRANCH."""
+    with _open() as repo:
+        res = repo.pull(remote, branch)
+    if as_json:
+        _emit_json(res.to_json())
+        return
+    _say_moved("received", remote, res.fetched)
+    if res.old == res.new:
+        _say(f"{_clean(res.branch)} is up to date with {_clean(remote)}/{_clean(res.branch)}")
+    else:
+        _say(f"{_clean(res.branch)}: {short(res.old) if res.old else '(new)'} -> {short(res.new)} (fast-forward)")
+
+
+@app.command()
+def push(remote: str = typer.Argument("origin"),
+         refs: list[str] = typer.Argument(None, help="Branches or tags (default: the current branch)."),
+         force: bool = typer.Option(False, "--force", "-f", help="Move the remote's refs even if that loses commits."),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Send branches and tags, and what they reach that the remote lacks."""
+    with _open() as repo:
+        moved = repo.push(remote, refs or None, force)
+    if as_json:
+        _emit_json(moved.to_json())
+    else:
+        _say_moved("sent", remote, moved)
 
 
 def main() -> None:

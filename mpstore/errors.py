@@ -77,3 +77,11 @@ class ReadOnlyStore(MpError):
 
 class StoreDamaged(MpError):
     """The store's data file itself is damaged (truncated, overwritten pages)."""
+
+
+class RemoteError(MpError):
+    """A remote that cannot be reached, read or written as asked (URL, bucket, credentials)."""
+
+
+class Rejected(MpError):
+    """A push or pull that would lose commits (not a fast-forward) or lost a race for a ref."""

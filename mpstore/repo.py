@@ -15,21 +15,32 @@ import getpass
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
-from .errors import BadMerge, BadRefName, MpError, NotARepository, RepositoryExists, UnknownRef
+from .errors import (
+    BadMerge,
+    BadRefName,
+    CorruptData,
+    MpError,
+    NotARepository,
+    Rejected,
+    RepositoryExists,
+    TargetExists,
+    UnknownRef,
+)
 from .merge.request import check_threads
 from .model import checkout as _checkout
-from .model import ingest
+from .model import hub, ingest
 from .model.diff import DiffResult, diff_snapshots
 from .model.revert import revert as _revert
 from .progress import Progress, Silent
@@ -39,6 +50,7 @@ from .results import (
     GcResult,
     LineageNode,
     MergeResult,
+    PullResult,
     ReflogResult,
     RefRow,
     ReplayResult,
@@ -55,15 +67,18 @@ from .store.env import DEFAULT_MAP_SIZE, Store, Txn
 from .store.fsck import FsckResult
 from .store.fsck import fsck as _fsck
 from .store.ids import short
-from .store.objects import Commit, Plan, Shard, Snapshot, StoredObject, Tensor, timestamp
+from .store.objects import Chunked, Commit, Plan, Shard, Snapshot, StoredObject, Tensor, timestamp
 from .store.refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
 
 if TYPE_CHECKING:
     from .merge.catalog import AnalyzeResult, Recorder
     from .merge.planner import Selector
     from .merge.request import MergeRequest
+    from .remote.sync import Moved
+    from .remote.transport import Transport
 
 STORE_DIR = ".mp"
+REMOTE_KEY = b"remote/"  # meta key prefix: remote name -> URL
 DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/architecture.md, "Chunk size", for the measurement
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 << 20
@@ -190,6 +205,11 @@ class Repo:
         self.store = store
         with store.read() as r:
             self.chunk_size = int(r.meta("chunk_size") or 0)
+            self._lazy = r.meta("lazy")  # a lazy clone: the remote its missing chunks come from
+        self._lazy_remote: Transport | None = None
+        self._fetched: dict[bytes, bytes] = {}  # chunks read from the remote one by one, to keep
+        if self._lazy is not None:
+            store.fallback = self._lazy_chunk
 
     # opening ------------------------------------------------------------------------------
     @classmethod
@@ -227,7 +247,12 @@ class Repo:
         raise NotARepository(f"not an mpstore repository (no {STORE_DIR} in {start} or above); run `mp init`")
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self._keep_fetched()
+        finally:
+            if self._lazy_remote is not None:
+                self._lazy_remote.close()
+            self.store.close()
 
     def __enter__(self) -> Repo:
         return self
@@ -328,7 +353,7 @@ class Repo:
     def _commit(self, branch: str, snapshot: Snapshot, objects: list[StoredObject], message: str, command: str,
                 parents: Callable[[bytes | None], list[bytes]], expect: bytes | None = None,
                 base: bytes | None = None, plan: Plan | None = None, new_bytes: int = 0,
-                stats: dict | None = None) -> bytes:
+                stats: dict | None = None, source: dict | None = None) -> bytes:
         """The one way a commit becomes visible: its objects, the commit and the branch move in
         one write transaction. `parents` gets the branch's head as found in that transaction;
         with `expect`, the branch must still be there (a revert computed against it), else
@@ -341,7 +366,8 @@ class Repo:
             for obj in objects:
                 txn.put_object(obj)
             c = Commit(txn.put_object(snapshot), tuple(parents(head)), message, _author(), timestamp(),
-                       base=base, plan=txn.put_object(plan) if plan else None, new_bytes=new_bytes, stats=stats)
+                       base=base, plan=txn.put_object(plan) if plan else None, new_bytes=new_bytes, stats=stats,
+                       source=source)
             cid = txn.put_object(c)
             txn.set_ref_if_equals(BRANCH_PREFIX + branch, head, cid, command, c.time)  # head read here
             txn.set_meta("HEAD", branch)
@@ -361,14 +387,16 @@ class Repo:
         message: str | None = None,
         progress: Progress | None = None,
     ) -> AddResult:
-        """Store a model folder (or one .safetensors file) as a new commit on branch `name`.
+        """Store a model folder (or one .safetensors file, or `hf://ORG/NAME[@REVISION]` from the
+        Hugging Face cache) as a new commit on branch `name`.
 
         Files the file-identity cache vouches for are not read (store/filecache.py); the others
         are read once, and with `base` the delta catalog is measured in that same pass."""
         progress = progress or Silent()
         check_name(name)
         base_id = self.resolve(base) if base else None
-        src = ingest.scan(Path(source), store=self.store.path)  # never the repository's own store
+        folder, origin = hub.locate(source)  # hf://…: its snapshot folder in the HF cache, and provenance
+        src = ingest.scan(folder, store=self.store.path)  # never the repository's own store
         total = ingest.total_bytes(src)
         sink = ChunkSink(self.store, self.chunk_size, progress)
         threads = os.cpu_count() or 1
@@ -396,10 +424,11 @@ class Repo:
             with self.store.read() as r:
                 pairs = _pairs(r, snapshot.tensors, r.snapshot_of(base_id), got.known)
             analyzed = analyze(self.store, pairs, progress, threads, measured)
-        folder_name = Path(os.path.abspath(source)).name or str(source)  # `mp add .`: the folder's real name
+        # `mp add .`: the folder's real name; hf://ORG/NAME as given
+        folder_name = source if hub.is_reference(source) else Path(os.path.abspath(source)).name or str(source)
         cid = self._commit(name, snapshot, got.objects, message if message is not None else f"add {folder_name}",
                            f"add {source}", lambda head: [head] if head else [], base=base_id,
-                           new_bytes=sink.new_bytes)
+                           new_bytes=sink.new_bytes, source=origin.to_fields() if origin else None)
         if got.seen:  # after the commit: an entry names objects that exist (a lost one is a miss)
             self.store.write(lambda txn: filecache.record(txn, got.seen))
         return AddResult(cid, sink.new_bytes, total, analyzed)
@@ -476,14 +505,36 @@ class Repo:
     def checkout(self, spec: str, out: Path | str, force: bool = False, progress: Progress | None = None) -> bytes:
         """Rebuild the commit's folder at `out`, byte-identical to what was added."""
         info = self.commit(spec)
+        if self._lazy is not None:
+            with self.store.read() as r:
+                snap = r.snapshot(info.commit.snapshot)
+                keys = [k for oid in [*snap.tensors.values(), *snap.files.values(), *(s.header for s in snap.shards)]
+                        for k in r.object_of(oid, Chunked).chunks]
+            self._prefill(keys)
         _checkout.checkout(self.store, info.commit.snapshot, Path(out), force, progress or Silent())
         return info.id
 
     def diff(self, a: str, b: str) -> DiffResult:
+        if self._lazy is not None:
+            self._prefill(self._differing_chunks(a, b))
         with self.store.read() as r:
             ca, cb = resolve(r, a), resolve(r, b)
             tensors = diff_snapshots(self.store, r, r.commit(ca).snapshot, r.commit(cb).snapshot)
         return DiffResult(ca, cb, tensors)
+
+    def _differing_chunks(self, a: str, b: str) -> list[bytes]:
+        """The chunks a diff of `a` and `b` reads: where tensors of one name and layout differ."""
+        with self.store.read() as r:
+            sa, sb = r.snapshot_of(resolve(r, a)), r.snapshot_of(resolve(r, b))
+            keys: list[bytes] = []
+            for name, tid in sa.tensors.items():
+                other = sb.tensors.get(name)
+                if other is None or other == tid:
+                    continue
+                ta, tb = r.tensor(tid), r.tensor(other)
+                if (ta.dtype, ta.shape) == (tb.dtype, tb.shape):
+                    keys += [k for pair in zip(ta.chunks, tb.chunks) if pair[0] != pair[1] for k in pair]
+            return keys
 
     def describe(self, cid: bytes) -> str:
         """`short-id message` for listings."""
@@ -542,6 +593,10 @@ class Repo:
         began = time.perf_counter()
         plan = self.plan(request, budget, select, memory_limit)
         planned = time.perf_counter() - began
+        if self._lazy is not None:
+            from .merge.executor import chunks_read
+
+            self._prefill(chunks_read(self.store, plan, memory_limit))
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
         result = execute(self.store, plan, sink, progress or Silent(), workers, memory_limit)
         result.realized.seconds = {"plan": round(planned, 3), **result.realized.seconds}
@@ -699,3 +754,221 @@ class Repo:
             self.store.used_bytes(), counts, self.chunk_size,
             _gc.reclaimable(self.store, _gc.parse_expire(expire), _catalog_rules()),
         )
+
+    # remotes ------------------------------------------------------------------------------
+    def remotes(self) -> dict[str, str]:
+        """Remote name -> URL. Only the URL is kept: credentials come from the environment."""
+        with self.store.read() as r:
+            return {k[len(REMOTE_KEY):].decode(): bytes(v).decode() for k, v in r.meta_items(REMOTE_KEY)}
+
+    def remote_add(self, name: str, url: str) -> str:
+        """Name a remote; a path is kept absolute, so the name works from any folder."""
+        from .remote.connect import normal_url
+
+        check_name(name, "remote")
+        if "/" in name:
+            raise BadRefName(f"invalid remote name {name!r}: contains '/'")
+        url = normal_url(url)
+        key = REMOTE_KEY + name.encode()
+
+        def add(t: Txn) -> None:
+            if t.meta_bytes(key) is not None:
+                raise BadRefName(f"remote {name!r} already exists")
+            t.set_meta_bytes(key, url.encode())
+
+        self.store.write(add)
+        self.store.sync()
+        return url
+
+    def remote_remove(self, name: str) -> None:
+        """Forget a remote, its remote-tracking refs and its cached pack indexes."""
+        from .store.refs import REMOTES_PREFIX
+
+        self._remote_url(name)
+        prefix = f"{REMOTES_PREFIX}{name}/"
+
+        def remove(t: Txn) -> None:
+            t.delete(b"meta", REMOTE_KEY + name.encode())
+            for ref, cid in t.refs(prefix).items():
+                t.set_ref_if_equals(ref, cid, None, f"remote remove {name}", timestamp())
+
+        self.store.write(remove)
+        self.store.sync()
+        shutil.rmtree(self.store.path / "remotes" / name, ignore_errors=True)
+
+    def _remote_url(self, name: str) -> str:
+        url = self.remotes().get(name)
+        if url is None:
+            raise UnknownRef(f"no remote named {name!r} (see `mp remote -v`)")
+        return url
+
+    def _connect(self, name: str) -> Transport:
+        from .remote.connect import open_transport
+
+        return open_transport(self._remote_url(name), self.store.path / "remotes" / name)
+
+    def fetch(self, remote: str = "origin") -> Moved:
+        """Bring the remote's branches (as `REMOTE/BRANCH`) and tags, with what they reach that
+        this repository lacks (in a lazy clone, objects only)."""
+        from .remote import sync
+
+        with closing(self._connect(remote)) as t, self.store.writing():
+            return sync.fetch(self.store, t, remote, lazy=self._lazy is not None)
+
+    def push(self, remote: str = "origin", refs: list[str] | None = None, force: bool = False) -> Moved:
+        """Send branches and tags (default: the current branch) and what they reach that the
+        remote lacks, then move the remote's refs by compare-and-swap."""
+        from .remote import sync
+
+        names = [self._push_name(n) for n in refs or [self._current_or_fail()]]
+        with closing(self._connect(remote)) as t:
+            return sync.push(self.store, t, remote, names, force,
+                             self._lazy_transport() if self._lazy is not None else None)
+
+    def _push_name(self, spec: str) -> str:
+        if spec.startswith(TAG_PREFIX):
+            return spec
+        with self.store.read() as r:
+            if r.ref(BRANCH_PREFIX + spec) is not None:
+                return BRANCH_PREFIX + spec
+            if r.ref(TAG_PREFIX + spec) is not None:
+                return TAG_PREFIX + spec
+        raise UnknownRef(f"nothing to push: no branch or tag {spec!r}")
+
+    def _current_or_fail(self) -> str:
+        current = self.current_branch()
+        if current is None:
+            raise UnknownRef("no current branch to push: name the branches or tags to push")
+        return current
+
+    def pull(self, remote: str = "origin", branch: str | None = None) -> PullResult:
+        """Fetch, then fast-forward `branch` (default: the current one) to `REMOTE/BRANCH`;
+        a branch with commits the remote's lacks is refused, nothing moved."""
+        from .remote.sync import is_fast_forward, tracking
+
+        branch = branch or self._current_or_fail()
+        check_name(branch)
+        moved = self.fetch(remote)
+        with self.store.read() as r:
+            target = r.ref(tracking(remote, BRANCH_PREFIX + branch))
+            old = r.ref(BRANCH_PREFIX + branch)
+        if target is None:
+            raise UnknownRef(f"remote {remote!r} has no branch {branch!r}")
+        if old != target and not is_fast_forward(self.store, old, target):
+            raise Rejected(f"not a fast-forward: {branch} has commits {remote}/{branch} lacks; "
+                           f"merge them (mp merge) or move the branch (mp reset {branch} {remote}/{branch})")
+
+        def move(t: Txn) -> None:
+            if not t.set_ref_if_equals(BRANCH_PREFIX + branch, old, target, f"pull {remote}", timestamp()):
+                raise Rejected(f"{branch} moved during the pull; run it again")
+            t.set_meta("HEAD", branch)
+
+        if old != target:
+            self.store.write(move)
+            self.store.sync()
+        return PullResult(branch, old, target, moved)
+
+    @classmethod
+    def clone(cls, url: str, path: Path | str, lazy: bool = False) -> tuple[Repo, Moved]:
+        """A new repository at `path` holding the remote's history as `origin`, its HEAD branch
+        checked out as the current branch; `lazy`: objects only, chunks fetched when read."""
+        from .remote.connect import normal_url, open_transport
+
+        root = Path(path)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise TargetExists(f"{root} exists and is not an empty folder")
+        url = normal_url(url)
+        with closing(open_transport(url, None)) as t:
+            info = t.info()  # a wrong URL fails here, before anything is written
+        made = not root.exists()
+        try:
+            repo = cls.init(root, chunk_size=info.chunk_size or DEFAULT_CHUNK_SIZE)
+            try:
+                repo.remote_add("origin", url)
+                if lazy:
+                    repo.store.write(lambda t: t.set_meta("lazy", "origin"))
+                    repo._lazy = "origin"
+                    repo.store.fallback = repo._lazy_chunk
+                moved = repo.fetch("origin")
+                branches = repo.branches_of("origin")
+                head = info.head if info.head in branches else "main" if "main" in branches else min(branches, default=None)
+                if head is not None and (cid := branches.get(head)) is not None:
+                    def start(t: Txn) -> None:
+                        t.add_ref_if_new(BRANCH_PREFIX + head, cid, f"clone {url}", timestamp())
+                        t.set_meta("HEAD", head)
+
+                    repo.store.write(start)
+                    repo.store.sync()
+            except BaseException:
+                repo.close()
+                raise
+        except BaseException:
+            shutil.rmtree(root / STORE_DIR if not made else root, ignore_errors=True)
+            raise
+        return repo, moved
+
+    def branches_of(self, remote: str) -> dict[str, bytes]:
+        """The remote-tracking branches of `remote`: branch name -> commit id."""
+        from .store.refs import REMOTES_PREFIX
+
+        prefix = f"{REMOTES_PREFIX}{remote}/"
+        with self.store.read() as r:
+            return {k[len(prefix):]: v for k, v in r.refs(prefix).items()}
+
+    # lazy clones: chunks come from the remote when first read, and stay ---------------------
+    def _lazy_transport(self) -> Transport:
+        if self._lazy_remote is None:
+            assert self._lazy is not None
+            self._lazy_remote = self._connect(self._lazy)
+        return self._lazy_remote
+
+    def _lazy_chunk(self, key: bytes) -> bytes:
+        """A chunk this lazy clone lacks, from its remote, checked; kept when the verb ends."""
+        from .remote.transport import CHUNK
+        from .store.env import checked_stored
+
+        t = self._lazy_transport()
+        got = dict(t.get(CHUNK, [key]))
+        if key not in got:
+            raise CorruptData(f"chunk {key.hex()} is missing, here and on {t.url}")
+        checked_stored(key, got[key])
+        self._fetched[key] = got[key]
+        return got[key]
+
+    def _prefill(self, keys: list[bytes]) -> int:
+        """In a lazy clone, fetch the chunks among `keys` not here yet (in batches, ranged reads
+        of the remote's packs) before a verb reads them; returns the bytes downloaded."""
+        if self._lazy is None:
+            return 0
+        from .remote.sync import fill
+
+        return fill(self.store, self._lazy_transport(), keys).wire_bytes
+
+    def _keep_fetched(self) -> None:
+        """Store the chunks a lazy read fetched one by one, so they are never fetched again."""
+        if not self._fetched or self.store.readonly:
+            return
+        fetched, self._fetched = self._fetched, {}
+
+        def keep(t: Txn) -> None:
+            for key, data in fetched.items():
+                t.put_stored_chunk(key, data)
+
+        with self.store.writing():
+            self.store.write(keep, reserve=sum(map(len, fetched.values())) + (1 << 20))
+        self.store.sync()
+
+    def network_bytes(self, plan: Plan, memory_limit: int = 1 << 30) -> int | None:
+        """Bytes a merge of `plan` would download (a lazy clone: the chunks it reads that are
+        not here yet), or None in a full repository."""
+        if self._lazy is None:
+            return None
+        from .merge.executor import chunks_read
+
+        sizes: dict[bytes, int] = {}
+        with self.store.read() as r:
+            for cid in [*([plan.base] if plan.base else []), *plan.models]:
+                for tid in r.snapshot_of(cid).tensors.values():
+                    t = r.tensor(tid)
+                    sizes.update((k, end - start) for k, (start, end) in zip(t.chunks, t.spans()))
+            return sum(sizes.get(k, 0) for k in chunks_read(self.store, plan, memory_limit) if not r.has_chunk(k))

@@ -16,6 +16,7 @@ from .store.objects import Commit, Plan
 
 if TYPE_CHECKING:
     from .merge.catalog import AnalyzeResult
+    from .remote.sync import Moved
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class CommitInfo:
             "time": c.time,
             "new_bytes": c.new_bytes,
             "stats": c.stats,
+            "source": c.source,  # e.g. {"hf": "ORG/NAME", "revision": commit hash}, or None
         }
 
 
@@ -83,6 +85,18 @@ class TensorRow:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": self.shape, "bytes": self.bytes, "file": self.file}
+
+
+@dataclass(frozen=True)
+class PullResult:
+    branch: str
+    old: bytes | None  # where the branch was (None: it did not exist)
+    new: bytes
+    fetched: Moved
+
+    def to_json(self) -> dict[str, Any]:
+        return {"branch": self.branch, "old": self.old.hex() if self.old else None, "new": self.new.hex(),
+                "fetched": self.fetched.to_json()}
 
 
 @dataclass(frozen=True)

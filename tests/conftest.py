@@ -19,6 +19,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent / "tools"))
 
 from make_family import make_family  # noqa: E402
+from s3server import s3_endpoint, s3_strict, s3_url  # noqa: E402,F401  (S3 server fixtures)
 
 from mpstore import Repo  # noqa: E402
 

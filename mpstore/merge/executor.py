@@ -610,5 +610,17 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     return Result(snapshot, objects, ex.realized)
 
 
+def chunks_read(store: Store, plan: Plan, memory_limit: int) -> list[bytes]:
+    """Every stored chunk of a tensor that executing `plan` reads, once each, in reading order:
+    what a lazy clone fetches before it merges (a chunk the output takes from the base by
+    digest is not among them)."""
+    method = methods.get(plan.method)
+    with store.read() as txn:
+        prep = prepare(txn, plan, method, MemorySink(plan.chunk_size))
+        keys = (key for t in prep.todo if t.copy is None
+                for key in outline(txn, t, method, memory_limit, counting=True).chunks_read())
+        return [k for k in dict.fromkeys(keys) if k not in prep.derived]
+
+
 def _out_size(task: Task) -> int:
     return task.numel * ITEMSIZE[task.out]

@@ -48,15 +48,16 @@ def _cannot_read(path: Path, e: OSError) -> BadInput:
     return BadInput(f"{path}: cannot read: {e.strerror or e}")
 
 
-def link_root(real_root: Path) -> Path:
-    """Where symlinks below the (resolved) folder may point: the folder itself, or, for a
+def link_roots(real_root: Path) -> tuple[Path, ...]:
+    """Where symlinks below the (resolved) folder may point: the folder itself and, for a
     Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/...`, whose files are links
-    to `../../blobs/<hash>`), the whole cache repository folder `models--org--name/`."""
+    to `../../blobs/<hash>`), that same cache repository's `blobs/` folder — nowhere else in it
+    (not its refs, not another snapshot) and never another cache repository."""
     for folder in (real_root, *real_root.parents):
         cache_repo = folder.parent.parent
         if folder.parent.name == "snapshots" and cache_repo.name.startswith(HF_CACHE_PREFIXES):
-            return cache_repo
-    return real_root
+            return real_root, cache_repo / "blobs"
+    return (real_root,)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -68,11 +69,11 @@ def _walk(root: Path, skip: tuple[int, int] | None = None) -> list[str]:
 
     Refuses (BadInput, naming the path) anything that would not come back as it is at checkout:
     an unreadable file or folder, an empty folder, a symlinked folder, a symlink that is broken
-    or leads outside the folder (see `link_root`), anything not a regular file. Folders named
+    or leads outside the folder (see `link_roots`), anything not a regular file. Folders named
     in SKIP_DIRS and the folder with identity `skip` (the repository's own store) are left out.
     """
     real_root = root.resolve()
-    allowed = link_root(real_root)
+    allowed = link_roots(real_root)
     found: list[str] = []
 
     def visit(folder: Path, prefix: str) -> None:
@@ -102,7 +103,7 @@ def _walk(root: Path, skip: tuple[int, int] | None = None) -> list[str]:
                     if entry.name in SKIP_DIRS:
                         continue
                     raise BadInput(f"{p}: symlinked folders are not supported")
-                if allowed not in target.parents:
+                if not any(root in target.parents for root in allowed):
                     raise BadInput(f"{p}: symlink points outside the folder")
             elif is_dir:
                 if entry.name in SKIP_DIRS:

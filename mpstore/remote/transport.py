@@ -46,6 +46,8 @@ class Transport(Protocol):
     """One remote. Every method raises MpError (one line, naming the remote) on failure."""
 
     url: str
+    sent_bytes: int  # bytes sent so far (entries, packs, indexes): what a push costs on the wire
+    received_bytes: int  # bytes received so far: what a fetch or a lazy read costs
 
     def info(self) -> Info: ...
 

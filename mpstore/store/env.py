@@ -125,6 +125,12 @@ def checked_chunk(key: bytes, data: memoryview) -> memoryview:
     return data
 
 
+def checked_stored(key: bytes, stored: bytes | memoryview) -> memoryview:
+    """The bytes of a chunk as stored, decoded and hash-checked: CorruptData unless they decode
+    to bytes whose digest is `key`."""
+    return checked_chunk(key, stored_payload(key, memoryview(stored)))
+
+
 class Txn:
     """One LMDB transaction seen through the store's vocabulary (read-only unless from write()).
 
@@ -156,8 +162,20 @@ class Txn:
         them elsewhere (checkout's writer threads, which must not call into the transaction)."""
         value = self._t.get(key, db=self._db(b"chunks"), default=None)
         if value is None:
-            raise CorruptData(f"chunk {key.hex()} is missing")
+            if self._s.fallback is None:
+                raise CorruptData(f"chunk {key.hex()} is missing")
+            value = self._s.fallback(key)  # a lazy clone's remote: checked there, kept by the caller
         return stored_payload(key, memoryview(value))
+
+    def stored_chunk(self, key: bytes) -> memoryview | None:
+        """The chunk as stored (codec byte, then its encoding), unchecked, or None: what travels
+        to a remote (remote/sync.py checks it on arrival with `checked_stored`)."""
+        value = self._t.get(key, db=self._db(b"chunks"), default=None)
+        return None if value is None else memoryview(value)
+
+    def put_stored_chunk(self, key: bytes, stored: bytes | memoryview) -> bool:
+        """Store a chunk received as stored elsewhere, once `checked_stored` has vouched for it."""
+        return bool(self._t.put(key, stored, db=self._db(b"chunks"), overwrite=False))
 
     def chunks(self) -> Iterator[tuple[bytes, memoryview]]:
         """(digest, stored value) of every chunk, in key order; `stored_payload` reads a value."""
@@ -188,6 +206,15 @@ class Txn:
     def put_object(self, obj: StoredObject) -> bytes:
         self._t.put(obj.id, obj.encoded, db=self._db(b"objects"), overwrite=False)
         return obj.id
+
+    def put_encoded(self, oid: bytes, data: bytes | memoryview) -> bool:
+        """Store an object received in its encoding, once it is known to hash to `oid` and decode."""
+        return bool(self._t.put(oid, data, db=self._db(b"objects"), overwrite=False))
+
+    def encoded(self, oid: bytes) -> memoryview | None:
+        """An object's stored encoding, unchecked, or None."""
+        value = self._t.get(oid, db=self._db(b"objects"), default=None)
+        return None if value is None else memoryview(value)
 
     def has_object(self, oid: bytes) -> bool:
         return self._t.get(oid, db=self._db(b"objects"), default=None) is not None
@@ -242,6 +269,11 @@ class Txn:
         cur = self._t.cursor(db=self._db(db))
         for k, v in cur.iternext():
             yield bytes(k), memoryview(v)
+
+    def keys(self, db: bytes) -> Iterator[bytes]:
+        """Every key of `db`, in order, without touching the values (a remote's holdings)."""
+        cur = self._t.cursor(db=self._db(db))
+        return map(bytes, cur.iternext(keys=True, values=False))
 
     def delete(self, db: bytes, key: bytes) -> bool:
         return bool(self._t.delete(key, db=self._db(db)))
@@ -360,6 +392,9 @@ class Store:
         self._psize: int | None = None  # the environment's page size, once asked
         self._no_read_ahead = 0  # depth of no_read_ahead()
         self._mapped: list[tuple[int, int]] | None = None  # the map's address ranges, until it is remapped
+        # A lazy clone's source of chunks it has not fetched: the stored bytes of a missing chunk,
+        # checked against its digest, or CorruptData (set by Repo; None: a missing chunk is damage).
+        self.fallback: Callable[[bytes], bytes] | None = None
         self.db = {name: env.open_db(name, create=False) for name in DATABASES}
 
     @classmethod

@@ -158,8 +158,12 @@ class Commit(Stored):
     plan: bytes | None = None  # the merge plan object, for merge commits
     new_bytes: int = 0  # chunk bytes this commit's add wrote that the store did not hold
     stats: dict | None = None  # what a merge really did (bytes read by source, chunks skipped)
+    # Where an added model came from: {"hf": "ORG/NAME", "revision": "<40-hex commit>"} for a
+    # model from the Hugging Face cache (model/hub.py); None: a folder of unknown origin, or a merge.
+    source: dict | None = None
 
     def fields(self) -> dict:
+        optional = {"source": self.source} if self.source is not None else {}
         return {
             "snapshot": self.snapshot,
             "parents": list(self.parents),
@@ -170,13 +174,14 @@ class Commit(Stored):
             "plan": self.plan,
             "new_bytes": self.new_bytes,
             "stats": self.stats,
+            **optional,  # absent when unset, so commits that predate it keep their ids
         }
 
     @classmethod
     def from_fields(cls, d: dict) -> Commit:
         return cls(
             d["snapshot"], tuple(d["parents"]), d["message"], d["author"], d["time"],
-            d["base"], d["plan"], d["new_bytes"], d["stats"],
+            d["base"], d["plan"], d["new_bytes"], d["stats"], d.get("source"),
         )
 
 

@@ -1,8 +1,9 @@
 """Names for commits: branch and tag names, their validation, and resolving what users type.
 
-A ref spec is `NAME` (branch), `tags/NAME`, a hex commit id or a unique prefix of at least six
-characters, each optionally followed by `~N` (the N-th first parent). Branch and tag names are
-checked before any write, because they become keys and are typed back on command lines.
+A ref spec is `NAME` (branch), `tags/NAME`, `REMOTE/NAME` (a remote-tracking branch), a hex commit
+id or a unique prefix of at least six characters, each optionally followed by `~N` (the N-th first
+parent). Branch and tag names are checked before any write, because they become keys and are typed
+back on command lines.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .objects import Commit
 
 BRANCH_PREFIX = "heads/"
 TAG_PREFIX = "tags/"
+REMOTES_PREFIX = "remotes/"  # remote-tracking branches: remotes/ORIGIN/BRANCH, typed ORIGIN/BRANCH
 MIN_PREFIX = 6
 # A name is an LMDB key (511 bytes at most, with its prefix and reflog suffix) and is typed back on
 # command lines; git caps components at the file system's 255 too.
@@ -69,7 +71,7 @@ def _commit_by_prefix(txn: Txn, prefix: str) -> bytes | None:
 
 
 def _resolve_plain(txn: Txn, spec: str) -> bytes:
-    for key in (BRANCH_PREFIX + spec, spec if spec.startswith(TAG_PREFIX) else None):
+    for key in (BRANCH_PREFIX + spec, spec if spec.startswith(TAG_PREFIX) else None, REMOTES_PREFIX + spec):
         if key and (oid := txn.ref(key)) is not None:
             return oid
     lowered = spec.lower()
