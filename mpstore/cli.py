@@ -213,6 +213,8 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     print(f"parents   {' '.join(p[:12] for p in info['parents']) or '-'}")
     if info["base"]:
         print(f"base      {info['base'][:12]}")
+    if info.get("source"):
+        print(f"source    hf://{info['source']['hf']}@{info['source']['revision'][:12]}")
     print(f"author    {_clean(info['author'])}")
     print(f"time      {info['time']}")
     print(f"snapshot  {info['snapshot'][:12]}")

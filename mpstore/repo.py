@@ -891,7 +891,7 @@ class Repo:
                     repo.store.fallback = repo._lazy_chunk
                 moved = repo.fetch("origin")
                 branches = repo.branches_of("origin")
-                head = info.head if info.head in branches else "main" if "main" in branches else min(branches, default=None)
+                head = next((b for b in (info.head, "main") if b in branches), min(branches, default=None))
                 if head is not None and (cid := branches.get(head)) is not None:
                     def start(t: Txn) -> None:
                         t.add_ref_if_new(BRANCH_PREFIX + head, cid, f"clone {url}", timestamp())

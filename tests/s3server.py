@@ -102,8 +102,10 @@ def new_bucket(endpoint: str, **creds: str) -> str:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     server = start_server()
-    yield server.endpoint
-    server.stop()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -125,14 +127,16 @@ class Strict:
 @pytest.fixture(scope="session")
 def s3_strict() -> Iterator[Strict]:
     server = start_server()
-    iam = client(server.endpoint, service="iam")
-    iam.create_user(UserName="mp")
-    iam.put_user_policy(UserName="mp", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName="mp")["AccessKey"]
-    bucket = new_bucket(server.endpoint)
-    # From now on every request must be signed by a key the server knows (moto's control API).
-    urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0",
-                                                  headers={"Content-Type": "text/plain"}))
-    yield Strict(server.endpoint, key["AccessKeyId"], key["SecretAccessKey"], bucket)
-    server.stop()
+    try:
+        iam = client(server.endpoint, service="iam")
+        iam.create_user(UserName="mp")
+        iam.put_user_policy(UserName="mp", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="mp")["AccessKey"]
+        bucket = new_bucket(server.endpoint)
+        # From now on every request must be signed by a key the server knows (moto's control API).
+        urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0",
+                                                      headers={"Content-Type": "text/plain"}))
+        yield Strict(server.endpoint, key["AccessKeyId"], key["SecretAccessKey"], bucket)
+    finally:
+        server.stop()

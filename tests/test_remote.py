@@ -6,10 +6,10 @@ one line with the store unchanged."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -136,31 +136,22 @@ def _remote_ref(url: str, name: str) -> bytes:
 
 
 def test_racing_pushes_one_wins(source, remote, family, tmp_path):
+    """Two processes push different commits to one branch at once: exactly one wins, the other
+    is told to fetch, and the remote holds the winner's history whole."""
     source.remote_add("origin", remote)
     source.push("origin", ["base"])
-    clones = [Repo.clone(remote, tmp_path / f"c{i}")[0] for i in range(2)]
-    for i, c in enumerate(clones):
-        c.add(family[f"expert-{i + 1}"], "base", message=f"work {i}")
-    outcome: list[object] = [None, None]
-
-    def push(i: int) -> None:
-        try:
-            outcome[i] = clones[i].push("origin")
-        except Rejected as e:
-            outcome[i] = e
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    lost = [o for o in outcome if isinstance(o, Rejected)]
-    assert len(lost) == 1, outcome
-    assert "fetch" in str(lost[0])
-    winner = next(i for i, o in enumerate(outcome) if not isinstance(o, Rejected))
-    assert _remote_ref(remote, "heads/base") == clones[winner].resolve("base")
-    for c in clones:
-        c.close()
+    for i in range(2):
+        with Repo.clone(remote, tmp_path / f"c{i}")[0] as c:
+            c.add(family[f"expert-{i + 1}"], "base", message=f"work {i}")
+    e = {**os.environ, "MP_AUTHOR": "t"}
+    procs = [subprocess.Popen([*MP, "push"], cwd=tmp_path / f"c{i}", env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [(p.wait(60), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    winner = next(i for i, (code, _) in enumerate(results) if code == 0)
+    assert "fetch" in results[1 - winner][1] and "Traceback" not in results[1 - winner][1]
+    with Repo.open(tmp_path / f"c{winner}") as w:
+        assert _remote_ref(remote, "heads/base") == w.resolve("base")
     repo, _ = Repo.clone(remote, tmp_path / "after")
     with repo:
         assert repo.fsck().ok
@@ -248,14 +239,33 @@ def test_bad_remotes_are_one_line_and_write_nothing(tmp_path, s3_url, source):
     for args, fragment in cases:
         assert_user_error(run_mp(*args), fragment)
         assert not Path(args[-1]).exists()
-    bad = {"AWS_SECRET_ACCESS_KEY": "wrong", "AWS_ACCESS_KEY_ID": "nobody"}
     source.remote_add("origin", s3_url)
     source.close()
     before = store_fingerprint(tmp_path / "src")
     proc = run_mp("push", "origin", "base", cwd=tmp_path / "src", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
-    assert_user_error(proc)
-    assert "wrong" not in proc.stderr and store_fingerprint(tmp_path / "src") == before
-    del bad
+    assert_user_error(proc, "cannot reach")
+    assert store_fingerprint(tmp_path / "src") == before
+
+
+def test_bad_credentials_are_one_line_and_write_nothing(tmp_path, s3_strict, source):
+    """A server that checks signatures: a wrong secret is refused, the secret is never printed,
+    and neither side changes; the right key works."""
+    url = f"s3://{s3_strict.bucket}/p"
+    source.remote_add("origin", url)
+    source.close()
+    src = tmp_path / "src"
+    before = store_fingerprint(src)
+    good = {"AWS_ENDPOINT_URL": s3_strict.endpoint, "AWS_ACCESS_KEY_ID": s3_strict.key_id,
+            "AWS_SECRET_ACCESS_KEY": s3_strict.secret, "AWS_DEFAULT_REGION": "us-east-1"}
+    wrong = {**good, "AWS_SECRET_ACCESS_KEY": "not-the-secret-0123456789"}
+    for args, where in ((["push", "origin", "base"], src), (["clone", url, tmp_path / "c"], tmp_path)):
+        proc = run_mp(*args, cwd=where, env=wrong)
+        line = assert_user_error(proc, url)
+        assert "not-the-secret" not in line and s3_strict.key_id not in line
+    assert store_fingerprint(src) == before and not (tmp_path / "c").exists()
+    assert run_mp("push", "origin", "base", cwd=src, env=good).returncode == 0
+    cloned = run_mp("clone", url, tmp_path / "c", env=good)
+    assert cloned.returncode == 0, cloned.stderr
 
 
 def test_cli_round_trip_and_remote_names(source, remote, family, tmp_path):
@@ -288,7 +298,7 @@ def test_sigkill_mid_transfer_then_rerun(verb, tmp_path, s3_url, sharded_family)
         r.add(sharded_family["base"], "base")
         r.add(sharded_family["expert-1"], "e1", base="base")
         r.remote_add("origin", s3_url)
-    env = {"MP_PACK_SIZE": "64KiB"}
+    env = {"MP_PACK_SIZE": "16KiB"}  # many packs, so the kill lands between two of them
     if verb == "fetch":
         assert run_mp("push", "origin", "base", "e1", cwd=src, env=env).returncode == 0
         Repo.init(tmp_path / "dst", chunk_size=CHUNK_SIZE).close()
@@ -296,13 +306,33 @@ def test_sigkill_mid_transfer_then_rerun(verb, tmp_path, s3_url, sharded_family)
         where, args = tmp_path / "dst", ["fetch", "origin"]
     else:
         where, args = src, ["push", "origin", "base", "e1"]
+    total = _pack_count(s3_url) if verb == "fetch" else None
     e = {**os.environ, "MP_AUTHOR": "t", **env}
-    proc = subprocess.Popen([*MP, *args], cwd=where, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.2)  # start-up, then some packs
+    proc = subprocess.Popen([*MP, *args], cwd=where, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not _progressed(verb, s3_url, where):
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = run_mp(*args, cwd=where, env=env)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-way, not finished
+    if verb == "push":
+        assert 0 < _pack_count(s3_url)  # some packs arrived before the kill
+        assert "heads/e1" not in _refs(s3_url)  # refs move last
+    else:
+        with Repo.open(where) as r:
+            assert r.fsck().ok and not r.branches_of("origin")
+    with Repo.open(where) as r, r.store.read() as t:
+        here_before = t.entries(b"chunks")
+    there_before = len(_remote_keys(s3_url, CHUNK))
+    again = run_mp(*args, "--json", cwd=where, env=env)
     assert again.returncode == 0, again.stderr
+    moved = json.loads(again.stdout)
+    with Repo.open(where) as r, r.store.read() as t:
+        here_after = t.entries(b"chunks")
+    if verb == "fetch":  # the rerun fetches only what had not arrived
+        assert total == _pack_count(s3_url) and moved["chunks"] == here_after - here_before > 0
+    else:  # the rerun sends only what had not arrived
+        assert moved["chunks"] == len(_remote_keys(s3_url, CHUNK)) - there_before > 0
     if verb == "fetch":
         with Repo.open(where) as r:
             assert r.fsck().ok
@@ -311,6 +341,32 @@ def test_sigkill_mid_transfer_then_rerun(verb, tmp_path, s3_url, sharded_family)
     with repo:
         assert repo.fsck().ok
         assert _checked_out(repo, "origin/e1", tmp_path / "o") == tree_bytes(sharded_family["expert-1"])
+
+
+def _pack_count(url: str) -> int:
+    """Complete packs on the remote (those whose index arrived)."""
+    import boto3
+
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/packs/")
+    return sum(o["Key"].endswith(".idx") for page in pages for o in page.get("Contents", []))
+
+
+def _refs(url: str) -> dict:
+    t = open_transport(url, None)
+    try:
+        return t.refs()
+    finally:
+        t.close()
+
+
+def _progressed(verb: str, url: str, where: Path) -> bool:
+    """Whether a transfer in flight has moved some, but not all, of its data yet."""
+    if verb == "push":
+        return _pack_count(url) >= 2
+    with Repo.open(where) as r, r.store.read() as t:
+        return t.entries(b"chunks") > 0
 
 
 def test_remote_tracking_refs_in_log_diff_merge(source, remote, tmp_path):

@@ -74,6 +74,7 @@ class Bucket:
         self.url = url.rstrip("/")
         self.cache = cache / "packs" if cache is not None else None
         self.pack_bytes = pack_bytes
+        self.batch_bytes = pack_bytes  # a fetch commits at least once a pack (transport.Transport)
         self.sent_bytes = 0
         self.received_bytes = 0
         self.requests = 0
@@ -126,16 +127,16 @@ class Bucket:
             if code in _CREDENTIALS:
                 raise RemoteError(f"{where}: access denied ({code}): check the AWS credentials "
                                   "and their permissions on this bucket") from None
-            raise RemoteError(f"{where}: the server refused ({code}: {error.get('Message') or 'no message'})") from None
+            raise RemoteError(f"{where}: the server refused ({code}: {_line(error.get('Message'))})") from None
         if isinstance(e, NoCredentialsError):
             raise RemoteError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws)") from None
         if isinstance(e, ConnectionError):
             raise RemoteError(f"{where}: cannot reach the endpoint ({type(e).__name__})") from None
         if isinstance(e, ParamValidationError):
-            raise RemoteError(f"{where}: malformed bucket name or key ({e})") from None
+            raise RemoteError(f"{where}: malformed bucket name or key ({_line(e)})") from None
         if isinstance(e, BotoCoreError):
-            raise RemoteError(f"{where}: {e}") from None
+            raise RemoteError(f"{where}: {_line(e)}") from None
         raise e
 
     def _read(self, name: str, missing: frozenset[str] = _MISSING, **kw: Any) -> tuple[bytes, str] | None:
@@ -145,12 +146,15 @@ class Bucket:
             got = self._call("get_object", missing, Key=self._key(name), **kw)
         except _Refused:
             return None
-        body = got["Body"].read()
+        try:
+            body = got["Body"].read()
+        except Exception as e:  # the connection dropped, or fewer bytes came than announced
+            self._fail(e)
         with self._counting:
             self.received_bytes += len(body)
         return body, got["ETag"]
 
-    def _write(self, name: str, body: bytes, **conditions: str) -> bool:
+    def _write(self, name: str, body: bytes | bytearray, **conditions: str) -> bool:
         """Upload `body` as `name`; False when a condition (IfMatch, IfNoneMatch) failed."""
         try:
             self._call("put_object", _LOST_RACE, Key=self._key(name), Body=body, **conditions)
@@ -255,18 +259,20 @@ class Bucket:
         return entries
 
     def _cache(self, name: str, raw: bytes) -> None:
-        """Keep an index in the cache, written whole (temporary file, then rename) or not at all."""
+        """Keep an index in the cache, written whole (temporary file, then rename) or not at all.
+        The cache only saves requests: where it cannot be written, the index is read again."""
         if self.cache is None:
             return
-        self.cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".tmp")
+        tmp = None
         try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(raw)
             os.replace(tmp, self.cache / f"{name}.idx")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def _learn(self, name: str, entries: list[tuple[int, bytes, Location]]) -> None:
         for kind, key, loc in entries:
@@ -341,6 +347,11 @@ class Bucket:
 
 class _Refused(Exception):
     """A refusal the caller expected (a lost conditional write, a missing key), by its code."""
+
+
+def _line(text: object) -> str:
+    """A server's or library's message as part of one line."""
+    return " ".join(str(text or "no message").split())
 
 
 def _is_hex(raw: bytes) -> bool:

@@ -31,6 +31,7 @@ class RepoRemote:
         self.store = Store.open(folder / ".mp")
         self.sent_bytes = 0
         self.received_bytes = 0
+        self.batch_bytes = BATCH
 
     def info(self) -> Info:
         with self.store.read() as r:

@@ -167,7 +167,7 @@ def fill(store: Store, transport: Transport, keys: Iterable[bytes]) -> Moved:
             size += len(data)
             moved.chunks += 1
             moved.chunk_bytes += len(data)
-            if size >= BATCH:
+            if size >= min(BATCH, transport.batch_bytes):
                 flush()
         if pending:
             flush()

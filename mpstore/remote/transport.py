@@ -48,6 +48,9 @@ class Transport(Protocol):
     url: str
     sent_bytes: int  # bytes sent so far (entries, packs, indexes): what a push costs on the wire
     received_bytes: int  # bytes received so far: what a fetch or a lazy read costs
+    # Bytes of chunks a receiver commits at a time (a pack, at most): an interrupted fetch moves
+    # at most this much again.
+    batch_bytes: int
 
     def info(self) -> Info: ...
 

@@ -439,6 +439,8 @@ class Store:
         except lmdb.Error as e:
             if lock is not None:
                 lock.close()
+            if "already open in this process" in str(e):  # LMDB allows one environment per file per process
+                raise StoreBusy(f"{path} is already open in this process: use that Repo") from None
             raise StoreDamaged(f"{path} cannot be opened as an mpstore repository ({reason(e)}): "
                                "its data.mdb is damaged or not LMDB; restore .mp from a backup") from None
         try:
