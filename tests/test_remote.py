@@ -378,3 +378,62 @@ def test_remote_tracking_refs_in_log_diff_merge(source, remote, tmp_path):
         assert repo.diff("origin/base", "origin/e1").counts() == source.diff("base", "e1").counts()
         assert set(repo.branches_of("origin")) == {"base", "e1"}
         assert _remote_keys(remote, OBJECT)
+
+
+def test_tags_travel_and_never_move(source, remote, family, tmp_path):
+    source.remote_add("origin", remote)
+    source.tag("v1", "e1")
+    source.push("origin", ["base", "v1"])
+    repo, _ = Repo.clone(remote, tmp_path / "c")
+    with repo:
+        assert repo.tags() == {"v1": source.resolve("e1")}
+        repo.tag("v2", "origin/base")
+        repo.push("origin", ["v2"])
+    source.delete_tag("v1")
+    source.tag("v1", "e2")  # the same name, elsewhere: the remote's tag must not move
+    with pytest.raises(Rejected, match="tags never move"):
+        source.push("origin", ["v1"])
+    fetched = source.fetch("origin")
+    assert source.tags()["v2"] == source.resolve("base")
+    assert any(s.startswith("tags/v1") for s in fetched.skipped)  # the local v1 is kept, and said so
+    assert source.tags()["v1"] == source.resolve("e2")
+
+
+def test_lazy_clone_diff_and_push_elsewhere(source, remote, family, tmp_path):
+    """A lazy clone diffs by fetching the differing chunks only, and pushing it to another remote
+    first fetches what that remote lacks, so the second remote is complete."""
+    source.remote_add("origin", remote)
+    source.push("origin", ["base", "e2"])
+    repo, _ = Repo.clone(remote, tmp_path / "lazy", lazy=True)
+    with repo:
+        assert repo.diff("origin/base", "origin/e2").counts() == source.diff("base", "e2").counts()
+        with repo.store.read() as r:
+            after_diff = r.entries(b"chunks")
+        assert 0 < after_diff < len(_remote_keys(remote, CHUNK))
+        Repo.init(tmp_path / "other", chunk_size=CHUNK_SIZE).close()
+        repo.remote_add("other", str(tmp_path / "other"))
+        repo.push("other", ["e2"])
+    with Repo.open(tmp_path / "other") as other:
+        assert other.fsck().ok
+        assert _checked_out(other, "e2", tmp_path / "o") == tree_bytes(family["expert-2"])
+
+
+def test_pull_and_fetch_on_the_command_line(source, remote, family, tmp_path):
+    source.remote_add("origin", remote)
+    source.push("origin", ["base"])
+    source.close()
+    assert run_mp("clone", remote, tmp_path / "c").returncode == 0
+    with Repo.open(tmp_path / "src") as s:
+        s.add(family["expert-1"], "base", message="next")
+        s.push("origin", ["base"])
+        head = s.resolve("base")
+    fetched = run_mp("fetch", "--json", cwd=tmp_path / "c")
+    assert fetched.returncode == 0, fetched.stderr
+    assert [r["name"] for r in json.loads(fetched.stdout)["refs"]] == ["remotes/origin/base"]
+    pulled = run_mp("pull", cwd=tmp_path / "c")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "fast-forward" in pulled.stdout
+    with Repo.open(tmp_path / "c") as c:
+        assert c.resolve("base") == head
+    assert_user_error(run_mp("pull", "origin", "nosuch", cwd=tmp_path / "c"), "no branch 'nosuch'")
+    assert_user_error(run_mp("push", "origin", "nosuch", cwd=tmp_path / "c"), "nosuch")

@@ -8,6 +8,7 @@ waits; refs by the store's compare-and-set, with a reflog entry naming the push.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class RepoRemote:
         folder = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
         if not (folder / ".mp" / "data.mdb").is_file():
             raise RemoteError(f"remote {url}: not an mpstore repository (no .mp in {folder})")
-        self.store = Store.open(folder / ".mp")
+        self._path = (folder / ".mp").resolve()
+        self.store = _shared.open(self._path)
         self.sent_bytes = 0
         self.received_bytes = 0
         self.batch_bytes = BATCH
@@ -103,7 +105,35 @@ class RepoRemote:
         return size
 
     def close(self) -> None:
-        self.store.close()
+        _shared.close(self._path)
+
+
+class _Shared:
+    """Stores opened as remotes, shared within the process: LMDB opens an environment once per
+    process, and one command may hold two transports to one remote (a lazy clone pushing to the
+    remote it reads from)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[Path, tuple[Store, int]] = {}
+
+    def open(self, path: Path) -> Store:
+        with self._lock:
+            store, users = self._open.get(path) or (Store.open(path), 0)
+            self._open[path] = (store, users + 1)
+            return store
+
+    def close(self, path: Path) -> None:
+        with self._lock:
+            store, users = self._open[path]
+            if users == 1:
+                del self._open[path]
+                store.close()
+            else:
+                self._open[path] = (store, users - 1)
+
+
+_shared = _Shared()
 
 
 def _value(r: Txn, kind: int, key: bytes) -> memoryview | None:

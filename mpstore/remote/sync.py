@@ -30,7 +30,7 @@ from ..errors import CorruptData, MpError, Rejected, RemoteError
 from ..store.derived import catalog_chunks
 from ..store.env import Store, Txn, checked_stored
 from ..store.ids import digest, short
-from ..store.objects import Blob, Chunked, Commit, Plan, Snapshot, StoredObject, decode, timestamp
+from ..store.objects import Chunked, Commit, Plan, Snapshot, StoredObject, decode, timestamp
 from ..store.refs import BRANCH_PREFIX, REMOTES_PREFIX, TAG_PREFIX
 from .transport import CATALOG, CHUNK, OBJECT, RemoteRef, Transport
 
@@ -325,12 +325,3 @@ def _entries(store: Store, closure: Closure, chunks: list[bytes], have: dict[int
 def is_fast_forward(store: Store, old: bytes | None, new: bytes) -> bool:
     with store.read() as r:
         return old is None or is_ancestor(r, old, new)
-
-
-def blobs_of(txn: Txn, snapshot: Snapshot) -> list[bytes]:
-    """The chunks of a snapshot's non-tensor files and shard headers (small; every reader of a
-    snapshot reads them)."""
-    out: list[bytes] = []
-    for bid in [*snapshot.files.values(), *(s.header for s in snapshot.shards)]:
-        out.extend(txn.object_of(bid, Blob).chunks)
-    return out
