@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]' torch==2.13.0 lmdb==3.0.0 numba==0.68.1 boto3==1.44.8 moto==5.2.5 huggingface_hub==2.4.0 mypy==2.4.1 ruff==0.17.6
+	$(BIN)/pip install -q -e '.[test]' torch==2.13.0 lmdb==3.0.0 numba==0.68.1 boto3==1.44.8 moto==5.2.5 huggingface_hub==2.4.0 zstandard==0.25.0 mypy==2.4.1 ruff==0.17.6
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -343,7 +343,8 @@ def test_gc_compact_gives_space_back_and_everything_still_checks_out(tmp_path, m
 def test_fsck_is_clean_on_a_healthy_store(tmp_path, models):
     root = new_repo(tmp_path / "repo")
     empty = fsck_clean(root)
-    assert empty["checked"] == {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0, "catalog": 0}
+    assert empty["checked"] == {"objects": 0, "chunks": 0, "refs": 0, "chunk_bytes": 0, "catalog": 0,
+                                "not_fetched": 0}
     for i in range(3):
         add(root, models[f"m{i}"], f"b{i}")
     mp_ok("-C", root, "tag", "t", "b0")
@@ -351,7 +352,7 @@ def test_fsck_is_clean_on_a_healthy_store(tmp_path, models):
     raw = store_fingerprint(root)
     assert report["checked"] == {"refs": 4, "objects": len(raw[b"objects"]), "chunks": len(raw[b"chunks"]),
                                  "chunk_bytes": sum(len(v) - 1 for v in raw[b"chunks"].values()),
-                                 "catalog": len(raw[b"catalog"])}
+                                 "catalog": len(raw[b"catalog"]), "not_fetched": 0}
     proc = run_mp("-C", root, "fsck")
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr.strip().endswith(": 0 problems")
 

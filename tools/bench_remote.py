@@ -22,9 +22,11 @@ dense/partial/lora, bf16), adds it to a repository (experts with --base base), a
      transport's received bytes) / `Repo.network_bytes(plan)` (target ≤ 1.1), the plan's
      estimate, and whether the merged snapshot equals the same merge in a full clone;
   5. `mp fetch` into a fresh repository killed (SIGKILL) once about half the chunk bytes are in
-     its data file, then rerun: the bytes the rerun moved that had already arrived before the
+     its data file, then rerun: the bytes the rerun moved that had already been stored before the
      kill, = rerun wire bytes − (a full fetch's wire bytes − chunk bytes stored before the rerun),
-     in packs (target ≤ 1 pack).
+     in packs (target ≤ 1 pack); and the bytes that crossed the wire twice, counting those the
+     killed fetch had received but not yet stored (its transport's counter, written every 10 ms
+     by the process that runs the CLI: WATCHED_FETCH) = received + rerun − full fetch.
 
 Everything lives under --work (default /tmp/bench-remote), removed at the end unless --keep;
 the server is stopped at the end. The AWS environment of this process (and so of the `mp` and
@@ -49,12 +51,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 from bench_store import MIB, MP, b, log, rm, table, warm  # noqa: E402  (same folder: formatting, the mp command)
-from s3server import KEY_ID, REGION, SECRET, client, start_server  # noqa: E402
+from s3server import KEY_ID, REGION, SECRET, client, start_server  # type: ignore[import-not-found]  # noqa: E402
 
 from mpstore import Repo  # noqa: E402
 from mpstore.merge.request import MergeRequest  # noqa: E402
@@ -75,6 +78,7 @@ POLL_S = 0.02
 UPLOAD_SCRIPT = """
 import sys, threading, boto3
 from pathlib import Path
+from typing import Any
 bucket, prefix, *folders = sys.argv[1:]
 s3 = boto3.client("s3")
 sent, lock = [0], threading.Lock()
@@ -85,6 +89,29 @@ for folder in map(Path, folders):
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         s3.upload_file(str(f), bucket, f"{prefix}/{folder.name}/{f.relative_to(folder).as_posix()}", Callback=count)
 print(sent[0])
+"""
+
+
+# `mp -C DST --quiet fetch origin`, the CLI's own entry point, in a process that also writes what
+# its object-store transports have received so far every 10 ms (one number a line): what a
+# SIGKILL throws away is what arrived and was not yet stored.
+WATCHED_FETCH = """
+import sys, threading, time
+import mpstore.remote.bucket as bucket
+from mpstore.cli import main
+made = []
+class Watched(bucket.Bucket):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        made.append(self)
+bucket.Bucket = Watched
+def report():
+    while True:
+        print(sum(b.received_bytes for b in made), flush=True)
+        time.sleep(0.01)
+threading.Thread(target=report, daemon=True).start()
+sys.argv = ["mp", "-C", sys.argv[1], "--quiet", "fetch", "origin"]
+main()
 """
 
 
@@ -155,7 +182,7 @@ def remote_chunks(url: str) -> set[bytes]:
         bucket.close()
 
 
-def empty_bucket(s3, bucket: str, prefix: str = "", drop: bool = False) -> None:
+def empty_bucket(s3: Any, bucket: str, prefix: str = "", drop: bool = False) -> None:
     """Delete every object under `prefix` (and the bucket with `drop`): the server keeps what it
     holds in temporary files and memory."""
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -227,7 +254,8 @@ class Bench:
             for which in order:
                 if which == "mp":
                     t = timed(mp(self.repo, "push", remote, *self.names, "--json"))
-                    sent = json.loads(t.stdout)["wire_bytes"]
+                    moved = json.loads(t.stdout)
+                    sent = moved["wire_bytes"]
                     mp_runs.append((t.seconds, sent))
                 else:
                     t = timed([sys.executable, "-c", UPLOAD_SCRIPT, bucket, "hf", *map(str, self.models)])
@@ -248,14 +276,40 @@ class Bench:
                       TARGETS["push_unique"]),
             ratio_row(f"push vs boto3 upload_file of the {k + 1} folders: bytes", b(mp_bytes), b(up_bytes),
                       mp_bytes / up_bytes, TARGETS["push_bytes"]),
+            ratio_row("... floor without compression: unique chunk bytes / the folders' bytes", b(self.unique[1]),
+                      b(up_bytes), self.unique[1] / up_bytes, None),
             ratio_row("push vs boto3 upload_file: wall (median)", f"{mp_wall:.2f} s", f"{up_wall:.2f} s",
                       mp_wall / up_wall, TARGETS["push_wall"]),
         ]
+        self.notes.append(
+            f"Push: {moved['chunks']} chunks ({b(moved['chunk_bytes'])} as stored: one codec byte each), "
+            f"{moved['objects']} objects and {moved['catalog_entries']} catalog entries; the "
+            f"{b(moved['wire_bytes'] - moved['chunk_bytes'])} on the wire beyond the chunks are pack indexes, "
+            "objects and catalog entries.")
         self.notes.append("Rounds (mp push, upload): " + "; ".join(
             f"{m[0]:.2f} s, {u[0]:.2f} s" for m, u in zip(mp_runs, up_runs)) + ".")
         self.push_mb_s = mp_bytes / mp_wall / MIB
         self.upload_mb_s = up_bytes / up_wall / MIB
+        self.server_reads(bucket)
         return url
+
+    def server_reads(self, bucket: str) -> None:
+        """What one GET of a pack costs the server: a 1 MiB range vs the whole pack (median of 5),
+        which sets the speed of a lazy clone's ranged reads on this server."""
+        key = next(o["Key"] for o in self.s3.list_objects_v2(Bucket=bucket, Prefix="mp/packs/")["Contents"]
+                   if o["Key"].endswith(".pack"))
+        size = self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        got = {}
+        for what, extra in (("range", {"Range": f"bytes=0-{MIB - 1}"}), ("whole", {})):
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                self.s3.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+                runs.append(time.perf_counter() - t0)
+            got[what] = statistics.median(runs)
+        self.rows.append(ratio_row("server: GET of a 1 MiB range of a pack / GET of the whole pack (median of 5)",
+                                   f"{got['range'] * 1000:.0f} ms", f"{got['whole'] * 1000:.0f} ms ({b(size)})",
+                                   got["range"] / got["whole"], None))
 
     def late_expert(self, url: str) -> None:
         """Row 3: one more (partial) expert, added after the push, pushed alone."""
@@ -300,12 +354,13 @@ class Bench:
             plan = lazy.plan(request, budget=BUDGET)
             planned = lazy.network_bytes(plan)
             assert planned is not None
-            transport = lazy._lazy_transport()  # the transport the lazy reads go through: its counter
-            before, held = transport.received_bytes, chunk_sizes(lazy)
+            transport = lazy._lazy_transport()  # the transport the lazy reads go through: its counters
+            assert isinstance(transport, Bucket)
+            before, held, asked = transport.received_bytes, chunk_sizes(lazy), transport.requests
             t0 = time.perf_counter()
             merged = lazy.merge(request, "m", budget=BUDGET)
             merge_s = time.perf_counter() - t0
-            downloaded = transport.received_bytes - before
+            downloaded, requests = transport.received_bytes - before, transport.requests - asked
             output = commit_chunks(lazy, "m")
             # chunks that arrived, less the merge's own output: what it fetched and kept
             kept = {k: n for k, n in chunk_sizes(lazy).items() if k not in held and k not in output}
@@ -323,6 +378,7 @@ class Bench:
                 same = r.commit(again.commit).snapshot == snap
         rm(self.work / "full")
         est, realized = plan.estimate, merged.realized
+        assert est is not None
         self.rows += [
             ratio_row(f"lazy clone, ties K={k} budget {BUDGET}: bytes downloaded / planned (network_bytes)",
                       b(downloaded), b(planned), downloaded / planned, TARGETS["lazy"]),
@@ -336,7 +392,9 @@ class Bench:
         ]
         self.notes.append(
             f"Lazy clone: {clone_s:.2f} s, {got.objects} objects and {got.catalog} catalog entries "
-            f"({b(got.wire_bytes)} on the wire); budgeted merge {merge_s:.2f} s. Full clone: {full_s:.2f} s, "
+            f"({b(got.wire_bytes)} on the wire); budgeted merge {merge_s:.2f} s, {requests} requests (ranged reads "
+            f"and listings), {b(downloaded - sum(kept.values()))} of the bytes downloaded were gaps between "
+            f"wanted chunks that a ranged read spans. Full clone: {full_s:.2f} s, "
             f"{b(fetched.wire_bytes)} on the wire; the same merge there {full_merge_s:.2f} s.")
         return fetched.wire_bytes
 
@@ -350,29 +408,38 @@ class Bench:
             total = chunk_bytes(r, stored=True)[1]
         data = dst / ".mp" / "data.mdb"
         log("fetch, killed halfway")
-        proc = subprocess.Popen(mp(dst, "fetch", "origin"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        t0 = time.perf_counter()
-        while proc.poll() is None and data.stat().st_blocks * 512 < total / 2:
-            time.sleep(POLL_S)
-        killed = proc.poll() is None
-        if killed:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        counter = self.work / "received"
+        with open(counter, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-c", WATCHED_FETCH, str(dst)], stdout=out,
+                                    stderr=subprocess.DEVNULL)
+            t0 = time.perf_counter()
+            while proc.poll() is None and data.stat().st_blocks * 512 < total / 2:
+                time.sleep(POLL_S)
+            killed = proc.poll() is None
+            if killed:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
         before_s = time.perf_counter() - t0
+        arrived = int(counter.read_text().split()[-1])
         with Repo.open(dst) as r:
             stored_n, stored = chunk_bytes(r, stored=True)
         rerun = timed(mp(dst, "fetch", "origin", "--json"))
         moved = json.loads(rerun.stdout)
         again = moved["wire_bytes"] - (full_wire - stored)
+        twice = arrived + moved["wire_bytes"] - full_wire
         with Repo.open(dst) as r, Repo.open(self.repo) as src:
             complete = chunk_bytes(r)[0] == chunk_bytes(src)[0] and r.resolve("origin/late") == src.resolve("late")
         self.rows += [
-            ratio_row("fetch after a SIGKILLed fetch: bytes moved again, in packs",
-                      b(again), f"pack {b(self.pack)}", again / self.pack, TARGETS["refetch_packs"], " packs"),
+            ratio_row("fetch after a SIGKILLed fetch: rerun wire bytes − (full fetch − stored before the rerun), "
+                      "in packs", b(again), f"pack {b(self.pack)}", again / self.pack, TARGETS["refetch_packs"],
+                      " packs"),
+            ratio_row("... received by the killed fetch + rerun wire bytes − full fetch (bytes that crossed "
+                      "twice), in packs", b(twice), f"pack {b(self.pack)}", twice / self.pack, None, " packs"),
         ]
         self.notes.append(
             f"Interrupted fetch: {'killed' if killed else 'NOT killed (it finished first)'} after "
-            f"{before_s:.2f} s with {stored_n} chunks ({b(stored)} of {b(total)}) stored; the rerun took "
+            f"{before_s:.2f} s, having received {b(arrived)} (its transport's counter, sampled every 10 ms) "
+            f"and stored {stored_n} chunks ({b(stored)} of {b(total)}); the rerun took "
             f"{rerun.seconds:.2f} s and moved {moved['chunks']} chunks ({b(moved['chunk_bytes'])}), "
             f"{b(moved['wire_bytes'])} on the wire, against a full fetch's {b(full_wire)}; "
             f"chunk bytes fetched twice: {b(moved['chunk_bytes'] - (total - stored))}; the store is "
