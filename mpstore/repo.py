@@ -820,7 +820,7 @@ class Repo:
         remote lacks, then move the remote's refs by compare-and-swap."""
         from .remote import sync
 
-        names = [self._push_name(n) for n in refs or [self._current_or_fail()]]
+        names = [self._push_name(n) for n in refs or [self._current_or_fail("push")]]
         with closing(self._connect(remote)) as t:
             return sync.push(self.store, t, remote, names, force,
                              self._lazy_transport() if self._lazy is not None else None)
@@ -835,10 +835,10 @@ class Repo:
                 return TAG_PREFIX + spec
         raise UnknownRef(f"nothing to push: no branch or tag {spec!r}")
 
-    def _current_or_fail(self) -> str:
+    def _current_or_fail(self, verb: str) -> str:
         current = self.current_branch()
         if current is None:
-            raise UnknownRef("no current branch to push: name the branches or tags to push")
+            raise UnknownRef(f"no current branch to {verb}: name the branch")
         return current
 
     def pull(self, remote: str = "origin", branch: str | None = None) -> PullResult:
@@ -846,7 +846,7 @@ class Repo:
         a branch with commits the remote's lacks is refused, nothing moved."""
         from .remote.sync import is_fast_forward, tracking
 
-        branch = branch or self._current_or_fail()
+        branch = branch or self._current_or_fail("pull")
         check_name(branch)
         moved = self.fetch(remote)
         with self.store.read() as r:
