@@ -506,11 +506,7 @@ class Repo:
         """Rebuild the commit's folder at `out`, byte-identical to what was added."""
         info = self.commit(spec)
         if self._lazy is not None:
-            with self.store.read() as r:
-                snap = r.snapshot(info.commit.snapshot)
-                keys = [k for oid in [*snap.tensors.values(), *snap.files.values(), *(s.header for s in snap.shards)]
-                        for k in r.object_of(oid, Chunked).chunks]
-            self._prefill(keys)
+            self._prefill(self._chunks_of([info.id], tensors=True))
         _checkout.checkout(self.store, info.commit.snapshot, Path(out), force, progress or Silent())
         return info.id
 
@@ -596,7 +592,8 @@ class Repo:
         if self._lazy is not None:
             from .merge.executor import chunks_read
 
-            self._prefill(chunks_read(self.store, plan, memory_limit))
+            inputs = [*([plan.base] if plan.base else []), *plan.models, *(a for a in plan.adapters or [] if a)]
+            self._prefill(chunks_read(self.store, plan, memory_limit) + self._chunks_of(inputs, tensors=False))
         sink = ChunkSink(self.store, self.chunk_size, progress or Silent())
         result = execute(self.store, plan, sink, progress or Silent(), workers, memory_limit)
         result.realized.seconds = {"plan": round(planned, 3), **result.realized.seconds}
@@ -934,6 +931,17 @@ class Repo:
         checked_stored(key, got[key])
         self._fetched[key] = got[key]
         return got[key]
+
+    def _chunks_of(self, commits: list[bytes], tensors: bool) -> list[bytes]:
+        """The chunks of the commits' files and shard headers, and of their tensors if asked."""
+        with self.store.read() as r:
+            keys: list[bytes] = []
+            for cid in commits:
+                snap = r.snapshot_of(cid)
+                objects = [*snap.files.values(), *(s.header for s in snap.shards)]
+                for oid in [*(snap.tensors.values() if tensors else ()), *objects]:
+                    keys += r.object_of(oid, Chunked).chunks
+            return keys
 
     def _prefill(self, keys: list[bytes]) -> int:
         """In a lazy clone, fetch the chunks among `keys` not here yet (in batches, ranged reads

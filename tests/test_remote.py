@@ -250,7 +250,7 @@ def test_bad_remotes_are_one_line_and_write_nothing(tmp_path, s3_url, source):
 def test_bad_credentials_are_one_line_and_write_nothing(tmp_path, s3_strict, source):
     """A server that checks signatures: a wrong secret is refused, the secret is never printed,
     and neither side changes; the right key works."""
-    url = f"s3://{s3_strict.bucket}/p"
+    url = f"s3://{s3_strict.bucket}/test-remote"  # the strict server is shared by the session: a prefix of its own
     source.remote_add("origin", url)
     source.close()
     src = tmp_path / "src"

@@ -22,8 +22,14 @@ from mpstore.remote.transport import KINDS
 
 INDEX_FORMAT = 1
 PACK_BYTES = 64 << 20  # a pack closes once it holds this much: few requests, bounded memory
-RANGE_GAP = 1 << 20  # entries this close in one pack are read in one request, gap included
-RANGE_CAP = 16 << 20  # ...up to this many bytes per request (one larger entry gets its own)
+# Entries this close in one pack are read in one request, gap included: small entries (objects,
+# catalog entries, config files) join, but no unwanted 1 MiB chunk between two wanted ones comes
+# down (a lazy budgeted merge read 7% more than its plan with a 1 MiB gap: docs/benchmarks.md).
+RANGE_GAP = 64 << 10
+# ...up to this many bytes per request (one larger entry gets its own). With bucket.READERS
+# requests in flight, what a fetch has received but not committed stays within one pack
+# (READERS * RANGE_CAP + sync.BATCH = 64 MiB), so an interrupted fetch moves at most a pack again.
+RANGE_CAP = 4 << 20
 
 
 @dataclass(frozen=True)
