@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 from .errors import CorruptData, MpError
 from .merge.request import MergeRequest, dtype_name, parse_value, split_per_model, stages
 from .model.checkout import too_long
-from .repo import DEFAULT_CHUNK_SIZE, Repo
+from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS, Repo
 from .store.ids import short
 from .units import parse_size
 
@@ -104,9 +104,12 @@ def _global(
 
 
 @app.command()
-def init(chunk_size: str = typer.Option(str(DEFAULT_CHUNK_SIZE), help="Chunk size in bytes (e.g. 1MiB).")) -> None:
+def init(chunk_size: str = typer.Option(str(DEFAULT_CHUNK_SIZE), help="Chunk size in bytes (e.g. 1MiB)."),
+         compress: str = typer.Option(DEFAULT_COMPRESS, help="How chunks are stored: none (raw), planes (each "
+                                      "compressed alone) or delta (also as a delta against the base's)."),
+         ) -> None:
     """Create a repository (./.mp) here."""
-    with Repo.init(STATE.repo_dir, chunk_size=parse_size(chunk_size)) as repo:
+    with Repo.init(STATE.repo_dir, chunk_size=parse_size(chunk_size), compress=compress) as repo:
         _say(f"initialised empty mpstore repository in {repo.root.absolute() / '.mp'}")
 
 
@@ -224,6 +227,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         print(f"  {dtype:<8} {n:,} parameters")
     pct = 100 * info["new_bytes"] / info["size"] if info["size"] else 0.0
     print(f"new       {_human(info['new_bytes'])} of it was new when added ({pct:.1f}%)")
+    _say_space("stored   ", info["space"])
     plan = info["plan"]
     if plan:
         print(f"plan      {info['plan_id'][:12]}: {plan['method']}, seed {plan['seed']}, "
@@ -432,17 +436,24 @@ def fsck(as_json: bool = typer.Option(False, "--json")) -> None:
 def gc(
     expire: str = typer.Option("30d", help="Keep what reflog entries younger than this name (e.g. 30d, now)."),
     compact: bool = typer.Option(False, "--compact", help="Also rewrite the data file to return space to the disk."),
+    recompress: str | None = typer.Option(None, "--recompress", metavar="POLICY",
+                                          help="Store every chunk again as none, planes or delta (as mp init "
+                                               "--compress); new chunks follow it too."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Delete objects and chunks that no ref, tag or live reflog entry reaches."""
     with _open() as repo:
-        freed = repo.gc(expire, compact).to_json()
+        freed = repo.gc(expire, compact, recompress, progress=_Bar()).to_json()
     if as_json:
         _emit_json(freed)
         return
     print(f"freed {freed['objects']} objects, {freed['chunks']} chunks ({_human(freed['chunk_bytes'])}), "
           f"{freed['reflog_entries']} expired reflog entries, {freed['catalog_entries']} catalog entries, "
           f"{freed['file_cache_entries']} file-cache entries")
+    if recompress is not None:
+        r = freed["recompressed"]
+        print(f"recompressed ({recompress}): {r['chunks']} chunks stored again, chunks take "
+              f"{_human(r['stored_bytes_before'])} -> {_human(r['stored_bytes_after'])}")
     if compact:
         print(f"data file: {_human(freed['file_bytes_before'])} -> {_human(freed['file_bytes_after'])}")
 
@@ -463,6 +474,17 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     print(f"store: {_human(st.store_bytes)} on disk ({_human(st.used_bytes)} in use), "
           f"{e['chunks']} chunks, {e['objects']} objects, chunk size {_human(st.chunk_size)}")
     print(f"reclaimable by gc: {_human(g.chunk_bytes)} in {g.chunks} chunks and {g.objects} objects")
+    _say_space(f"chunks ({st.compress}):", st.space.to_json())
+
+
+def _say_space(label: str, space: dict) -> None:
+    """Logical against stored bytes, in all and per codec."""
+    ratio = "-" if space["ratio"] is None else f"{space['ratio']:.3f}"
+    print(f"{label} {_human(space['logical_bytes'])} of chunks in {_human(space['stored_bytes'])} (ratio {ratio})")
+    for codec, c in space["codecs"].items():
+        r = "-" if c["ratio"] is None else f"{c['ratio']:.3f}"
+        print(f"  {codec:<8} {c['chunks']} chunks, {_human(c['logical_bytes'])} in {_human(c['stored_bytes'])} "
+              f"(ratio {r})")
 
 
 _MODEL_OPTIONS = ("weight", "density", "gamma", "epsilon")

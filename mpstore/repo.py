@@ -60,7 +60,8 @@ from .results import (
 )
 from .store import filecache
 from .store import gc as _gc
-from .store.chunks import ChunkSink
+from .store.chunks import META_KEY as COMPRESS_KEY
+from .store.chunks import POLICIES, ChunkSink, policy
 from .store.derived import CatalogRules
 from .store.dtypes import MAX_ITEMSIZE
 from .store.env import DEFAULT_MAP_SIZE, Store, Txn
@@ -69,6 +70,7 @@ from .store.fsck import fsck as _fsck
 from .store.ids import short
 from .store.objects import Chunked, Commit, Plan, Shard, Snapshot, StoredObject, Tensor, timestamp
 from .store.refs import BRANCH_PREFIX, TAG_PREFIX, check_name, resolve
+from .store.space import usage
 
 if TYPE_CHECKING:
     from .merge.catalog import AnalyzeResult, Recorder
@@ -80,6 +82,7 @@ if TYPE_CHECKING:
 STORE_DIR = ".mp"
 REMOTE_KEY = b"remote/"  # meta key prefix: remote name -> URL
 DEFAULT_CHUNK_SIZE = 1 << 20  # see docs/architecture.md, "Chunk size", for the measurement
+DEFAULT_COMPRESS = "delta"  # see docs/benchmarks.md, "Compression (issue 14)"
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 << 20
 
@@ -107,9 +110,11 @@ class _Read:
     seen: list[filecache.Entry] = field(default_factory=list)
 
 
-def _read_source(txn: Txn, sink: ChunkSink, src: ingest.Source, recorder: Recorder | None) -> _Read:
+def _read_source(txn: Txn, sink: ChunkSink, src: ingest.Source, recorder: Recorder | None,
+                 base: dict[str, Tensor] | None) -> _Read:
     """Read every file the file-identity cache does not vouch for (a header is always hashed:
-    it is small, and a cached entry must name the same header blob)."""
+    it is small, and a cached entry must name the same header blob). `base`: the tensors a new
+    chunk may be stored as a delta against."""
     out = _Read()
     for file, header in src.weights.items():
         path = src.root / file
@@ -123,7 +128,8 @@ def _read_source(txn: Txn, sink: ChunkSink, src: ingest.Source, recorder: Record
             out.tensors.update(zip(names, ids[1:]))
             sink.progress.advance(now.size - len(header.raw))
             continue
-        tensors, seen = ingest.read_weights(sink, path, header, recorder.watch if recorder is not None else None)
+        tensors, seen = ingest.read_weights(sink, path, header, recorder.watch if recorder is not None else None,
+                                            base)
         for tname, tensor in tensors.items():
             out.objects.append(tensor)
             out.tensors[tname] = tensor.id
@@ -214,9 +220,11 @@ class Repo:
     # opening ------------------------------------------------------------------------------
     @classmethod
     def init(
-        cls, path: Path | str = ".", chunk_size: int = DEFAULT_CHUNK_SIZE, map_size: int = DEFAULT_MAP_SIZE
+        cls, path: Path | str = ".", chunk_size: int = DEFAULT_CHUNK_SIZE, map_size: int = DEFAULT_MAP_SIZE,
+        compress: str = DEFAULT_COMPRESS,
     ) -> Repo:
-        """Create an empty repository in `path` (its `.mp/` must not exist yet)."""
+        """Create an empty repository in `path` (its `.mp/` must not exist yet). `compress`: how
+        new chunks are stored (store.chunks.policy: none, planes or delta)."""
         root = Path(path)
         if (root / STORE_DIR).exists():
             raise RepositoryExists(f"{root / STORE_DIR} already exists")
@@ -227,7 +235,9 @@ class Repo:
                 f"invalid chunk size {chunk_size}: must be a multiple of {MAX_ITEMSIZE} "
                 f"between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
             )
-        store = Store.create(root / STORE_DIR, {"chunk_size": str(chunk_size)}, map_size)
+        if compress not in POLICIES:
+            raise MpError(f"invalid compression {compress!r}: choose one of {', '.join(POLICIES)}")
+        store = Store.create(root / STORE_DIR, {"chunk_size": str(chunk_size), COMPRESS_KEY: compress}, map_size)
         return cls(root, store)
 
     @classmethod
@@ -404,14 +414,15 @@ class Repo:
         try:
             with sink.pipelined(reserve=total + total // 8) as txn:
                 recorder = None
+                base_tensors = None
                 if base_id is not None:  # the catalog of this expert's deltas, measured as it is read
                     from .merge.catalog import Recorder
 
                     base_snap = txn.snapshot_of(base_id)
-                    recorder = Recorder(txn, sink, {n: txn.tensor(t) for n, t in base_snap.tensors.items()},
-                                        threads)
+                    base_tensors = {n: txn.tensor(t) for n, t in base_snap.tensors.items()}
+                    recorder = Recorder(txn, sink, base_tensors, threads)
                 try:
-                    got = _read_source(txn, sink, src, recorder)
+                    got = _read_source(txn, sink, src, recorder, base_tensors)
                 finally:
                     measured = recorder.finish() if recorder is not None else None
         finally:
@@ -499,8 +510,9 @@ class Repo:
             snap = r.snapshot(info.commit.snapshot)
             size = _checkout.snapshot_size(r, snap)
             plan = r.plan(info.commit.plan) if info.commit.plan else None
+            space = usage(r, self._chunks_of([info.id], tensors=True))
         return ShowResult(info, size, sum(row.bytes for row in rows), len(rows), sum(params.values()), dict(params),
-                          sorted([*snap.files, *(s.file for s in snap.shards)]), plan)
+                          sorted([*snap.files, *(s.file for s in snap.shards)]), plan, space)
 
     def checkout(self, spec: str, out: Path | str, force: bool = False, progress: Progress | None = None) -> bytes:
         """Rebuild the commit's folder at `out`, byte-identical to what was added."""
@@ -734,22 +746,33 @@ class Repo:
         return FsckResult([f"{self.store.path / 'data.mdb'}: the file is damaged: {what}; check out what "
                            "you need (`mp checkout`) and restore .mp from a backup"])
 
-    def gc(self, expire: str = "30d", compact: bool = False) -> GcResult:
-        """Delete what nothing live reaches; with `compact`, give the space back to the disk."""
+    def gc(self, expire: str = "30d", compact: bool = False, recompress: str | None = None,
+           progress: Progress | None = None) -> GcResult:
+        """Delete what nothing live reaches; with `recompress`, store every chunk again under
+        that compression policy (which new chunks follow from then on); with `compact`, give
+        the space back to the disk."""
+        if recompress is not None and recompress not in POLICIES:
+            raise MpError(f"invalid compression {recompress!r}: choose one of {', '.join(POLICIES)}")
         freed = _gc.collect(self.store, _gc.parse_expire(expire), _catalog_rules())
+        redone = None
+        if recompress is not None:
+            from .store.recompress import recompress as _recompress
+
+            redone = _recompress(self.store, recompress, progress or Silent())
         if not compact:
-            return GcResult(freed)
+            return GcResult(freed, recompressed=redone)
         before, after = self.store.compact()
-        return GcResult(freed, before, after)
+        return GcResult(freed, before, after, redone)
 
     def status(self, expire: str = "30d") -> StatusResult:
         """Branches, tags, store size, entry counts and what gc could reclaim."""
         with self.store.read() as r:
             counts = {db: r.entries(db.encode()) for db in ("chunks", "objects", "reflog", "catalog")}
+            space = usage(r)
         return StatusResult(
             self.current_branch(), self.branch_rows(), self.tag_rows(), self.store.file_bytes(),
             self.store.used_bytes(), counts, self.chunk_size,
-            _gc.reclaimable(self.store, _gc.parse_expire(expire), _catalog_rules()),
+            _gc.reclaimable(self.store, _gc.parse_expire(expire), _catalog_rules()), space, policy(self.store),
         )
 
     # remotes ------------------------------------------------------------------------------
@@ -924,11 +947,14 @@ class Repo:
         from .remote.transport import CHUNK
         from .store.env import checked_stored
 
+        if key in self._fetched:
+            return self._fetched[key]
         t = self._lazy_transport()
         got = dict(t.get(CHUNK, [key]))
         if key not in got:
             raise CorruptData(f"chunk {key.hex()} is missing, here and on {t.url}")
-        checked_stored(key, got[key])
+        with self.store.read() as r:  # a delta's reference: here, or fetched the same way
+            checked_stored(key, got[key], r.reference)
         self._fetched[key] = got[key]
         return got[key]
 

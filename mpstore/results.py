@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from .store.env import ReflogEntry
 from .store.gc import Garbage
 from .store.objects import Commit, Plan
+from .store.recompress import Recompressed
+from .store.space import Usage
 
 if TYPE_CHECKING:
     from .merge.catalog import AnalyzeResult
@@ -111,6 +113,7 @@ class ShowResult:
     dtypes: dict[str, int]  # dtype -> parameters
     files: list[str]
     plan: Plan | None  # the merge plan, for a merge
+    space: Usage  # the snapshot's distinct chunks: logical and stored bytes by codec
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,6 +126,7 @@ class ShowResult:
             "dtypes": self.dtypes,
             "files": self.files,
             "plan": self.plan.to_json() if self.plan else None,
+            "space": self.space.to_json(),
         }
 
 
@@ -152,6 +156,8 @@ class StatusResult:
     entries: dict[str, int]
     chunk_size: int
     reclaimable: Garbage
+    space: Usage  # every chunk: logical and stored bytes by codec
+    compress: str  # how new chunks are stored (mp init --compress)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +169,8 @@ class StatusResult:
             "entries": self.entries,
             "chunk_size": self.chunk_size,
             "reclaimable": self.reclaimable.to_json(),
+            "space": self.space.to_json(),
+            "compress": self.compress,
         }
 
 
@@ -171,11 +179,14 @@ class GcResult:
     freed: Garbage
     file_bytes_before: int | None = None  # with --compact: the data file's allocated bytes
     file_bytes_after: int | None = None
+    recompressed: Recompressed | None = None  # with --recompress
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = self.freed.to_json()
         if self.file_bytes_before is not None:
             out["file_bytes_before"], out["file_bytes_after"] = self.file_bytes_before, self.file_bytes_after
+        if self.recompressed is not None:
+            out["recompressed"] = self.recompressed.to_json()
         return out
 
 

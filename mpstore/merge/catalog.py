@@ -29,7 +29,7 @@ from ..progress import Progress
 from ..store.chunks import FOLIO_BYTES, ChunkSink, Watch
 from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
 from ..store.dtypes import FLOATS, ITEMSIZE
-from ..store.env import Store, Txn, checked_chunk, stored_payload
+from ..store.env import XOR_CODEC, Store, Txn, checked_chunk, stored_payload
 from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
@@ -296,7 +296,8 @@ class Recorder:
                 return False
             at = self._txn.extent(b"chunks", b)
             self._sink.store.touched(FOLIO_BYTES)  # the B-tree leaf's page cache folio got mapped
-            if at is None:  # a layout the extent lookup does not know: read through the map
+            if at is None or self._delta(b):  # a layout the extent lookup does not know, or a
+                # base chunk stored as a delta (its reference is read in the transaction): the map
                 base_bytes = self._txn.chunk(b)
                 self._sink.store.touched(len(base_bytes))
                 task = self._pool.submit(measure, data, base_bytes, dtype)
@@ -309,6 +310,10 @@ class Recorder:
             return True
 
         return chunk
+
+    def _delta(self, key: bytes) -> bool:
+        value = self._txn.stored_chunk(key)
+        return value is not None and len(value) > 0 and value[0] == XOR_CODEC
 
     def _collect(self) -> None:
         k, fut, data = self._pending.popleft()
@@ -334,7 +339,7 @@ def _measure_stored(fd: int, at: tuple[int, int], base_key: bytes, expert: memor
     """measure(), the base chunk read from the data file at `at` (offset, length of its stored
     value) and hash-checked here, on the worker."""
     offset, length = at
-    value = memoryview(os.pread(fd, length, offset))
+    value = memoryview(os.pread(fd, length, offset))  # a delta base (depth 1) is read in the map instead
     return measure(expert, checked_chunk(base_key, stored_payload(base_key, value)), dtype)
 
 

@@ -135,8 +135,9 @@ def _tasks(plan: Plan, method: MergeMethod, made: list[layout.Wanted]) -> list[T
 class _Assembler:
     """Cuts a tensor's output bytes into chunks, in order, through the sink."""
 
-    def __init__(self, sink: ChunkSink, chunk_size: int):
-        self.sink, self.chunk_size = sink, chunk_size
+    def __init__(self, sink: ChunkSink, chunk_size: int, itemsize: int, references: tuple[bytes, ...] | None):
+        self.sink, self.chunk_size, self.itemsize = sink, chunk_size, itemsize
+        self.references = references  # the base's chunks at the same positions: a new chunk's delta reference
         self.buf = bytearray()
         self.chunks: list[bytes] = []
         self.size = 0
@@ -160,7 +161,8 @@ class _Assembler:
         return tuple(self.chunks)
 
     def _emit(self, data: bytearray) -> None:
-        self.chunks.append(self.sink.data(data))
+        ref = self.references[len(self.chunks)] if self.references is not None else None
+        self.chunks.append(self.sink.data(data, self.itemsize, ref))
 
 
 def _values(raw: memoryview | bytearray, dtype: str, compute: str) -> torch.Tensor:
@@ -376,7 +378,10 @@ class Executor:
         o = outline(self.txn, task, method, self.memory_limit)
         self.realized.chunks_omitted += sum(len(g) for g in task.omitted)
         ctx, cache = self._measure(task, method, o)
-        asm = _Assembler(self.sink, self.chunk_size)
+        base = task.base
+        same = base is not None and (base.dtype, base.shape, base.chunk_size) == (task.out, task.ref.shape,
+                                                                                 self.chunk_size)
+        asm = _Assembler(self.sink, self.chunk_size, ITEMSIZE[task.out], base.chunks if same and base else None)
 
         def combined(blk: Block) -> bytes:
             return _to_bytes(method.combine(blk, ctx), task.out)

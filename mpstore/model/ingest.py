@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from ..errors import BadInput
 from ..store.chunks import ChunkSink, Watch
+from ..store.dtypes import ITEMSIZE
 from ..store.filecache import Identity, Observed
 from ..store.objects import Blob, Shard, Tensor
 from .header import Header, read_header
@@ -228,10 +229,11 @@ def read_blob(sink: ChunkSink, path: Path, where: str) -> tuple[Blob, Observed |
 WatchTensor = Callable[[str, str, tuple[int, ...]], Watch | None]  # name, dtype, shape -> its chunks' watcher
 
 
-def read_weights(sink: ChunkSink, path: Path, header: Header,
-                 watch: WatchTensor | None = None) -> tuple[dict[str, Tensor], Observed | None]:
+def read_weights(sink: ChunkSink, path: Path, header: Header, watch: WatchTensor | None = None,
+                 base: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Observed | None]:
     """Every tensor of one safetensors file, read in file order; `watch` sees each chunk as it
-    is hashed (the delta catalog measures it then)."""
+    is hashed (the delta catalog measures it then). `base`: the base model's tensors by name, whose
+    chunks a new chunk may be stored as a delta against (same dtype, shape and chunk size)."""
     tensors: dict[str, Tensor] = {}
     try:
         with open(path, "rb") as f:
@@ -240,8 +242,11 @@ def read_weights(sink: ChunkSink, path: Path, header: Header,
             f.seek(header.data_start)
             for t in header.tensors:
                 size = t.end - t.begin
+                b = (base or {}).get(t.name)
+                same = b is not None and (b.dtype, b.shape, b.chunk_size) == (t.dtype, t.shape, sink.chunk_size)
                 chunks = sink.consume(f, size, f"{path}: tensor {t.name!r}",
-                                      watch(t.name, t.dtype, t.shape) if watch is not None else None)
+                                      watch(t.name, t.dtype, t.shape) if watch is not None else None,
+                                      ITEMSIZE.get(t.dtype, 1), b.chunks if same and b is not None else None)
                 tensors[t.name] = Tensor(size, sink.chunk_size, chunks, t.dtype, t.shape)
             return tensors, _observed(f, before, began)
     except OSError as e:

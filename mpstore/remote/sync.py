@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptData, MpError, Rejected, RemoteError
+from ..store.codecs import reference_of
 from ..store.derived import catalog_chunks
-from ..store.env import Store, Txn, checked_stored
+from ..store.env import XOR_CODEC, Store, Txn, checked_stored
 from ..store.ids import digest, short
 from ..store.objects import Chunked, Commit, Plan, Snapshot, StoredObject, decode, timestamp
 from ..store.refs import BRANCH_PREFIX, REMOTES_PREFIX, TAG_PREFIX
@@ -135,47 +136,87 @@ def _has_object(store: Store) -> Callable[[bytes], bool]:
 
 # into the store ---------------------------------------------------------------------------
 def fill(store: Store, transport: Transport, keys: Iterable[bytes]) -> Moved:
-    """Fetch the chunks among `keys` the store lacks, verified, in transactions of BATCH bytes;
-    returns what moved. A lazy clone's readers call it before they read."""
+    """Fetch the chunks among `keys` the store lacks, verified, in transactions of at most a
+    pack; returns what moved. A lazy clone's readers call it before they read. A delta chunk
+    whose reference is neither here nor among the chunks fetched brings its reference too."""
     with store.read() as r:
         wanted = [k for k in dict.fromkeys(keys) if not r.has_chunk(k)]
     moved = Moved()
     if not wanted:
         return moved
     before = transport.received_bytes
-    pending: list[tuple[bytes, bytes]] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        batch = pending
-
-        def put(t: Txn) -> None:
-            for key, data in batch:
-                t.put_stored_chunk(key, data)
-
-        store.write(put, reserve=size + (1 << 20))
-        pending, size = [], 0
-
+    arrivals = _Arrivals(store, transport, moved)
+    asked = set(wanted)
     with store.writing():
         for key, data in transport.get(CHUNK, wanted):
-            try:
-                checked_stored(key, data)
-            except CorruptData as e:
-                raise RemoteError(f"remote {transport.url}: {e}; nothing of it was stored") from None
-            pending.append((key, data))
-            size += len(data)
-            moved.chunks += 1
-            moved.chunk_bytes += len(data)
-            if size >= min(BATCH, transport.batch_bytes):
-                flush()
-        if pending:
-            flush()
+            arrivals.take(key, data)
+        while arrivals.waiting:  # deltas whose reference had not arrived when they did
+            refs = {ref for _, data in arrivals.waiting if (ref := reference_of(data)) is not None} - asked
+            asked |= refs
+            for key, data in transport.get(CHUNK, refs):
+                arrivals.take(key, data)
+            if not arrivals.retry():
+                raise RemoteError(f"remote {transport.url} lacks the reference of delta chunk "
+                                  f"{arrivals.waiting[0][0].hex()}")
+        arrivals.flush()
     store.sync()
-    if moved.chunks != len(wanted):
-        raise RemoteError(f"remote {transport.url} lacks {len(wanted) - moved.chunks} of the chunks asked for")
+    if not asked <= arrivals.seen:
+        raise RemoteError(f"remote {transport.url} lacks {len(asked - arrivals.seen)} of the chunks asked for")
     moved.wire_bytes = transport.received_bytes - before
     return moved
+
+
+class _Arrivals:
+    """Chunks arriving from a remote: each checked (a delta against its reference, from the
+    store or from this transfer) before it is kept, and kept in transactions of at most a pack."""
+
+    def __init__(self, store: Store, transport: Transport, moved: Moved):
+        self.store, self.transport, self.moved = store, transport, moved
+        self.pending: dict[bytes, bytes] = {}
+        self.size = 0
+        self.waiting: list[tuple[bytes, bytes]] = []  # deltas whose reference has not arrived
+        self.seen: set[bytes] = set()
+
+    def take(self, key: bytes, data: bytes) -> None:
+        self.seen.add(key)
+        ref = reference_of(data) if len(data) and data[0] == XOR_CODEC else None
+        try:
+            if ref is None:
+                checked_stored(key, data)
+            elif ref in self.pending:
+                checked_stored(key, data, lambda r: checked_stored(r, self.pending[r]))
+            else:
+                with self.store.read() as t:
+                    if not t.has_chunk(ref):
+                        self.waiting.append((key, data))
+                        return
+                    checked_stored(key, data, t.reference)
+        except CorruptData as e:
+            raise RemoteError(f"remote {self.transport.url}: {e}; nothing of it was stored") from None
+        self.pending[key] = data
+        self.size += len(data)
+        self.moved.chunks += 1
+        self.moved.chunk_bytes += len(data)
+        if self.size >= min(BATCH, self.transport.batch_bytes):
+            self.flush()
+
+    def retry(self) -> bool:
+        """Check the waiting deltas again; whether any could be."""
+        waiting, self.waiting = self.waiting, []
+        for key, data in waiting:
+            self.take(key, data)
+        return len(self.waiting) < len(waiting)
+
+    def flush(self) -> None:
+        batch = self.pending
+
+        def put(t: Txn) -> None:
+            for key, data in batch.items():
+                t.put_stored_chunk(key, data)
+
+        if batch:
+            self.store.write(put, reserve=self.size + (1 << 20))
+        self.pending, self.size = {}, 0
 
 
 def fetch(store: Store, transport: Transport, remote: str, lazy: bool = False) -> Moved:
@@ -279,6 +320,9 @@ def push(store: Store, transport: Transport, remote: str, names: list[str], forc
     chunks = [c for c in closure.chunks if c not in have[CHUNK]]
     if lazy_source is not None:  # a lazy clone holds only the chunks it has read
         fill(store, lazy_source, chunks)
+    with store.read() as r:  # a delta's reference goes where the delta goes
+        refs = [ref for c in chunks if (ref := _reference(r, c)) is not None and ref not in have[CHUNK]]
+    chunks = list(dict.fromkeys([*refs, *chunks]))
     before = transport.sent_bytes
     transport.put(_entries(store, closure, chunks, have, moved))
     moved.wire_bytes = transport.sent_bytes - before
@@ -305,13 +349,16 @@ def _entries(store: Store, closure: Closure, chunks: list[bytes], have: dict[int
     """What a push sends, chunks first and objects last, counted into `moved` as it goes."""
     wanted = set(closure.chunks)
     with store.read() as r:
-        for key in chunks:
-            stored = r.stored_chunk(key)
-            if stored is None:
-                raise CorruptData(f"chunk {key.hex()} is missing from this repository (run mp fsck)")
-            moved.chunks += 1
-            moved.chunk_bytes += len(stored)
-            yield CHUNK, key, bytes(stored)
+        for deltas in (False, True):  # references first: a receiver checks a delta against its reference
+            for key in chunks:
+                stored = r.stored_chunk(key)
+                if stored is None:
+                    raise CorruptData(f"chunk {key.hex()} is missing from this repository (run mp fsck)")
+                if (len(stored) > 0 and stored[0] == XOR_CODEC) != deltas:
+                    continue
+                moved.chunks += 1
+                moved.chunk_bytes += len(stored)
+                yield CHUNK, key, bytes(stored)
         for key, value in r.catalog_entries():
             if catalog_chunks(key)[0] in wanted and key not in have[CATALOG]:
                 moved.catalog += 1
@@ -320,6 +367,12 @@ def _entries(store: Store, closure: Closure, chunks: list[bytes], have: dict[int
         if oid not in have[OBJECT]:
             moved.objects += 1
             yield OBJECT, oid, data
+
+
+def _reference(txn: Txn, key: bytes) -> bytes | None:
+    """The reference of chunk `key` if it is stored as a delta."""
+    value = txn.stored_chunk(key)
+    return reference_of(value) if value is not None and len(value) and value[0] == XOR_CODEC else None
 
 
 def is_fast_forward(store: Store, old: bytes | None, new: bytes) -> bool:

@@ -13,15 +13,18 @@ so a chunk's buffer is not allocated and zeroed again for every chunk.
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Protocol
 
-from ..errors import BadInput
+from ..errors import BadInput, CorruptData
 from ..progress import Progress
+from . import env
 from .env import Store, Txn, framed, new_frame, payload
 from .ids import digest
 from .objects import Blob
@@ -36,7 +39,9 @@ SPARE_FRAMES = 32  # frames kept for reuse (one batch of 1 MiB chunks)
 # in the same pass): given its index in the stream, its digest and its bytes, it returns whether
 # it keeps a reference to the bytes (then their buffer is not reused).
 Watch = Callable[[int, bytes, memoryview], bool]
-_Pending = tuple[bytes, bytearray, bool]  # digest, frame, whether the frame may be reused after the write
+# digest, frame, whether the frame may be reused after the write, its element size, the digest of
+# the chunk it may be stored as a delta against (the base's at the same position) or None
+_Pending = tuple[bytes, bytearray, bool, int, bytes | None]
 _Derived = Callable[[Txn], object]  # a record derived from chunks, written with them (see attach)
 _Batch = tuple[list[_Pending], list[_Derived], int]  # what one transaction writes; its bytes
 
@@ -82,6 +87,8 @@ class ChunkSink:
 
     def __init__(self, store: Store, chunk_size: int, progress: Progress, dry: bool = False):
         self.store = store
+        self.policy = policy(store)
+        self._encoders: ThreadPoolExecutor | None = None
         self.chunk_size = chunk_size
         self.progress = progress
         self.dry = dry
@@ -114,13 +121,17 @@ class ChunkSink:
             finally:
                 writer, self._writer = self._writer, None
                 writer.close()
+                self._close_encoders()
             writer.check()
 
     def _frame(self) -> bytearray:
         return self._spare.pop() if self._spare else new_frame(self.chunk_size)
 
-    def consume(self, f: Readable, size: int, where: str, watch: Watch | None = None) -> tuple[bytes, ...]:
-        """Read `size` bytes from `f` as chunks; return their digests in order."""
+    def consume(self, f: Readable, size: int, where: str, watch: Watch | None = None, itemsize: int = 1,
+                references: tuple[bytes, ...] | None = None) -> tuple[bytes, ...]:
+        """Read `size` bytes from `f` as chunks; return their digests in order. `itemsize` (the
+        element size) and `references` (the base's chunks at the same positions) say how a new
+        chunk may be compressed (see `policy`)."""
         digests: list[bytes] = []
         frame = self._frame()
         remaining = size
@@ -136,7 +147,8 @@ class ChunkSink:
             if held:
                 with self._claims_lock:
                     self._claims[id(frame)] = 1
-            if self._take(key, frame, claimed=held):
+            ref = references[len(digests) - 1] if references is not None else None
+            if self._take(key, frame, claimed=held, itemsize=itemsize, ref=ref):
                 frame = self._frame()
             elif held:
                 frame = self._frame()
@@ -146,20 +158,16 @@ class ChunkSink:
             self._spare.append(frame)
         return tuple(digests)
 
-    def data(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Bytes computed in memory (a merged tensor's output) as one chunk; returns its digest."""
-        key, _ = self.offer(framed(data))
+    def data(self, data: bytes | bytearray | memoryview, itemsize: int = 1, ref: bytes | None = None) -> bytes:
+        """Bytes computed in memory (a merged tensor's output) as one chunk; returns its digest.
+        `itemsize` and `ref` as for `consume`."""
+        key = digest(data)
+        self._take(key, framed(data), recycle=False, itemsize=itemsize, ref=ref)
         return key
 
     def blob(self, data: bytes, where: str) -> Blob:
         """Bytes held in memory (a header, a rewritten config) as a blob."""
         return Blob(len(data), self.chunk_size, self.consume(io.BytesIO(data), len(data), where))
-
-    def offer(self, frame: bytearray) -> tuple[bytes, bool]:
-        """Take a chunk as a store frame (see store.env.new_frame); returns its digest and whether
-        the sink kept `frame` (then the caller must not reuse it)."""
-        key = digest(payload(frame))
-        return key, self._take(key, frame, recycle=False)
 
     def release(self, data: memoryview) -> None:
         """A watcher is done with the chunk bytes it held (`payload` of a frame of this sink)."""
@@ -183,7 +191,8 @@ class ChunkSink:
         self._derived.append(write)
         self._pending_bytes += nbytes
 
-    def _take(self, key: bytes, frame: bytearray, recycle: bool = True, claimed: bool = False) -> bool:
+    def _take(self, key: bytes, frame: bytearray, recycle: bool = True, claimed: bool = False, itemsize: int = 1,
+              ref: bytes | None = None) -> bool:
         """Queue the chunk unless the store has it; True if the frame was queued. `recycle`: the
         writer may reuse the frame once written; `claimed`: a watcher holds it too (the later
         of the two lets go of it, see release)."""
@@ -196,7 +205,7 @@ class ChunkSink:
         if claimed:
             with self._claims_lock:
                 self._claims[id(frame)] += 1
-        self._pending.append((key, frame, recycle))
+        self._pending.append((key, frame, recycle, itemsize, ref if ref != key else None))
         self._pending_bytes += len(frame) - 1
         if self._pending_bytes >= BATCH_BYTES:
             self.flush()
@@ -222,20 +231,73 @@ class ChunkSink:
     def _commit(self, batch: _Batch) -> None:
         pending, derived, nbytes = batch
 
+        values = self._encoded(pending) if self.policy != NONE else {}
+
         def put_all(txn: Txn) -> int:
             for write in derived:
                 write(txn)
-            return sum(len(frame) - 1 for key, frame, _ in pending if txn.put_chunk(key, frame))
+            return sum(len(frame) - 1 for key, frame, *_ in pending
+                       if (txn.put_stored_chunk(key, values[key]) if key in values else txn.put_chunk(key, frame)))
 
         began = time.perf_counter()
         self.new_bytes += self.store.write(put_all, reserve=nbytes)
         self.store.release_pages()  # the B-tree pages the puts mapped (large folios: up to 2 MiB each)
-        for _, frame, recycle in pending:
+        for _, frame, recycle, *_ in pending:
             if id(frame) in self._claims:
                 self._unclaim(frame)
             elif recycle:
                 self._recycle(frame)
         self.write_seconds += time.perf_counter() - began
+
+
+    def _encoded(self, pending: list[_Pending]) -> dict[bytes, bytes]:
+        """The stored values of the batch's chunks the store lacks, compressed as the policy says
+        (store/codecs.py: a delta against the base's chunk where that is smallest), on a pool of
+        encoders, while the caller reads on. A delta's reference is read here and decoded and
+        checked on the pool; one that is a delta itself (chains have depth 1), missing or damaged
+        leaves its chunk standalone."""
+        from . import codecs
+
+        if self._encoders is None:
+            self._encoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mp-encode")
+        with self.store.read() as r:
+            todo = []
+            for key, frame, _, itemsize, ref in pending:
+                if r.has_chunk(key):
+                    continue
+                stored = r.stored_chunk(ref) if ref is not None and self.policy == DELTA else None
+                usable = stored is not None and len(stored) > 0 and stored[0] != env.XOR_CODEC
+                todo.append((key, payload(frame), itemsize, ref if usable else None, stored if usable else None))
+
+            def encode(item: tuple[bytes, memoryview, int, bytes | None, memoryview | None]) -> bytes:
+                key, raw, itemsize, ref, stored = item
+                reference = None
+                if ref is not None and stored is not None:
+                    try:
+                        reference = (ref, env.checked_stored(ref, stored))
+                    except CorruptData:
+                        reference = None  # fsck names the damage; this chunk is stored standalone
+                return codecs.encode(raw, itemsize, reference)
+
+            return dict(zip((t[0] for t in todo), self._encoders.map(encode, todo)))
+
+    def _close_encoders(self) -> None:
+        if self._encoders is not None:
+            self._encoders.shutdown()
+            self._encoders = None
+
+
+NONE, PLANES, DELTA = "none", "planes", "delta"
+POLICIES = (NONE, PLANES, DELTA)
+META_KEY = "compress"
+
+
+def policy(store: Store) -> str:
+    """How new chunks are stored (`mp init --compress`): `none` (raw), `planes` (each chunk
+    compressed on its own) or `delta` (also as a delta against the base model's chunk at the
+    same position, where that is smaller). A store without the setting predates it: raw."""
+    with store.read() as r:
+        return r.meta(META_KEY) or NONE
 
 
 class ChunkWriter(Protocol):

@@ -25,22 +25,33 @@ The encoder uses ROTATE for PLANES and ZIGZAG_DIFF for XOR; the decoder accepts 
 both, so the byte leaves room to choose per chunk later. A new format gets a new transform
 number (or codec byte), never a new meaning for an old one.
 
-Choices, measured on tools/make_family.py families by tools/bench_codecs.py (1 MiB chunks):
-- ROTATE for standalone planes: stored/raw 0.680 vs 0.685 unrotated (bf16), 0.845 vs 0.848 (f32).
-- ZIGZAG_DIFF for deltas: 0.407 vs 0.457 for bitwise XOR (ZipLLM's BitX) on a dense bf16
-  expert, 0.615 vs 0.639 in f32: a value that moved by a few units in the last place differs
-  by a few units, while their XOR flips every bit of a carry chain. The codec keeps its name:
-  it is the delta codec, against a reference chunk.
+Choices, measured on the 0.5 GB bf16 and 1 GB f32 families of tools/bench_codecs.py (1 MiB
+chunks of every third tensor of a dense expert and its base; the tool prints the tables):
+- ROTATE for standalone planes: stored/raw 0.663 vs 0.670 unrotated (bf16), 0.831 vs 0.835 (f32).
+- ZIGZAG_DIFF for deltas: 0.450 vs 0.497 for bitwise XOR (ZipLLM's BitX) in bf16, 0.666 vs
+  0.689 in f32: a value that moved by a few units in the last place differs by a few units,
+  while their XOR flips every bit of a carry chain. The codec keeps its name: it is the delta
+  codec, against a reference chunk.
 - zstd with the fast strategy, window 2^17, a 2^6-entry hash table and matches of at least 7
   bytes: planes of float bytes are noise with a skewed histogram, which zstd's Huffman stage
-  codes; short matches found in noise cost more than the literals they replace. Measured
-  against level 1 (level 3 and up compress these planes worse, and slower): bf16 planes 0.663
-  vs 0.681, compression 1.5 vs 0.6 GB/s, decompression 4.4 vs 2.5 GB/s.
-- MIN_SAVING: see its comment.
+  codes; short matches found in noise cost more than the literals they replace. Against level 1
+  (level 3 and up compress these planes worse, and slower): bf16 planes 0.663 vs 0.680,
+  compression 1.5 vs 0.6 GB/s, decompression 4.4 vs 2.5 GB/s per core.
+- MIN_SAVING = 1/16: it separates data whose planes save one bit per element or less (uniform
+  31-bit int32 0.969, random bytes 1.000) from every float layout measured (f64 gaussian 0.890,
+  int8-quantised 0.879, f32 0.831, fp8 0.806, bf16 0.663), so only the former stay RAW.
+- DELTA_GOOD_ENOUGH = 3/4: encode tries XOR first, and PLANES too only when XOR saved less than
+  a quarter. PLANES never beat XOR on a changed chunk of either family (bf16: 904 chunks of three
+  experts, XOR 0.07-0.75; f32: 1163 chunks, XOR up to 0.86), and trying it costs as much as XOR
+  again. A chunk unrelated to its reference and compressible on its own (a zeroed tensor) may
+  then be kept as XOR at up to 3/4 of its size where PLANES would be smaller.
 
 Reference chains have depth 1: a reference is a chunk stored RAW or PLANES, never XOR (the
 writer enforces it); `decode` receives the reference's raw bytes from the caller.
 Thread-safe: each thread has its own zstd contexts; zstd and the plane kernels release the GIL.
+One thread decodes PLANES at ~2.5 GB/s and XOR at ~1.3 GB/s of raw bf16 bytes, and encodes at
+~1.0 and ~0.7 GB/s (tools/bench_codecs.py). Importing this module loads neither numpy nor numba:
+the first plane encoded or decoded does (numba's compiled kernels are cached on disk).
 """
 
 from __future__ import annotations
@@ -48,23 +59,29 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
 import zstandard
 
 from ..errors import CorruptData
 
+if TYPE_CHECKING:  # numpy is imported where a plane is made: reading RAW chunks never needs it
+    import numpy as np
+
 RAW, PLANES, XOR = 0, 1, 2
-ROTATE, ZIGZAG_DIFF = 1, 2  # transforms; the kernels (store.planekernel) define the same numbers
+ROTATE, ZIGZAG_DIFF = 1, 2  # transforms (store.planekernel computes them)
 TRANSFORMS = (ROTATE, ZIGZAG_DIFF)
-WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # element width -> word type
+WORDS = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}  # element width -> its unsigned word, little-endian
 DIGEST_SIZE = 16
 BODY = struct.Struct("<BI")  # transform, size
 LENGTH = struct.Struct("<I")
 MAX_SIZE = (1 << 32) - 1  # `size` is a u32; chunks are at most 64 MiB (repo.MAX_CHUNK_SIZE)
 # A compressed value must be at least this much smaller than the raw one, or the chunk stays
-# RAW: decoding costs about 1 ms per MiB, which a saving of a few % does not repay.
-MIN_SAVING = 1 / 32
+# RAW (decoding costs CPU on every read): see the module docstring.
+MIN_SAVING = 1 / 16
+# An XOR value at most this fraction of the raw size is kept without trying PLANES too, which
+# would cost as much again: see the module docstring.
+DELTA_GOOD_ENOUGH = 3 / 4
 ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
     strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, chain_log=6, search_log=1,
     min_match=7, target_length=0, write_content_size=True, write_checksum=False)
@@ -95,6 +112,8 @@ def _bytes(data: bytes | bytearray | memoryview) -> memoryview:
 def _words(data: memoryview, itemsize: int, count: int) -> np.ndarray:
     """The first `count` elements of `data` as read-only unsigned words (read-only always, so the
     kernels are compiled for one array type per width)."""
+    import numpy as np
+
     words = np.frombuffer(data, dtype=WORDS[itemsize], count=count)
     words.flags.writeable = False
     return words
@@ -103,31 +122,34 @@ def _words(data: memoryview, itemsize: int, count: int) -> np.ndarray:
 def encode(raw: bytes | memoryview, itemsize: int,
            reference: tuple[bytes, bytes | memoryview] | None = None) -> bytes:
     """The stored value of chunk `raw` (elements of `itemsize` bytes) in whichever codec is
-    smallest: PLANES, XOR against `reference` = (its digest, its raw bytes) when given and of
-    the same length, or RAW when neither saves MIN_SAVING of the raw bytes (decoding would
-    cost more than it saves)."""
+    smallest: XOR against `reference` = (its digest, its raw bytes) when given and of the same
+    length, PLANES (not tried when XOR saved a quarter: DELTA_GOOD_ENOUGH), or RAW when neither
+    saves MIN_SAVING of the raw bytes (decoding would cost more than it saves)."""
     if itemsize not in WORDS:
         raise ValueError(f"itemsize must be one of {tuple(WORDS)}, not {itemsize}")
     data = _bytes(raw)
     size = len(data)
     best: bytes | None = None
     if 0 < size <= MAX_SIZE:
-        best = bytes((PLANES, itemsize)) + _body(data, itemsize, ROTATE, None)
         if reference is not None and len(_bytes(reference[1])) == size:
             ref_digest, ref_raw = reference
             if len(ref_digest) != DIGEST_SIZE:
                 raise ValueError(f"a reference digest has {DIGEST_SIZE} bytes, not {len(ref_digest)}")
-            delta = bytes((XOR, itemsize)) + ref_digest + _body(data, itemsize, ZIGZAG_DIFF, _bytes(ref_raw))
-            if len(delta) < len(best):
-                best = delta
+            best = _value(bytes((XOR, itemsize)) + ref_digest, data, itemsize, ZIGZAG_DIFF, _bytes(ref_raw))
+        if best is None or len(best) > DELTA_GOOD_ENOUGH * size:
+            planes = _value(bytes((PLANES, itemsize)), data, itemsize, ROTATE, None)
+            if best is None or len(planes) < len(best):
+                best = planes
     if best is None or len(best) > (1 - MIN_SAVING) * (1 + size):
         return bytes((RAW,)) + bytes(data)
     return best
 
 
-def _body(data: memoryview, itemsize: int, transform: int, ref: memoryview | None) -> bytes:
-    """body(data) (see the module docstring): planes of transformed elements, each compressed
-    unless that makes it larger."""
+def _value(prefix: bytes, data: memoryview, itemsize: int, transform: int, ref: memoryview | None) -> bytes:
+    """`prefix` + body(data) (see the module docstring): planes of transformed elements, each
+    compressed unless that makes it larger; joined once (a copy holds the GIL)."""
+    import numpy as np
+
     from . import planekernel
 
     size = len(data)
@@ -138,11 +160,11 @@ def _body(data: memoryview, itemsize: int, transform: int, ref: memoryview | Non
     compressor = _compressor()
     parts = []
     for j in range(itemsize):
-        plane = memoryview(planes[j * m:(j + 1) * m])
+        plane = planes[j * m:(j + 1) * m].data
         packed = compressor.compress(plane) if m else b""
         parts.append(packed if len(packed) < m else plane)
     header = BODY.pack(transform, size) + b"".join(LENGTH.pack(len(p)) for p in parts)
-    return b"".join((header, *parts, data[m * itemsize:]))
+    return b"".join((prefix, header, *parts, data[m * itemsize:]))
 
 
 def codec_of(value: bytes | memoryview) -> int:
@@ -217,6 +239,8 @@ def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memor
         if len(ref_raw) != size:
             raise CorruptData(f"a delta chunk's reference has {len(ref_raw)} bytes, not {size}")
         ref_words = _words(ref_raw, itemsize, m)
+    import numpy as np
+
     out = np.empty(size, dtype=np.uint8)
     out[m * itemsize:] = np.frombuffer(view[at:], dtype=np.uint8)
     if m:
@@ -224,7 +248,7 @@ def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memor
 
         planes = tuple(_plane(frame, m) for frame in frames)
         planekernel.merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
-    return memoryview(out)
+    return out.data
 
 
 def _content_size(frame: memoryview) -> int:

@@ -47,6 +47,7 @@ from .objects import Blob, Commit, Plan, Snapshot, Stored, StoredObject, Tensor,
 
 FORMAT_VERSION = 1
 CODEC_RAW = 0
+XOR_CODEC = 2  # store/codecs.py's XOR: a delta against a reference chunk
 DATABASES = (b"meta", b"chunks", b"objects", b"refs", b"reflog", b"catalog")
 # Address space only: without writemap the data file grows with what is written, never to the map
 # size, so a large map costs nothing on disk and spares resizes (which LMDB allows only while this
@@ -110,12 +111,24 @@ def framed(data: bytes | bytearray | memoryview) -> bytearray:
     return frame
 
 
-def stored_payload(key: bytes, value: memoryview) -> memoryview:
-    """A stored chunk value's bytes, or CorruptData when its codec is unknown. The codec byte
-    leaves room for other encodings; today every chunk is raw."""
-    if len(value) == 0 or value[0] != CODEC_RAW:
-        raise CorruptData(f"chunk {key.hex()} has unknown codec {value[0] if len(value) else None}")
-    return value[1:]
+def stored_payload(key: bytes, value: memoryview,
+                   reference: Callable[[bytes], bytes | memoryview] | None = None) -> memoryview:
+    """A stored chunk value's raw bytes (store/codecs.py): a RAW value's are a view of it, a
+    compressed one is decoded; a delta (XOR) needs `reference(digest)`, its reference chunk's
+    raw bytes, checked. A malformed value is CorruptData naming the chunk; the caller checks the
+    digest of what comes back."""
+    if len(value) and value[0] == CODEC_RAW:
+        return value[1:]
+    from . import codecs  # numpy and zstd: only where a compressed chunk is read
+
+    try:
+        return codecs.decode(value, reference or _no_reference)
+    except CorruptData as e:
+        raise CorruptData(f"chunk {key.hex()}: {e}") from None
+
+
+def _no_reference(ref: bytes) -> bytes:
+    raise CorruptData(f"a delta against chunk {ref.hex()} cannot be decoded where no store holds its reference")
 
 
 def checked_chunk(key: bytes, data: memoryview) -> memoryview:
@@ -125,10 +138,11 @@ def checked_chunk(key: bytes, data: memoryview) -> memoryview:
     return data
 
 
-def checked_stored(key: bytes, stored: bytes | memoryview) -> memoryview:
+def checked_stored(key: bytes, stored: bytes | memoryview,
+                   reference: Callable[[bytes], bytes | memoryview] | None = None) -> memoryview:
     """The bytes of a chunk as stored, decoded and hash-checked: CorruptData unless they decode
     to bytes whose digest is `key`."""
-    return checked_chunk(key, stored_payload(key, memoryview(stored)))
+    return checked_chunk(key, stored_payload(key, memoryview(stored), reference))
 
 
 class Txn:
@@ -160,18 +174,37 @@ class Txn:
     def unchecked_chunk(self, key: bytes) -> memoryview:
         """The chunk's bytes before their hash check, for a reader that runs `checked_chunk` on
         them elsewhere (checkout's writer threads, which must not call into the transaction)."""
+        return stored_payload(key, self._stored(key, "chunk"), self.reference)
+
+    def _stored(self, key: bytes, what: str) -> memoryview:
         value = self._t.get(key, db=self._db(b"chunks"), default=None)
         if value is None:
             if self._s.fallback is None:
-                raise CorruptData(f"chunk {key.hex()} is missing")
+                raise CorruptData(f"{what} {key.hex()} is missing")
             value = self._s.fallback(key)  # a lazy clone's remote: checked there, kept by the caller
-        return stored_payload(key, memoryview(value))
+        return memoryview(value)
+
+    def reference(self, key: bytes) -> memoryview:
+        """A delta chunk's reference chunk: its raw bytes, hash-checked. A reference is never a
+        delta itself (chains have depth 1; writers keep to it), so a damaged store cannot send
+        a decode down a chain."""
+        value = self._stored(key, "reference chunk")
+        if len(value) and value[0] == XOR_CODEC:
+            raise CorruptData(f"reference chunk {key.hex()} is itself a delta (chains have depth 1)")
+        try:
+            return checked_chunk(key, stored_payload(key, value))
+        except CorruptData as e:
+            raise CorruptData(f"reference chunk of a delta: {e}") from None
 
     def stored_chunk(self, key: bytes) -> memoryview | None:
         """The chunk as stored (codec byte, then its encoding), unchecked, or None: what travels
         to a remote (remote/sync.py checks it on arrival with `checked_stored`)."""
         value = self._t.get(key, db=self._db(b"chunks"), default=None)
         return None if value is None else memoryview(value)
+
+    def replace_chunk(self, key: bytes, stored: bytes | memoryview) -> None:
+        """Store a chunk's bytes in another encoding (store/recompress.py): same key, same raw bytes."""
+        self._t.put(key, stored, db=self._db(b"chunks"))
 
     def put_stored_chunk(self, key: bytes, stored: bytes | memoryview) -> bool:
         """Store a chunk received as stored elsewhere, once `checked_stored` has vouched for it."""

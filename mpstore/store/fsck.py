@@ -106,9 +106,9 @@ def _reach_and_chunks(store: Store, txn: Txn, rules: CatalogRules, out: FsckResu
         user = reach.users.get(key)
         where = f" (used by {user})" if user else ""
         try:
-            data = stored_payload(key, value)
-        except CorruptData:
-            problems.append(f"chunk {key.hex()}: unknown codec{where}")
+            data = stored_payload(key, value, txn.reference)
+        except CorruptData as e:
+            problems.append(f"{e}{where}")
             continue
         if digest(data) != key:
             problems.append(f"chunk {key.hex()}: bytes do not match its digest{where}")

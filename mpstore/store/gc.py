@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from ..errors import MpError, StoreBusy
 from . import filecache
 from .derived import CatalogRules, catalog_chunks
-from .env import Store, Txn
+from .env import XOR_CODEC, Store, Txn
 from .objects import timestamp
 from .reach import walk
 
@@ -70,8 +70,9 @@ def _find(txn: Txn, cutoff: str, rules: CatalogRules) -> tuple[Garbage, _Dead]:
     reach = walk(txn, roots)
     found = Garbage(reflog_entries=len(dead.reflog))
     dead.objects = [oid for oid, _ in txn.objects() if oid not in reach.objects]
+    live = reach.chunks | _references(txn, reach.chunks)
     for key, value in txn.chunks():
-        if key not in reach.chunks:
+        if key not in live:
             dead.chunks.append(key)
             found.chunk_bytes += len(value) - 1 if len(value) else 0
     for key, value in txn.catalog_entries():
@@ -84,6 +85,19 @@ def _find(txn: Txn, cutoff: str, rules: CatalogRules) -> tuple[Garbage, _Dead]:
     found.objects, found.chunks, found.catalog_entries = len(dead.objects), len(dead.chunks), len(dead.catalog)
     found.file_cache_entries = len(dead.file_cache)
     return found, dead
+
+
+def _references(txn: Txn, chunks: set[bytes]) -> set[bytes]:
+    """The reference chunks of the delta chunks among `chunks`: kept while a live delta needs
+    them, reachable or not (the base model they came from may be gone)."""
+    from .codecs import reference_of
+
+    out = set()
+    for key in chunks:
+        value = txn.stored_chunk(key)
+        if value is not None and len(value) and value[0] == XOR_CODEC and (ref := reference_of(value)) is not None:
+            out.add(ref)
+    return out
 
 
 def reclaimable(store: Store, expire: timedelta, rules: CatalogRules) -> Garbage:
