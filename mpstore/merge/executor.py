@@ -38,7 +38,7 @@ from ..model.header import build_header
 from ..progress import Progress
 from ..store.chunks import ChunkSink, MemorySink
 from ..store.dtypes import FLOATS, ITEMSIZE, holds, torch_dtype
-from ..store.env import Store, Txn
+from ..store.env import Pending, Store, Txn
 from ..store.ids import short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
 from ..store.prefetch import Prefetcher
@@ -165,6 +165,9 @@ class _Assembler:
         self.chunks.append(self.sink.data(data, self.itemsize, ref))
 
 
+_Raw = Callable[..., "memoryview | bytearray"]  # Executor._read's result: call it on a worker
+
+
 def _values(raw: memoryview | bytearray, dtype: str, compute: str) -> torch.Tensor:
     """Stored bytes as values in the compute dtype; a view into the map is copied first (torch
     keeps no tensor over read-only memory)."""
@@ -179,9 +182,9 @@ def _to_bytes(values: torch.Tensor, dtype: str) -> bytes:
     return out.view(torch.uint8).numpy().tobytes() if out.numel() else b""
 
 
-def _converted(raw: memoryview | bytearray, dtype: str, compute: str, out: str) -> bytes:
+def _converted(read: _Raw, dtype: str, compute: str, out: str) -> bytes:
     """Stored values through the compute dtype into the output dtype (an unchanged block)."""
-    return _to_bytes(_values(raw, dtype, compute), out)
+    return _to_bytes(_values(read(), dtype, compute), out)
 
 
 def _measured(pas: Pass, ctx: TensorContext, blk: Block) -> torch.Tensor:
@@ -230,26 +233,31 @@ class Executor:
         self.busy: list[float] = []  # seconds of each worker job: how busy the cores were
 
     # reading -----------------------------------------------------------------------------
-    def _read(self, task: Task, t: Tensor, a: int, b: int) -> memoryview | bytearray:
-        """Elements [a, b) of a stored tensor as raw bytes (chunks hash-checked): a view into the
-        map (or the derived chunk) when they lie in one chunk, so the main thread copies nothing;
-        the view stays valid for the executor's read transaction. Else the pieces joined."""
+    def _read(self, task: Task, t: Tensor, a: int, b: int) -> _Raw:
+        """Elements [a, b) of a stored tensor, found now (LMDB is used from this thread) and
+        made raw bytes by the returned call, on a worker: compressed chunks are decoded there,
+        every chunk hash-checked. A view into the map (or the derived chunk) when they lie in
+        one raw chunk, so nothing is copied; the view stays valid for the executor's read
+        transaction. Else the pieces joined."""
         began = time.perf_counter()
         isz = ITEMSIZE[t.dtype]
-        pieces = []
+        pieces: list[tuple[Pending | memoryview, int, int]] = []
         for c, lo, hi in self.reads.read(task, t, a, b):
             key = t.chunks[c]
             if key in self.derived:
-                view = memoryview(self.derived[key])
-            else:
-                if self.prefetch is not None:
-                    self.prefetch.reached(key)
-                view = self.txn.chunk(key)
-            pieces.append(view[lo * isz: hi * isz])
-        out = pieces[0] if len(pieces) == 1 else bytearray().join(pieces)
-        self.store.touched(len(out))
+                pieces.append((memoryview(self.derived[key]), lo * isz, hi * isz))
+                continue
+            if self.prefetch is not None:
+                self.prefetch.reached(key)
+            pieces.append((self.txn.pending(key), lo * isz, hi * isz))
+            self.store.touched((hi - lo) * isz)
         self.read_seconds += time.perf_counter() - began
-        return out
+
+        def raw(decoded: dict[bytes, memoryview] | None = None) -> memoryview | bytearray:
+            views = [(p if isinstance(p, memoryview) else p.open(decoded))[lo:hi] for p, lo, hi in pieces]
+            return views[0] if len(views) == 1 else bytearray().join(views)
+
+        return raw
 
     def _block(self, task: Task, o: Outline, n: int) -> Callable[[], Block]:
         """Read block n's inputs now (`Outline.inputs_read`, in that order); build the tensors
@@ -257,8 +265,8 @@ class Executor:
         a, b = o.blocks[n]
         present = o.present(n)
         base = task.base
-        raw_base = self._read(task, base, a, b) if base else None
-        raw_models = [self._read(task, task.models[i], a, b) for i in present]
+        read_base = self._read(task, base, a, b) if base else None
+        read_models = [self._read(task, task.models[i], a, b) for i in present]
         ref = task.ref
         row = ref.shape[-1] if ref.shape else 1
 
@@ -266,6 +274,9 @@ class Executor:
         bits = STORED_BITS.get(dtypes.pop()) if task.compute == "F32" and len(dtypes) == 1 and present else None
 
         def build() -> Block:
+            decoded: dict[bytes, memoryview] = {}  # the base's chunks: its experts' deltas' reference
+            raw_base = read_base(decoded) if read_base is not None else None
+            raw_models = [r(decoded) for r in read_models]
             args = (row, [task.p[i] for i in present], task.g, self.seed, present, len(ref.shape))
             if bits is not None:
                 kind, shift = bits

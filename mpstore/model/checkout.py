@@ -16,7 +16,9 @@ import re
 import secrets
 import shutil
 import struct
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,13 +29,25 @@ from ..store.objects import Chunked, Snapshot
 from .paths import check_relpath, inside
 
 
-def chunk_views(txn: Txn, obj: Chunked, what: str) -> Iterator[memoryview]:
-    """The object's bytes chunk by chunk, verified; a bad chunk is reported as `what`."""
-    for key in obj.chunks:
-        try:
-            yield txn.chunk(key)
-        except CorruptData as e:
-            raise CorruptData(f"{what}: {e}") from None
+def chunk_views(txn: Txn, obj: Chunked, what: str, pool: ThreadPoolExecutor | None = None,
+                window: int = 8) -> Iterator[memoryview]:
+    """The object's bytes chunk by chunk, verified; a bad chunk is reported as `what`. With a
+    `pool`, compressed chunks are decoded on it, up to `window` ahead of the reader."""
+    ahead: deque[Future[memoryview] | memoryview] = deque()
+    try:
+        for key in obj.chunks:
+            p = txn.pending(key)
+            ahead.append(p.open() if pool is None or p.raw else pool.submit(p.open))
+            while len(ahead) > (window if pool is not None else 0):
+                yield _result(ahead.popleft())
+        while ahead:
+            yield _result(ahead.popleft())
+    except CorruptData as e:
+        raise CorruptData(f"{what}: {e}") from None
+
+
+def _result(item: Future[memoryview] | memoryview) -> memoryview:
+    return item.result() if isinstance(item, Future) else item
 
 
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, where the file system does not say
@@ -217,11 +231,11 @@ def snapshot_size(txn: Txn, snap: Snapshot) -> int:
 class _Writer:
     """Writes verified chunks to files and releases store pages as it goes."""
 
-    def __init__(self, store: Store, txn: Txn, progress: Progress):
-        self.store, self.txn, self.progress = store, txn, progress
+    def __init__(self, store: Store, txn: Txn, progress: Progress, pool: ThreadPoolExecutor, window: int):
+        self.store, self.txn, self.progress, self.pool, self.window = store, txn, progress, pool, window
 
     def write(self, f: BinaryIO, obj: Chunked, what: str) -> None:
-        for view in chunk_views(self.txn, obj, what):
+        for view in chunk_views(self.txn, obj, what, self.pool, self.window):
             f.write(view)
             self.progress.advance(len(view))
             self.store.touched(len(view))
@@ -248,8 +262,10 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
         except OSError as e:
             raise WriteFailed(f"{out}: cannot create the folder: {e.strerror}") from None
         progress.start("checkout", snapshot_size(txn, snap))
+        workers = os.cpu_count() or 1
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mp-decode")
         try:
-            writer = _Writer(store, txn, progress)
+            writer = _Writer(store, txn, progress, pool, 2 * workers)
             for rel, blob_id in snap.files.items():
                 target = inside(tmp, rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +286,7 @@ def checkout(store: Store, snapshot_id: bytes, out: Path, force: bool, progress:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
+            pool.shutdown(cancel_futures=True)
             if lock is not None:
                 os.close(lock)
             progress.finish()

@@ -145,6 +145,38 @@ def checked_stored(key: bytes, stored: bytes | memoryview,
     return checked_chunk(key, stored_payload(key, memoryview(stored), reference))
 
 
+class Pending:
+    """A chunk found in a transaction, to decode and check later on any thread (a merge's or a
+    checkout's workers): its stored value and, for a delta, its reference's, as views valid while
+    the transaction is open. Decoding then touches no LMDB state."""
+
+    __slots__ = ("key", "value", "ref")
+
+    def __init__(self, key: bytes, value: memoryview, ref: tuple[bytes, memoryview] | None):
+        self.key, self.value, self.ref = key, value, ref
+
+    @property
+    def raw(self) -> bool:
+        """Whether the value is the bytes themselves (opening it copies nothing)."""
+        return len(self.value) > 0 and self.value[0] == CODEC_RAW
+
+    def open(self, decoded: dict[bytes, memoryview] | None = None) -> memoryview:
+        """The chunk's bytes, hash-checked. `decoded`: reference chunks already decoded (a
+        merge block's base chunk is most of its experts' reference), added to as they are."""
+        memo = {} if decoded is None else decoded
+
+        def reference(key: bytes) -> memoryview:
+            if key not in memo:
+                assert self.ref is not None and self.ref[0] == key  # reference_of(value), found by Txn.pending
+                memo[key] = checked_stored(key, self.ref[1])
+            return memo[key]
+
+        out = checked_stored(self.key, self.value, reference)
+        if not self.raw:
+            memo.setdefault(self.key, out)
+        return out
+
+
 class Txn:
     """One LMDB transaction seen through the store's vocabulary (read-only unless from write()).
 
@@ -183,6 +215,22 @@ class Txn:
                 raise CorruptData(f"{what} {key.hex()} is missing")
             value = self._s.fallback(key)  # a lazy clone's remote: checked there, kept by the caller
         return memoryview(value)
+
+    def pending(self, key: bytes) -> Pending:
+        """Chunk `key` to decode and check later, elsewhere (see Pending)."""
+        value = self._stored(key, "chunk")
+        ref = None
+        if len(value) and value[0] == XOR_CODEC:
+            from .codecs import reference_of
+
+            rkey = reference_of(value)
+            if rkey is None:
+                raise CorruptData(f"chunk {key.hex()}: a delta with a truncated header")
+            rvalue = self._stored(rkey, "reference chunk")
+            if len(rvalue) and rvalue[0] == XOR_CODEC:
+                raise CorruptData(f"reference chunk {rkey.hex()} is itself a delta (chains have depth 1)")
+            ref = (rkey, rvalue)
+        return Pending(key, value, ref)
 
     def reference(self, key: bytes) -> memoryview:
         """A delta chunk's reference chunk: its raw bytes, hash-checked. A reference is never a
