@@ -38,9 +38,9 @@ def mp_ok(*args, timeout: float = 120) -> str:
     return proc.stdout
 
 
-def new_repo(root: Path) -> Path:
+def new_repo(root: Path, compress: str = "delta") -> Path:
     """An empty repository with 4 KiB chunks, closed again so `mp` can have it."""
-    Repo.init(root, chunk_size=CHUNK).close()
+    Repo.init(root, chunk_size=CHUNK, compress=compress).close()
     return root
 
 
@@ -254,7 +254,7 @@ def test_status_lists_refs_size_and_what_gc_could_reclaim(tmp_path, models):
 
 
 def test_gc_keeps_what_a_live_reflog_entry_names_then_frees_it_once_expired(tmp_path, models):
-    root = new_repo(tmp_path / "repo")
+    root = new_repo(tmp_path / "repo", compress="none")  # freed bytes are compared with the files'
     c0 = add(root, models["m0"], "main")
     c1 = add(root, models["m2"], "main")
     mp_ok("-C", root, "reset", "main", c0)  # c1 is now named only by main's reflog
@@ -389,8 +389,9 @@ def flip(key: bytes, offset: int, bit: int = 0):
 
 @pytest.fixture
 def two_models(tmp_path, models):
-    """`base` (m3) and `other` (m2) in a closed 4 KiB-chunk repository, plus their commit ids."""
-    root = new_repo(tmp_path / "repo")
+    """`base` (m3) and `other` (m2) in a closed 4 KiB-chunk repository of raw chunks (the damage
+    below is to raw bytes; tests/test_compression.py damages compressed ones), plus their ids."""
+    root = new_repo(tmp_path / "repo", compress="none")
     return root, add(root, models["m3"], "base", message="the base"), add(root, models["m2"], "other")
 
 

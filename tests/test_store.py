@@ -108,10 +108,11 @@ VICTIM = "model.layers.1.mlp.up_proj.weight"
 
 @pytest.fixture
 def corrupt_setup(tmp_path, family):
-    """base and the dense expert-1 (which shares no tensor bytes with it) in a closed repo,
+    """base and the dense expert-1 (which shares no tensor bytes with it) in a closed repo of raw
+    chunks (the damage is to raw values: tests/test_compression.py damages compressed ones),
     plus the key of the chunk that holds the base's VICTIM tensor."""
     root = tmp_path / "repo"
-    with Repo.init(root) as repo:
+    with Repo.init(root, compress="none") as repo:
         repo.add(family["base"], "base")
         repo.add(family["expert-1"], "dense", base="base")
         with repo.store.read() as r:
@@ -143,8 +144,8 @@ def test_a_damaged_chunk_fails_checkout_and_writes_nothing(corrupt_setup, tmp_pa
     root, key = corrupt_setup
     if damage == "payload":
         edit_db(root, b"chunks", _flip(key, 1 + 1000))
-    elif damage == "codec":
-        edit_db(root, b"chunks", _flip(key, 0))
+    elif damage == "codec":  # a codec byte no version wrote (flipping bit 0 of RAW makes it PLANES)
+        edit_db(root, b"chunks", lambda txn, db: txn.put(key, b"\x7f" + bytes(txn.get(key, db=db))[1:], db=db))
     else:
         edit_db(root, b"chunks", lambda txn, db: txn.delete(key, db=db))
     before = store_fingerprint(root)
