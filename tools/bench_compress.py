@@ -5,7 +5,9 @@ Two repositories side by side, `mp init --compress none` and `mp init --compress
 holding a generated family (tools/make_family.py: base + experts cycling dense/partial/lora,
 every expert added with `--base base`), plus a third, `--compress planes`, holding the base alone.
 What it measures:
-  * space, for the bf16 family and (--f32-params) an fp32 family: each model's stored chunk
+  * space, for the bf16 family, (--rel-delta) the same family with every delta of one relative
+    size (1e-3 × the tensor's RMS, as in real fine-tunes; make_family draws bf16 deltas from
+    [7.8e-3, 1e-1]) and (--f32-params) an fp32 family: each model's stored chunk
     bytes (the store's `mp status --json` "space" before and after its add: the chunks it brought,
     as stored) over its folder's bytes; the whole family's data file (allocated blocks of .mp, as
     `du` counts them) and stored chunk bytes over the raw folders' allocated blocks; the base alone
@@ -28,7 +30,11 @@ The load average is sampled at the start, between phases and at the end: the mac
 
 Usage (from the repository root, with the venv's python):
   python tools/bench_compress.py [--work /tmp/bench-compress] [--params 250M] [--experts 8]
-      [--f32-params 120M | --f32-params none] [--repeat 3] [--zipnn PYTHON] [--out FILE] [--keep]
+      [--rel-delta 1e-3 | none] [--f32-params 120M | none] [--repeat 3] [--zipnn PYTHON]
+      [--no-baselines] [--no-timings] [--out FILE] [--keep]
+  ZipNN 0.5.4 imports torch: a scratch venv whose .pth names this venv's site-packages serves
+  (python3 -m venv Z; echo $PWD/.venv/lib/python3.11/site-packages > Z/lib/python3.11/site-packages/
+  main.pth; Z/bin/pip install --no-deps zipnn), then --zipnn Z/bin/python.
 Targets (issue 14): dense bf16 expert with --base ≤ 0.30 of its bytes; family on disk ≤ 0.25 of
 the folders; bf16 base alone, standalone codec ≤ 0.72; decode ≥ 1 GB/s per core; ties K=8 merge
 ≤ 1.1× the raw store's; checkout ≤ 1.3× the raw store's; add --base ≤ 2.5× `cp`.
@@ -51,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_codecs as bc  # noqa: E402  (same folder: the family, the baselines, codec throughput)
 import bench_store as bs  # noqa: E402  (same folder: run(), compare(), warm(), formatting)
 from bench_merge import config as merge_config  # noqa: E402
-from bench_store import MP, Run, Timing, b, log, rm, table  # noqa: E402
+from bench_store import MP, Timing, b, log, rm, table  # noqa: E402
 
 POLICIES = ("none", "delta")  # the two stores holding the whole family
 DENSITY = 0.5  # ties, as tools/bench_merge.py
@@ -80,6 +86,16 @@ def copy_repo(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-r", "--sparse=always", str(src), str(dst)], check=True)
 
 
+def cp_variant(src: Path, dst: Path, durable: bool) -> tuple:
+    """A bs.compare variant: `cp -r SRC DST` (then `sync` if durable) into a fresh DST."""
+
+    def prep(i: int) -> list[str]:
+        rm(dst)
+        return bs.cp_cmd(src, dst, durable)
+
+    return prep, lambda i: rm(dst), False
+
+
 # ------------------------------------------------------------------------------ space
 
 
@@ -89,9 +105,11 @@ class Family:
 
     dtype: str
     params: str
+    label: str  # how the report names it
     models: list[Path]
     kinds: list[str]
     raw: list[int]  # each folder's bytes
+    rel: float | None = None  # every delta's relative size (fixed_delta_family), or make_family's
     stored: dict[str, list[int]] = field(default_factory=dict)  # policy -> stored chunk bytes each add brought
     seconds: dict[str, list[float]] = field(default_factory=dict)  # policy -> each add's wall time
     disk: dict[str, int] = field(default_factory=dict)  # policy -> allocated bytes of .mp
@@ -121,22 +139,54 @@ class Family:
         return size + self.raw[i] - n
 
 
-def build(work: Path, dtype: str, params: str, experts: int, args: argparse.Namespace) -> tuple[Family, dict]:
-    """Add the family to a none and a delta store (and its base to a planes store), measure space
-    and the baselines; return it and the repositories (policy -> path; 'base-POLICY': a copy of
-    that store taken when it held the base alone)."""
-    models = bc.family(work, params, experts, dtype)
-    fam = Family(dtype, params, models, [bc.kind(m) for m in models], [bs.folder_bytes(m) for m in models])
+# make_family with every changed tensor's delta of one relative size (its RMS over the base
+# tensor's), instead of sizes drawn log-uniformly from [eps(dtype), 1e-1]: the standard family's
+# bf16 deltas are mostly 1e-2..1e-1 of the weights, real fine-tunes' nearer 1e-3
+FIXED_DELTA = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import make_family
+rel = float(sys.argv[2])
+make_family._relative_scale = lambda g, dtype: rel
+make_family.main(sys.argv[3:])
+"""
+
+
+def fixed_delta_family(work: Path, params: str, experts: int, dtype: str, rel: float) -> list[Path]:
+    """tools/make_family.py's family (same base, same kinds and seed) with every delta `rel` × RMS."""
+    folder = work / f"family-{params}-x{experts}-{dtype}-rel{rel:g}"
+    rm(folder)
+    log(f"generating family {folder}")
+    subprocess.run([sys.executable, "-c", FIXED_DELTA, str(bc.ROOT / "tools"), str(rel), str(folder), "--params",
+                    params, "--experts", str(experts), "--dtype", dtype, "--kinds", "dense,partial,lora",
+                    "--seed", "0"], check=True, stdout=subprocess.DEVNULL)
+    return [folder / n for n in ("base", *(f"expert-{i}" for i in range(1, experts + 1)))]
+
+
+def build(work: Path, dtype: str, params: str, experts: int, args: argparse.Namespace,
+          rel: float | None = None) -> tuple[Family, dict]:
+    """Add the family (deltas of relative size `rel`, or make_family's) to a none and a delta
+    store (and its base to a planes store), measure space and the baselines; return it and the
+    repositories (policy -> path; 'base-POLICY': a copy of that store taken when it held the
+    base alone, for the standard bf16 family)."""
+    if rel is None:
+        models = bc.family(work, params, experts, dtype)
+        label = dtype if dtype == "bf16" else f"{dtype} ({params})"
+    else:
+        models = fixed_delta_family(work, params, experts, dtype, rel)
+        label = f"{dtype}, deltas {rel:g} × RMS"
+    fam = Family(dtype, params, label, models, [bc.kind(m) for m in models], [bs.folder_bytes(m) for m in models],
+                 rel)
     fam.folders_disk = sum(allocated(m) for m in models)
-    log(f"{dtype} family {params}: {b(sum(fam.raw))} in {len(models)} folders; warming the page cache")
+    log(f"{label} family {params}: {b(sum(fam.raw))} in {len(models)} folders; warming the page cache")
     bs.warm(models)
     root = work / f"repos-{dtype}"
     rm(root)
     root.mkdir()
-    repos = {p: root / p for p in (*POLICIES, "planes")}
+    repos = {p: root / p for p in ((*POLICIES, "planes") if rel is None else POLICIES)}
     for policy, repo in repos.items():
         bs.run([MP, "-C", str(repo), "--quiet", "init", "--compress", policy])
-    for policy in ("planes", *POLICIES):
+    for policy in [p for p in ("planes", *POLICIES) if p in repos]:
         repo = repos[policy]
         fam.stored[policy], fam.seconds[policy] = [], []
         for i, m in enumerate(models if policy != "planes" else models[:1]):
@@ -147,16 +197,18 @@ def build(work: Path, dtype: str, params: str, experts: int, args: argparse.Name
             fam.stored[policy].append(after - before)
             fam.seconds[policy].append(r.seconds)
             log(f"  {policy}: add {m.name} ({fam.kinds[i]}) {r.seconds:.2f} s, stored {fam.ratio(policy, i):.3f}")
-            if i == 0 and policy in POLICIES and dtype == "bf16":
+            if i == 0 and policy in POLICIES and dtype == "bf16" and rel is None:
                 repos[f"base-{policy}"] = root / f"base-{policy}"
                 copy_repo(repo, repos[f"base-{policy}"])
         status = mp_json(repo, "status")
         fam.chunks[policy] = status["space"]["stored_bytes"]
         fam.codecs[policy] = status["space"]["codecs"]
         fam.disk[policy] = allocated(repo / ".mp")
-    fam.base_planes = (fam.stored["planes"][0], allocated(repos["planes"] / ".mp"))
-    if not args.keep:
-        rm(repos.pop("planes"))
+    if "planes" in repos:  # the base alone (the same base in every bf16 family)
+        fam.base_planes = (fam.stored["planes"][0], allocated(repos["planes"] / ".mp"))
+        if not args.keep:
+            rm(repos.pop("planes"))
+    log(f"  delta store {fam.chunks['delta'] / sum(fam.raw):.3f} of the folders in chunks; load {loadavg()}")
     if args.no_baselines:
         fam.zipnn = "skipped (--no-baselines)"
     else:
@@ -169,8 +221,8 @@ def build(work: Path, dtype: str, params: str, experts: int, args: argparse.Name
             fam.zipnn = bc.zipnn(args.zipnn, loaded, dtype)
             fam.throughput = bc.throughput(loaded, 1 << 20, args.repeat_codecs)
         finally:
-            for m in loaded:
-                m.close()
+            for model in loaded:
+                model.close()
     return fam, repos
 
 
@@ -240,8 +292,7 @@ def timings(work: Path, fam: Family, repos: dict, repeat: int) -> Timings:
                 rm(dst)
 
             variants[policy] = (prep, check, False)
-        cpd = tmp / "cp"
-        variants["cp -r"] = (lambda i, src=source: (rm(cpd), bs.cp_cmd(src, cpd, False))[1], lambda i: rm(cpd), False)
+        variants["cp -r"] = cp_variant(source, tmp / "cp", False)
         out.checkout[what] = bs.compare(variants, repeat)
     rm(reference)
     for policy in POLICIES:
@@ -258,11 +309,8 @@ def timings(work: Path, fam: Family, repos: dict, repeat: int) -> Timings:
             return [MP, "-C", str(repo), "--quiet", "add", str(dense), "--name", dense.name, "--base", "base"]
 
         variants[policy] = (prep_add, lambda i, repo=repo: rm(repo), False)
-    for durable in (False, True):
-        dst = tmp / ("cp-sync" if durable else "cp")
-        variants["cp -r + sync" if durable else "cp -r"] = (
-            lambda i, dst=dst, durable=durable: (rm(dst), bs.cp_cmd(dense, dst, durable))[1],
-            lambda i, dst=dst: rm(dst), False)
+    variants["cp -r"] = cp_variant(dense, tmp / "cp", False)
+    variants["cp -r + sync"] = cp_variant(dense, tmp / "cp-sync", True)
     out.add = bs.compare(variants, repeat)
     rm(tmp)
     return out
@@ -283,7 +331,7 @@ def r3(x: float | None) -> str:
 
 def space_rows(fam: Family) -> list[list[str]]:
     """The summary rows of one family's space: dense expert, family, base alone."""
-    label = "bf16" if fam.dtype == "bf16" else f"{fam.dtype} ({fam.params})"
+    label = fam.label
     i = next(j for j, k in enumerate(fam.kinds) if k == "dense")
     rows = []
     zn = fam.zipnn_size(i, delta=True)
@@ -306,6 +354,8 @@ def space_rows(fam: Family) -> list[list[str]]:
                  f"**{fam.disk['delta'] / fam.folders_disk:.3f}**", f"{fam.disk['none'] / fam.folders_disk:.3f}",
                  base_line, "≤ 0.25" if fam.dtype == "bf16" else "report",
                  met(fam.disk["delta"] / fam.folders_disk, "family") if fam.dtype == "bf16" else "-"])
+    if fam.rel is not None:
+        return rows
     zn = fam.zipnn_size(0, delta=False)
     base_line = "" if not fam.zstd else (f"zstd file {fam.zstd[0] / fam.raw[0]:.3f}, ZipLLM planes "
                                           f"{fam.zipllm[0] / fam.raw[0]:.3f}"
@@ -328,7 +378,7 @@ def report(args: argparse.Namespace, fams: list[Family], t: Timings | None, load
         for what, enc, dec, hsh, _ in fam.throughput:
             if what.startswith("PLANES") or what.startswith("XOR"):
                 codec = what.split(" ")[0]
-                rows.append([f"{fam.dtype}: decode throughput per core, {codec} (encode {enc:.0f} MB/s)",
+                rows.append([f"{fam.label}: decode throughput per core, {codec} (encode {enc:.0f} MB/s)",
                              f"**{dec:.0f} MB/s**", "-", f"xxh3-128 {hsh:.0f} MB/s", "≥ 1000 MB/s",
                              met(dec, "decode")])
     if t is not None:
@@ -362,7 +412,7 @@ def report(args: argparse.Namespace, fams: list[Family], t: Timings | None, load
                "target", "met"], rows) + "\n",
     ]
     for fam in fams:
-        md.append(f"Per model, {fam.dtype} ({fam.params}): stored chunk bytes each `mp add` brought / the "
+        md.append(f"Per model, {fam.label}" + ("" if fam.params in fam.label else f" ({fam.params})") + ": stored chunk bytes each `mp add` brought / the "
                   "folder's bytes, and each add's wall time (one run)\n")
         prow = []
         for i, m in enumerate(fam.models):
@@ -397,6 +447,8 @@ def main() -> None:
     ap.add_argument("--params", default="250M", help="the bf16 family's size (make_family --params)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--f32-params", default="120M", help="the fp32 family's size, or 'none' to skip it")
+    ap.add_argument("--rel-delta", default="1e-3",
+                    help="also a bf16 family whose every delta is this × the tensor's RMS (space only), or 'none'")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of each timed comparison (medians)")
     ap.add_argument("--repeat-codecs", type=int, default=5, help="runs of bench_codecs' throughput loop")
     ap.add_argument("--zipnn", default="", help="a python with zipnn installed (else ZipNN is skipped)")
@@ -422,6 +474,12 @@ def main() -> None:
             loads.append(("after the timings", loadavg()))
         for repo in repos.values():
             rm(repo)
+        if args.rel_delta != "none":
+            fine, repos = build(work, "bf16", args.params, args.experts, args, float(args.rel_delta))
+            fams.append(fine)
+            for repo in repos.values():
+                rm(repo)
+            rm(fine.models[0].parent)
         if args.f32_params != "none":
             f32, repos = build(work, "f32", args.f32_params, args.experts, args)
             fams.append(f32)
