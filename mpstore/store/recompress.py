@@ -27,6 +27,10 @@ from .env import CODEC_RAW, Store, Txn, checked_stored
 from .objects import Commit
 from .reach import walk
 
+# Stored bytes per transaction: what a killed recompression redoes, and (with their raw bytes and
+# new encodings) about three times what it holds in memory.
+BATCH_BYTES = 4 << 20
+
 
 @dataclass
 class Recompressed:
