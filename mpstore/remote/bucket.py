@@ -91,6 +91,7 @@ class Bucket:
         self._uploader = ThreadPoolExecutor(1, thread_name_prefix="mp-s3-put")
         self._loaded: set[str] = set()  # packs whose index is in `_where`
         self._where: dict[int, dict[bytes, Location]] = {k: {} for k in KINDS}
+        self._written: dict[str, float] = {}  # object name -> when it was written (from listings)
 
     # ---------------------------------------------------------------- requests and errors
 
@@ -216,14 +217,18 @@ class Bucket:
         return self._write(f"refs/{name}", f"{new.hex()}\n".encode(), **condition)
 
     def _list(self, under: str) -> Iterator[str]:
-        """Names (relative to the prefix) of every object under `under`, page by page."""
+        """Names (relative to the prefix) of every object under `under`, page by page; when each
+        was written goes into `_written`."""
         root = len(self._key(""))
         page_token: dict[str, str] = {}
         while True:
             page = self._call("list_objects_v2", frozenset(), Prefix=self._key(under), MaxKeys=self.list_page,
                               **page_token)
             for obj in page.get("Contents", []):
-                yield obj["Key"][root:]
+                name = obj["Key"][root:]
+                if "LastModified" in obj:
+                    self._written[name] = obj["LastModified"].timestamp()
+                yield name
             if not page.get("IsTruncated"):
                 return
             page_token = {"ContinuationToken": page["NextContinuationToken"]}
@@ -289,7 +294,8 @@ class Bucket:
         where = self._where[kind]
         if not self._loaded or any(k not in where for k in wanted):
             self._refresh()  # packs pushed since the last look
-        ranges = iter(plan_ranges((k, where[k]) for k in wanted if k in where))
+        age = {n[len("packs/"):-len(".idx")]: t for n, t in self._written.items() if n.endswith(".idx")}
+        ranges = iter(plan_ranges(((k, where[k]) for k in wanted if k in where), age=age))
         running: set[Future[tuple[Range, bytes | None]]] = set()
         try:
             while True:

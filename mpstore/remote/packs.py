@@ -121,12 +121,16 @@ def decode_index(name: str, raw: bytes) -> list[tuple[int, bytes, Location]]:
     return out
 
 
-def plan_ranges(wanted: Iterable[tuple[bytes, Location]], gap: int = RANGE_GAP, cap: int = RANGE_CAP) -> list[Range]:
+def plan_ranges(wanted: Iterable[tuple[bytes, Location]], gap: int = RANGE_GAP, cap: int = RANGE_CAP,
+                age: dict[str, float] | None = None) -> list[Range]:
     """Ranged reads covering `wanted`: entries of one pack sorted by offset, neighbours joined when
-    the gap between them is at most `gap` bytes and the joined read stays within `cap` bytes."""
+    the gap between them is at most `gap` bytes and the joined read stays within `cap` bytes. Packs
+    come oldest first by `age` (when each was written): a push sends a delta's reference before
+    the delta, so a fetch then meets references first and need not hold deltas waiting for them."""
     ranges: list[Range] = []
     cur: Range | None = None
-    for key, loc in sorted(wanted, key=lambda kl: (kl[1].pack, kl[1].offset)):
+    ages = age or {}
+    for key, loc in sorted(wanted, key=lambda kl: (ages.get(kl[1].pack, 0.0), kl[1].pack, kl[1].offset)):
         if cur is None or loc.pack != cur.pack or loc.offset - cur.end > gap or loc.end - cur.start > cap:
             cur = Range(loc.pack, loc.offset, loc.end)
             ranges.append(cur)

@@ -150,6 +150,8 @@ def fill(store: Store, transport: Transport, keys: Iterable[bytes]) -> Moved:
     with store.writing():
         for key, data in transport.get(CHUNK, wanted):
             arrivals.take(key, data)
+            if arrivals.waiting and arrivals.size == 0:  # a batch was just kept: its references too
+                arrivals.retry()
         while arrivals.waiting:  # deltas whose reference had not arrived when they did
             refs = {ref for _, data in arrivals.waiting if (ref := reference_of(data)) is not None} - asked
             asked |= refs

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..progress import Progress
-from .chunks import BATCH_BYTES, DELTA, META_KEY, NONE, POLICIES
+from .chunks import DELTA, META_KEY, NONE, POLICIES
 from .dtypes import ITEMSIZE
 from .env import CODEC_RAW, Store, Txn, checked_stored
 from .objects import Commit
