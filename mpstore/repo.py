@@ -994,15 +994,13 @@ class Repo:
 
     def network_bytes(self, plan: Plan, memory_limit: int = 1 << 30) -> int | None:
         """Bytes a merge of `plan` would download (a lazy clone: the chunks it reads that are
-        not here yet), or None in a full repository."""
+        not here yet, as the remote stores them), or None in a full repository."""
         if self._lazy is None:
             return None
         from .merge.executor import chunks_read
+        from .remote.transport import CHUNK
 
-        sizes: dict[bytes, int] = {}
+        reads = chunks_read(self.store, plan, memory_limit)
         with self.store.read() as r:
-            for cid in [*([plan.base] if plan.base else []), *plan.models]:
-                for tid in r.snapshot_of(cid).tensors.values():
-                    t = r.tensor(tid)
-                    sizes.update((k, end - start) for k, (start, end) in zip(t.chunks, t.spans()))
-            return sum(sizes.get(k, 0) for k in chunks_read(self.store, plan, memory_limit) if not r.has_chunk(k))
+            missing = [k for k in dict.fromkeys(reads) if not r.has_chunk(k)]
+        return sum(self._lazy_transport().sizes(CHUNK, missing).values())

@@ -286,6 +286,12 @@ class Bucket:
 
     # ---------------------------------------------------------------- get
 
+    def sizes(self, kind: int, keys: Iterable[bytes]) -> dict[bytes, int]:
+        wanted = dict.fromkeys(keys)
+        if not self._loaded or any(k not in self._where[kind] for k in wanted):
+            self._refresh()
+        return {k: self._where[kind][k].length for k in wanted if k in self._where[kind]}
+
     def get(self, kind: int, keys: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Entries by ranged reads of their packs, READERS at a time, yielded as ranges arrive:
         at most READERS ranges (each up to `packs.RANGE_CAP` bytes, or one larger entry) are

@@ -66,6 +66,10 @@ class RepoRemote:
         with self.store.read() as r:
             return set(r.keys(_DB[kind]))
 
+    def sizes(self, kind: int, keys: Iterable[bytes]) -> dict[bytes, int]:
+        with self.store.read() as r:
+            return {k: len(v) for k in keys if (v := _value(r, kind, k)) is not None}
+
     def get(self, kind: int, keys: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         with self.store.read() as r:
             for key in keys:

@@ -72,6 +72,10 @@ class Transport(Protocol):
         """The keys of every entry of `kind` the remote holds (complete packs only)."""
         ...
 
+    def sizes(self, kind: int, keys: Iterable[bytes]) -> dict[bytes, int]:
+        """The stored size of each of `keys` the remote holds: what getting it moves."""
+        ...
+
     def get(self, kind: int, keys: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """(key, data) for each of `keys` the remote holds, in any order; unverified."""
         ...
