@@ -252,3 +252,41 @@ def test_importing_the_codecs_loads_neither_numba_nor_torch() -> None:
     code = "import sys, mpstore.store.codecs; print(sorted({'numba', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("transform", [codecs.ROTATE, codecs.ZIGZAG_DIFF])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_small_chunk_passes_equal_the_compiled_ones(itemsize, transform, with_ref) -> None:
+    """numpy's passes (small chunks) and numba's (large ones) give the same planes and words, so
+    a chunk's encoding does not depend on which ran."""
+    from mpstore.store import planekernel, smallplanes
+
+    rng = np.random.default_rng(itemsize * 10 + transform)
+    word = codecs.WORDS[itemsize]
+    n = 1000
+    words = rng.integers(0, 256, n * itemsize, dtype=np.uint8).view(word)
+    words[:8] = np.array([0, 1, -1, 2, -2, 3, 127, 128]).astype(word)  # wrap-around edges
+    ref = rng.integers(0, 256, n * itemsize, dtype=np.uint8).view(word) if with_ref else np.empty(0, word)
+    planes = {}
+    for kernels in (planekernel, smallplanes):
+        out = np.empty(n * itemsize, dtype=np.uint8)
+        kernels.split(words, ref, transform, out)
+        planes[kernels] = out
+    assert np.array_equal(planes[planekernel], planes[smallplanes])
+    split = tuple(planes[planekernel][j * n:(j + 1) * n] for j in range(itemsize))
+    for kernels in (planekernel, smallplanes):
+        back = np.empty(n, dtype=word)
+        kernels.merge(split, ref, transform, back)
+        assert np.array_equal(back, words)
+
+
+def test_chunks_on_either_side_of_the_compiled_threshold_round_trip() -> None:
+    rng = np.random.default_rng(5)
+    for m in (codecs.COMPILED_FROM - 1, codecs.COMPILED_FROM):
+        raw = (rng.standard_normal(m) * 0.02).astype(np.float32).tobytes()
+        ref = (np.frombuffer(raw, np.float32) + 1e-4).astype(np.float32).tobytes()
+        for reference in (None, (b"r" * 16, ref)):
+            value = codecs.encode(raw, 4, reference)
+            assert value[0] != codecs.RAW
+            assert bytes(codecs.decode(value, lambda _, r=ref: r)) == raw

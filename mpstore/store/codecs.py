@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -150,13 +151,11 @@ def _value(prefix: bytes, data: memoryview, itemsize: int, transform: int, ref: 
     compressed unless that makes it larger; joined once (a copy holds the GIL)."""
     import numpy as np
 
-    from . import planekernel
-
     size = len(data)
     m = size // itemsize
     planes = np.empty(m * itemsize, dtype=np.uint8)
     ref_words = _words(ref if ref is not None else memoryview(b""), itemsize, m if ref is not None else 0)
-    planekernel.split(_words(data, itemsize, m), ref_words, transform, planes)
+    _kernels(m).split(_words(data, itemsize, m), ref_words, transform, planes)
     compressor = _compressor()
     parts = []
     for j in range(itemsize):
@@ -244,11 +243,25 @@ def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memor
     out = np.empty(size, dtype=np.uint8)
     out[m * itemsize:] = np.frombuffer(view[at:], dtype=np.uint8)
     if m:
+        planes = tuple(_plane(frame, m) for frame in frames)
+        _kernels(m).merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
+    return out.data
+
+
+# Chunks of fewer elements than this go through numpy (store.smallplanes): the same bytes, without
+# importing numba and loading its kernels (0.6 s, more than a process spends on small chunks).
+COMPILED_FROM = 1 << 16
+
+
+def _kernels(m: int) -> types.ModuleType:
+    """The plane passes for a chunk of m elements: compiled for large chunks, numpy for small."""
+    if m >= COMPILED_FROM:
         from . import planekernel
 
-        planes = tuple(_plane(frame, m) for frame in frames)
-        planekernel.merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
-    return out.data
+        return planekernel
+    from . import smallplanes
+
+    return smallplanes
 
 
 def _content_size(frame: memoryview) -> int:
