@@ -29,7 +29,7 @@ from ..progress import Progress
 from ..store.chunks import FOLIO_BYTES, ChunkSink, Watch
 from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
 from ..store.dtypes import FLOATS, ITEMSIZE
-from ..store.env import XOR_CODEC, Store, Txn, checked_chunk, stored_payload
+from ..store.env import Store, Txn, checked_chunk, delta_reference, stored_payload
 from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
@@ -312,8 +312,7 @@ class Recorder:
         return chunk
 
     def _delta(self, key: bytes) -> bool:
-        value = self._txn.stored_chunk(key)
-        return value is not None and len(value) > 0 and value[0] == XOR_CODEC
+        return delta_reference(self._txn.stored_chunk(key)) is not None
 
     def _collect(self) -> None:
         k, fut, data = self._pending.popleft()

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptData, MpError, Rejected, RemoteError
-from ..store.codecs import reference_of
 from ..store.derived import catalog_chunks
-from ..store.env import XOR_CODEC, Store, Txn, checked_stored
+from ..store.env import Store, Txn, checked_stored, delta_reference
 from ..store.ids import digest, short
 from ..store.objects import Chunked, Commit, Plan, Snapshot, StoredObject, decode, timestamp
 from ..store.refs import BRANCH_PREFIX, REMOTES_PREFIX, TAG_PREFIX
@@ -153,7 +152,7 @@ def fill(store: Store, transport: Transport, keys: Iterable[bytes]) -> Moved:
             if arrivals.waiting and arrivals.size == 0:  # a batch was just kept: its references too
                 arrivals.retry()
         while arrivals.waiting:  # deltas whose reference had not arrived when they did
-            refs = {ref for _, data in arrivals.waiting if (ref := reference_of(data)) is not None} - asked
+            refs = {ref for _, data in arrivals.waiting if (ref := delta_reference(data)) is not None} - asked
             asked |= refs
             for key, data in transport.get(CHUNK, refs):
                 arrivals.take(key, data)
@@ -181,7 +180,7 @@ class _Arrivals:
 
     def take(self, key: bytes, data: bytes) -> None:
         self.seen.add(key)
-        ref = reference_of(data) if len(data) and data[0] == XOR_CODEC else None
+        ref = delta_reference(data)
         try:
             if ref is None:
                 checked_stored(key, data)
@@ -323,7 +322,8 @@ def push(store: Store, transport: Transport, remote: str, names: list[str], forc
     if lazy_source is not None:  # a lazy clone holds only the chunks it has read
         fill(store, lazy_source, chunks)
     with store.read() as r:  # a delta's reference goes where the delta goes
-        refs = [ref for c in chunks if (ref := _reference(r, c)) is not None and ref not in have[CHUNK]]
+        refs = [ref for c in chunks if (ref := delta_reference(r.stored_chunk(c))) is not None
+                and ref not in have[CHUNK]]
     chunks = list(dict.fromkeys([*refs, *chunks]))
     before = transport.sent_bytes
     transport.put(_entries(store, closure, chunks, have, moved))
@@ -356,7 +356,7 @@ def _entries(store: Store, closure: Closure, chunks: list[bytes], have: dict[int
                 stored = r.stored_chunk(key)
                 if stored is None:
                     raise CorruptData(f"chunk {key.hex()} is missing from this repository (run mp fsck)")
-                if (len(stored) > 0 and stored[0] == XOR_CODEC) != deltas:
+                if (delta_reference(stored) is not None) != deltas:
                     continue
                 moved.chunks += 1
                 moved.chunk_bytes += len(stored)
@@ -369,12 +369,6 @@ def _entries(store: Store, closure: Closure, chunks: list[bytes], have: dict[int
         if oid not in have[OBJECT]:
             moved.objects += 1
             yield OBJECT, oid, data
-
-
-def _reference(txn: Txn, key: bytes) -> bytes | None:
-    """The reference of chunk `key` if it is stored as a delta."""
-    value = txn.stored_chunk(key)
-    return reference_of(value) if value is not None and len(value) and value[0] == XOR_CODEC else None
 
 
 def is_fast_forward(store: Store, old: bytes | None, new: bytes) -> bool:

@@ -138,6 +138,16 @@ def checked_chunk(key: bytes, data: memoryview) -> memoryview:
     return data
 
 
+def delta_reference(value: bytes | memoryview | None) -> bytes | None:
+    """The digest of the chunk a stored value is a delta against (store/codecs.py's XOR), or
+    None: not a delta, or no value. CorruptData for a delta too short to name its reference."""
+    if value is None or not len(value) or value[0] != XOR_CODEC:
+        return None
+    from .codecs import reference_of  # zstd: only where a delta is met
+
+    return reference_of(value)
+
+
 def checked_stored(key: bytes, stored: bytes | memoryview,
                    reference: Callable[[bytes], bytes | memoryview] | None = None) -> memoryview:
     """The bytes of a chunk as stored, decoded and hash-checked: CorruptData unless they decode
@@ -219,15 +229,14 @@ class Txn:
     def pending(self, key: bytes) -> Pending:
         """Chunk `key` to decode and check later, elsewhere (see Pending)."""
         value = self._stored(key, "chunk")
+        try:
+            rkey = delta_reference(value)
+        except CorruptData as e:
+            raise CorruptData(f"chunk {key.hex()}: {e}") from None
         ref = None
-        if len(value) and value[0] == XOR_CODEC:
-            from .codecs import reference_of
-
-            rkey = reference_of(value)
-            if rkey is None:
-                raise CorruptData(f"chunk {key.hex()}: a delta with a truncated header")
+        if rkey is not None:
             rvalue = self._stored(rkey, "reference chunk")
-            if len(rvalue) and rvalue[0] == XOR_CODEC:
+            if delta_reference(rvalue) is not None:
                 raise CorruptData(f"reference chunk {rkey.hex()} is itself a delta (chains have depth 1)")
             ref = (rkey, rvalue)
         return Pending(key, value, ref)
@@ -237,7 +246,7 @@ class Txn:
         delta itself (chains have depth 1; writers keep to it), so a damaged store cannot send
         a decode down a chain."""
         value = self._stored(key, "reference chunk")
-        if len(value) and value[0] == XOR_CODEC:
+        if delta_reference(value) is not None:
             raise CorruptData(f"reference chunk {key.hex()} is itself a delta (chains have depth 1)")
         try:
             return checked_chunk(key, stored_payload(key, value))

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from ..errors import MpError, StoreBusy
 from . import filecache
 from .derived import CatalogRules, catalog_chunks
-from .env import XOR_CODEC, Store, Txn
+from .env import Store, Txn, delta_reference
 from .objects import timestamp
 from .reach import walk
 
@@ -90,14 +90,7 @@ def _find(txn: Txn, cutoff: str, rules: CatalogRules) -> tuple[Garbage, _Dead]:
 def _references(txn: Txn, chunks: set[bytes]) -> set[bytes]:
     """The reference chunks of the delta chunks among `chunks`: kept while a live delta needs
     them, reachable or not (the base model they came from may be gone)."""
-    from .codecs import reference_of
-
-    out = set()
-    for key in chunks:
-        value = txn.stored_chunk(key)
-        if value is not None and len(value) and value[0] == XOR_CODEC and (ref := reference_of(value)) is not None:
-            out.add(ref)
-    return out
+    return {ref for key in chunks if (ref := delta_reference(txn.stored_chunk(key))) is not None}
 
 
 def reclaimable(store: Store, expire: timedelta, rules: CatalogRules) -> Garbage:
