@@ -257,10 +257,10 @@ def test_importing_the_codecs_loads_neither_numba_nor_torch() -> None:
 @pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
 @pytest.mark.parametrize("transform", [codecs.ROTATE, codecs.ZIGZAG_DIFF])
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_small_chunk_passes_equal_the_compiled_ones(itemsize, transform, with_ref) -> None:
-    """numpy's passes (small chunks) and numba's (large ones) give the same planes and words, so
-    a chunk's encoding does not depend on which ran."""
-    from mpstore.store import planekernel, smallplanes
+def test_numpy_passes_equal_the_compiled_ones(itemsize, transform, with_ref) -> None:
+    """numpy's passes and numba's give the same planes and words, so a chunk's encoding does not
+    depend on which ran."""
+    from mpstore.store import numpyplanes, planekernel
 
     rng = np.random.default_rng(itemsize * 10 + transform)
     word = codecs.WORDS[itemsize]
@@ -269,24 +269,38 @@ def test_small_chunk_passes_equal_the_compiled_ones(itemsize, transform, with_re
     words[:8] = np.array([0, 1, -1, 2, -2, 3, 127, 128]).astype(word)  # wrap-around edges
     ref = rng.integers(0, 256, n * itemsize, dtype=np.uint8).view(word) if with_ref else np.empty(0, word)
     planes = {}
-    for kernels in (planekernel, smallplanes):
+    for kernels in (planekernel, numpyplanes):
         out = np.empty(n * itemsize, dtype=np.uint8)
         kernels.split(words, ref, transform, out)
         planes[kernels] = out
-    assert np.array_equal(planes[planekernel], planes[smallplanes])
+    assert np.array_equal(planes[planekernel], planes[numpyplanes])
     split = tuple(planes[planekernel][j * n:(j + 1) * n] for j in range(itemsize))
-    for kernels in (planekernel, smallplanes):
+    for kernels in (planekernel, numpyplanes):
         back = np.empty(n, dtype=word)
         kernels.merge(split, ref, transform, back)
         assert np.array_equal(back, words)
 
 
-def test_chunks_on_either_side_of_the_compiled_threshold_round_trip() -> None:
-    rng = np.random.default_rng(5)
-    for m in (codecs.COMPILED_FROM - 1, codecs.COMPILED_FROM):
-        raw = (rng.standard_normal(m) * 0.02).astype(np.float32).tobytes()
-        ref = (np.frombuffer(raw, np.float32) + 1e-4).astype(np.float32).tobytes()
-        for reference in (None, (b"r" * 16, ref)):
-            value = codecs.encode(raw, 4, reference)
-            assert value[0] != codecs.RAW
-            assert bytes(codecs.decode(value, lambda _, r=ref: r)) == raw
+def test_a_process_without_numba_codes_chunks_without_loading_it() -> None:
+    """A checkout or a plain add never loads numba for its chunks (numpy's passes); a process
+    that has loaded it (a merge) uses the compiled passes: the stored bytes are the same."""
+    code = """
+import hashlib, sys, numpy as np
+from mpstore.store import codecs
+if sys.argv[1] == "numba":
+    import numba
+rng = np.random.default_rng(5)
+raw = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)
+ref = (raw + 1e-4).astype(np.float32).tobytes()
+out = []
+for reference in (None, (b"r" * 16, ref)):
+    value = codecs.encode(raw.tobytes(), 4, reference)
+    assert value[0] != codecs.RAW and bytes(codecs.decode(value, lambda _: ref)) == raw.tobytes()
+    out.append(hashlib.sha256(value).hexdigest())
+print("numba" in sys.modules, "mpstore.store.planekernel" in sys.modules, *out)
+"""
+    runs = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True
+                                ).stdout.split() for how in ("plain", "numba")}
+    assert runs["plain"][:2] == ["False", "False"]
+    assert runs["numba"][:2] == ["True", "True"]
+    assert runs["plain"][2:] == runs["numba"][2:]

@@ -71,6 +71,13 @@ def test_merges_are_bit_identical_to_a_raw_store(tmp_path, family, delta_repo, m
     got = delta_repo.merge(request, "m", budget=budget)
     with delta_repo.store.read() as r:
         assert r.commit(got.commit).snapshot == snap
+        # new output chunks are deltas against the base's chunk at their position (the encoder is
+        # handed the block's decoded base chunk); fsck below decodes each against its reference
+        merged, base = r.snapshot(snap), r.snapshot(r.commit(delta_repo.resolve("base")).snapshot)
+        refs = {reference_of(v) for name, t in merged.tensors.items()
+                for c in r.tensor(t).chunks if c not in r.tensor(base.tensors[name]).chunks
+                if (v := r.stored_chunk(c)) is not None}
+        assert refs - {None} and refs - {None} <= {c for t in base.tensors.values() for c in r.tensor(t).chunks}
     assert delta_repo.fsck().ok
 
 

@@ -38,8 +38,8 @@ from ..model.header import build_header
 from ..progress import Progress
 from ..store.chunks import ChunkSink, MemorySink
 from ..store.dtypes import FLOATS, ITEMSIZE, holds, torch_dtype
-from ..store.env import Pending, Store, Txn
-from ..store.ids import short
+from ..store.env import Pending, Store, Txn, new_frame, payload
+from ..store.ids import digest, short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
 from ..store.prefetch import Prefetcher
 from . import catalog, layout, methods
@@ -154,6 +154,14 @@ class _Assembler:
             self._emit(self.buf[: self.chunk_size])
             del self.buf[: self.chunk_size]
 
+    def chunk(self, out: _Chunk) -> None:
+        """A whole output chunk, framed and hashed by its worker."""
+        assert not self.buf, "a whole chunk must start on a chunk boundary"
+        ref = self.references[len(self.chunks)] if self.references is not None else None
+        self.sink.frame(out.key, out.frame, self.itemsize, ref, out.reference if ref is not None else None)
+        self.chunks.append(out.key)
+        self.size += len(out.frame) - 1
+
     def finish(self) -> tuple[bytes, ...]:
         if self.buf:
             self._emit(self.buf)
@@ -182,9 +190,23 @@ def _to_bytes(values: torch.Tensor, dtype: str) -> bytes:
     return out.view(torch.uint8).numpy().tobytes() if out.numel() else b""
 
 
-def _converted(read: _Raw, dtype: str, compute: str, out: str) -> bytes:
-    """Stored values through the compute dtype into the output dtype (an unchanged block)."""
-    return _to_bytes(_values(read(), dtype, compute), out)
+def _bytes_of(raw: memoryview | bytearray | None) -> memoryview | None:
+    return None if raw is None else memoryview(raw)
+
+
+def _to_chunk(values: torch.Tensor, dtype: str, reference: memoryview | None) -> _Chunk:
+    """A block's output that is one whole output chunk, framed and hashed here (on the worker)."""
+    out = values.to(torch_dtype(dtype)).contiguous().view(torch.uint8).numpy()
+    frame = new_frame(out.size)
+    np.frombuffer(frame, np.uint8)[1:] = out
+    return _Chunk(digest(payload(frame)), frame, reference)
+
+
+def _converted(read: _Raw, dtype: str, compute: str, out: str, whole: bool) -> bytes | _Chunk:
+    """Stored values through the compute dtype into the output dtype (an unchanged block);
+    `whole`: the block's output is one whole chunk (framed and hashed here)."""
+    values = _values(read(), dtype, compute)
+    return _to_chunk(values, out, None) if whole else _to_bytes(values, out)
 
 
 def _measured(pas: Pass, ctx: TensorContext, blk: Block) -> torch.Tensor:
@@ -205,6 +227,17 @@ class _Ready(Generic[R]):
     """A job's result known without work: passed through the window in order."""
 
     value: R
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A block's output that makes one whole output chunk: its digest, its frame (store.env's
+    new_frame), and the base's chunk at its position, decoded, where the block read it (the
+    encoder's delta reference, so it is not decoded again), else None."""
+
+    key: bytes
+    frame: bytearray
+    reference: memoryview | None
 
 
 @dataclass(frozen=True)
@@ -282,11 +315,11 @@ class Executor:
                 kind, shift = bits
                 stored = Stored(np.frombuffer(raw_base, kind) if raw_base is not None else None,
                                 np.stack([np.frombuffer(r, kind) for r in raw_models]), shift)
-                return Block(task.name, a, None, None, *args, stored=stored)
+                return Block(task.name, a, None, None, *args, stored=stored, reference=_bytes_of(raw_base))
             values = _values(raw_base, base.dtype, task.compute) if base and raw_base is not None else None
             rows = [_values(r, task.models[i].dtype, task.compute) for r, i in zip(raw_models, present)]
             models = torch.stack(rows) if rows else torch.zeros(0, b - a, dtype=torch_dtype(task.compute))
-            return Block(task.name, a, values, models, *args)
+            return Block(task.name, a, values, models, *args, reference=_bytes_of(raw_base))
 
         return build
 
@@ -394,10 +427,21 @@ class Executor:
                                                                                  self.chunk_size)
         asm = _Assembler(self.sink, self.chunk_size, ITEMSIZE[task.out], base.chunks if same and base else None)
 
+        osz, numel = ITEMSIZE[task.out], ref.size // ITEMSIZE[ref.dtype]
+
+        def whole(a: int, b: int) -> bool:
+            """Whether block [a, b)'s output is one whole output chunk (its worker frames and
+            hashes it); blocks follow each other from 0, so where it starts is known here."""
+            n = (b - a) * osz
+            return a * osz % self.chunk_size == 0 and (n == self.chunk_size or (b == numel and n < self.chunk_size))
+
         def combined(blk: Block) -> bytes:
             return _to_bytes(method.combine(blk, ctx), task.out)
 
-        def jobs() -> Iterator[Callable[[], bytes] | _Ready[bytes | _Digest]]:
+        def combined_chunk(blk: Block) -> _Chunk:
+            return _to_chunk(method.combine(blk, ctx), task.out, blk.reference if same else None)
+
+        def jobs() -> Iterator[Callable[[], bytes | _Chunk] | _Ready[bytes | _Chunk | _Digest]]:
             for n, (a, b) in enumerate(o.blocks):
                 present = o.present(n)
                 if method.sparse_inputs:
@@ -408,19 +452,26 @@ class Executor:
                 if step is Step.REUSE:
                     yield _Ready(_Digest(ref.chunks[a // task.per_chunk], (b - a) * ITEMSIZE[ref.dtype]))
                 elif step is Step.COPY:
-                    yield partial(_converted, self._read(task, ref, a, b), ref.dtype, task.compute, task.out)
+                    yield partial(_converted, self._read(task, ref, a, b), ref.dtype, task.compute, task.out,
+                                  whole(a, b))
                 else:
+                    then = combined_chunk if whole(a, b) else combined
                     blk = cache[n] if cache is not None else None
-                    yield partial(combined, blk) if blk is not None else _built(self._block(task, o, n), combined)
+                    yield partial(then, blk) if blk is not None else _built(self._block(task, o, n), then)
 
         for item in self._ordered(task, jobs()):
             if isinstance(item, _Digest):
                 asm.digest(item.key, item.nbytes)
-                self.progress.advance(item.nbytes)
+                nbytes = item.nbytes
+            elif isinstance(item, _Chunk):
+                asm.chunk(item)
+                nbytes = len(item.frame) - 1
+                self.realized.output_bytes += nbytes
             else:
                 asm.data(item)
-                self.realized.output_bytes += len(item)
-                self.progress.advance(len(item))
+                nbytes = len(item)
+                self.realized.output_bytes += nbytes
+            self.progress.advance(nbytes)
         chunks = asm.finish()
         return Tensor(asm.size, self.chunk_size, chunks, task.out, ref.shape)
 

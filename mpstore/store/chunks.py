@@ -40,8 +40,9 @@ SPARE_FRAMES = 32  # frames kept for reuse (one batch of 1 MiB chunks)
 # it keeps a reference to the bytes (then their buffer is not reused).
 Watch = Callable[[int, bytes, memoryview], bool]
 # digest, frame, whether the frame may be reused after the write, its element size, the digest of
-# the chunk it may be stored as a delta against (the base's at the same position) or None
-_Pending = tuple[bytes, bytearray, bool, int, bytes | None]
+# the chunk it may be stored as a delta against (the base's at the same position) or None, and
+# that chunk's bytes where the producer holds them decoded and checked already (else None)
+_Pending = tuple[bytes, bytearray, bool, int, bytes | None, memoryview | None]
 _Derived = Callable[[Txn], object]  # a record derived from chunks, written with them (see attach)
 _Batch = tuple[list[_Pending], list[_Derived], int]  # what one transaction writes; its bytes
 
@@ -162,8 +163,15 @@ class ChunkSink:
         """Bytes computed in memory (a merged tensor's output) as one chunk; returns its digest.
         `itemsize` and `ref` as for `consume`."""
         key = digest(data)
-        self._take(key, framed(data), recycle=False, itemsize=itemsize, ref=ref)
+        self.frame(key, framed(data), itemsize, ref)
         return key
+
+    def frame(self, key: bytes, frame: bytearray, itemsize: int = 1, ref: bytes | None = None,
+              ref_bytes: memoryview | None = None) -> None:
+        """A chunk framed and hashed by its producer (a merge worker), so the caller's thread
+        neither copies nor hashes it. `ref_bytes`: the bytes of chunk `ref`, already decoded and
+        checked by the producer (a merge block's base), so the encoder need not decode them again."""
+        self._take(key, frame, recycle=False, itemsize=itemsize, ref=ref, ref_bytes=ref_bytes)
 
     def blob(self, data: bytes, where: str) -> Blob:
         """Bytes held in memory (a header, a rewritten config) as a blob."""
@@ -192,7 +200,7 @@ class ChunkSink:
         self._pending_bytes += nbytes
 
     def _take(self, key: bytes, frame: bytearray, recycle: bool = True, claimed: bool = False, itemsize: int = 1,
-              ref: bytes | None = None) -> bool:
+              ref: bytes | None = None, ref_bytes: memoryview | None = None) -> bool:
         """Queue the chunk unless the store has it; True if the frame was queued. `recycle`: the
         writer may reuse the frame once written; `claimed`: a watcher holds it too (the later
         of the two lets go of it, see release)."""
@@ -205,7 +213,9 @@ class ChunkSink:
         if claimed:
             with self._claims_lock:
                 self._claims[id(frame)] += 1
-        self._pending.append((key, frame, recycle, itemsize, ref if ref != key else None))
+        if ref == key:
+            ref = ref_bytes = None
+        self._pending.append((key, frame, recycle, itemsize, ref, ref_bytes))
         self._pending_bytes += len(frame) - 1
         if self._pending_bytes >= BATCH_BYTES:
             self.flush()
@@ -262,17 +272,21 @@ class ChunkSink:
             self._encoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mp-encode")
         with self.store.read() as r:
             todo = []
-            for key, frame, _, itemsize, ref in pending:
+            for key, frame, _, itemsize, ref, ref_bytes in pending:
                 if r.has_chunk(key):
                     continue
                 stored = r.stored_chunk(ref) if ref is not None and self.policy == DELTA else None
                 usable = stored is not None and len(stored) > 0 and stored[0] != env.XOR_CODEC
-                todo.append((key, payload(frame), itemsize, ref if usable else None, stored if usable else None))
+                todo.append((key, payload(frame), itemsize, ref if usable else None, stored if usable else None,
+                             ref_bytes))
 
-            def encode(item: tuple[bytes, memoryview, int, bytes | None, memoryview | None]) -> bytes:
-                key, raw, itemsize, ref, stored = item
+            def encode(item: tuple[bytes, memoryview, int, bytes | None, memoryview | None, memoryview | None]
+                       ) -> bytes:
+                key, raw, itemsize, ref, stored, ref_bytes = item
                 reference = None
-                if ref is not None and stored is not None:
+                if ref is not None and ref_bytes is not None:
+                    reference = (ref, ref_bytes)
+                elif ref is not None and stored is not None:
                     try:
                         reference = (ref, env.checked_stored(ref, stored))
                     except CorruptData:

@@ -48,15 +48,17 @@ chunks of every third tensor of a dense expert and its base; the tool prints the
 
 Reference chains have depth 1: a reference is a chunk stored RAW or PLANES, never XOR (the
 writer enforces it); `decode` receives the reference's raw bytes from the caller.
-Thread-safe: each thread has its own zstd contexts; zstd and the plane kernels release the GIL.
-One thread decodes PLANES at ~2.5 GB/s and XOR at ~1.3 GB/s of raw bf16 bytes, and encodes at
-~1.0 and ~0.7 GB/s (tools/bench_codecs.py). Importing this module loads neither numpy nor numba:
-the first plane encoded or decoded does (numba's compiled kernels are cached on disk).
+Thread-safe: each thread has its own zstd contexts; zstd, numpy's ufuncs and the compiled plane
+passes release the GIL. One thread decodes PLANES at ~2.5 GB/s and XOR at ~1.3 GB/s of raw bf16
+bytes, and encodes at ~1.0 and ~0.7 GB/s (tools/bench_codecs.py, compiled passes). Importing
+this module loads neither numpy nor numba: the first plane encoded or decoded loads numpy, and
+numba only where the process has loaded it already (see `_kernels`).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 import types
 from collections.abc import Callable
@@ -155,7 +157,7 @@ def _value(prefix: bytes, data: memoryview, itemsize: int, transform: int, ref: 
     m = size // itemsize
     planes = np.empty(m * itemsize, dtype=np.uint8)
     ref_words = _words(ref if ref is not None else memoryview(b""), itemsize, m if ref is not None else 0)
-    _kernels(m).split(_words(data, itemsize, m), ref_words, transform, planes)
+    _kernels().split(_words(data, itemsize, m), ref_words, transform, planes)
     compressor = _compressor()
     parts = []
     for j in range(itemsize):
@@ -244,24 +246,21 @@ def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memor
     out[m * itemsize:] = np.frombuffer(view[at:], dtype=np.uint8)
     if m:
         planes = tuple(_plane(frame, m) for frame in frames)
-        _kernels(m).merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
+        _kernels().merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
     return out.data
 
 
-# Chunks of fewer elements than this go through numpy (store.smallplanes): the same bytes, without
-# importing numba and loading its kernels (0.6 s, more than a process spends on small chunks).
-COMPILED_FROM = 1 << 16
-
-
-def _kernels(m: int) -> types.ModuleType:
-    """The plane passes for a chunk of m elements: compiled for large chunks, numpy for small."""
-    if m >= COMPILED_FROM:
+def _kernels() -> types.ModuleType:
+    """The plane passes: numba's where this process has loaded numba already (a merge's kernels,
+    add --base's catalog), else numpy's (store.numpyplanes, the same bytes), as loading numba
+    costs more than numpy's slower merge loses on any but the largest checkouts."""
+    if "numba" in sys.modules:
         from . import planekernel
 
         return planekernel
-    from . import smallplanes
+    from . import numpyplanes
 
-    return smallplanes
+    return numpyplanes
 
 
 def _content_size(frame: memoryview) -> int:

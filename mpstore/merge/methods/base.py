@@ -89,6 +89,9 @@ class Block:
     ndim: int = 1  # of the whole tensor
     stored: Stored | None = None
     _deltas: torch.Tensor | None = field(default=None, repr=False)
+    # The base's stored bytes of these elements, decoded and checked, or None: the executor hands
+    # them on as the output chunk's delta reference, so its encoder does not decode them again.
+    reference: memoryview | None = field(default=None, repr=False)
 
     @property
     def base(self) -> torch.Tensor | None:

@@ -14,6 +14,8 @@ the division, lambda, and the base added back.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -30,18 +32,24 @@ EPSILON = ParamDef("epsilon", 0.15, float)
 LAMBDA = ParamDef("lambda", 1.0)
 
 
-def _plain_divisor(ctx: TensorContext, dtype: torch.dtype) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _plain_divisor(weights: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     """The divisor `normalize` uses without consensus: the sum of every input's weight (present
     in the block or not) in the compute dtype, as MergeKit, or 1 where it is below 1e-8 (the
-    weights cancel)."""
-    divisor = torch.tensor([q["weight"] for q in ctx.p], dtype=dtype).unsqueeze(1).sum(dim=0)
+    weights cancel). Found once per tensor's weights: a torch call per block cost more than the
+    block's arithmetic. Callers only read the tensor."""
+    divisor = torch.tensor(weights, dtype=dtype).unsqueeze(1).sum(dim=0)
     divisor[divisor.abs() < 1e-8] = 1
     return divisor
 
 
+def _weights(ctx: TensorContext) -> tuple[float, ...]:
+    return tuple(q["weight"] for q in ctx.p)
+
+
 def _plain_mix(weighted: torch.Tensor, ctx: TensorContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the weighted deltas, and `_plain_divisor`."""
-    return weighted.sum(dim=0), _plain_divisor(ctx, weighted.dtype)
+    return weighted.sum(dim=0), _plain_divisor(_weights(ctx), weighted.dtype)
 
 
 def _consensus_mix(weighted: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +137,7 @@ class TaskArithmetic(MergeMethod):
             return None
         rows = kernel_rows(b, ctx, self.sparsifier, st.models.shape[1])
         w = np.array([q["weight"] for q in b.p], dtype=np.float32)
-        divisor = 1.0 if self.consensus else float(_plain_divisor(ctx, torch.float32)[0])
+        divisor = 1.0 if self.consensus else float(_plain_divisor(_weights(ctx), torch.float32)[0])
         return kernels.combine(st.base, st.models, st.shift, w, rows.mode, rows.hi, rows.lo, rows.before,
                                rows.first, rows.last, rows.mask, rows.scale, self.consensus,
                                bool(b.g["normalize"]), divisor, float(b.g["lambda"]))
