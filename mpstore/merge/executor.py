@@ -275,8 +275,10 @@ class Executor:
         began = time.perf_counter()
         isz = ITEMSIZE[t.dtype]
         pieces: list[tuple[Pending | memoryview, int, int]] = []
+        whole = False  # [a, b) is exactly one stored chunk
         for c, lo, hi in self.reads.read(task, t, a, b):
             key = t.chunks[c]
+            whole = lo == 0 and hi * isz == min(t.chunk_size, t.size - c * t.chunk_size) and hi - lo == b - a
             if key in self.derived:
                 pieces.append((memoryview(self.derived[key]), lo * isz, hi * isz))
                 continue
@@ -286,9 +288,20 @@ class Executor:
             self.store.touched((hi - lo) * isz)
         self.read_seconds += time.perf_counter() - began
 
-        def raw(decoded: dict[bytes, memoryview] | None = None) -> memoryview | bytearray:
+        def raw(decoded: dict[bytes, memoryview] | None = None, into: memoryview | None = None
+                ) -> memoryview | bytearray:
+            """The bytes; with `into` (b - a elements' room), there: a whole compressed chunk is
+            decoded straight into it, anything else copied."""
+            if into is not None and whole and isinstance(p := pieces[0][0], Pending) and not p.raw:
+                return p.open(decoded, into)
             views = [(p if isinstance(p, memoryview) else p.open(decoded))[lo:hi] for p, lo, hi in pieces]
-            return views[0] if len(views) == 1 else bytearray().join(views)
+            if into is None:
+                return views[0] if len(views) == 1 else bytearray().join(views)
+            at = 0
+            for v in views:
+                into[at:at + len(v)] = v
+                at += len(v)
+            return into
 
         return raw
 
@@ -309,13 +322,15 @@ class Executor:
         def build() -> Block:
             decoded: dict[bytes, memoryview] = {}  # the base's chunks: its experts' deltas' reference
             raw_base = read_base(decoded) if read_base is not None else None
-            raw_models = [r(decoded) for r in read_models]
             args = (row, [task.p[i] for i in present], task.g, self.seed, present, len(ref.shape))
             if bits is not None:
                 kind, shift = bits
-                stored = Stored(np.frombuffer(raw_base, kind) if raw_base is not None else None,
-                                np.stack([np.frombuffer(r, kind) for r in raw_models]), shift)
+                bits_of = np.empty((len(read_models), b - a), kind)  # each input decoded or copied into its row
+                for r, out in zip(read_models, bits_of):
+                    r(decoded, memoryview(out.view(np.uint8)))
+                stored = Stored(np.frombuffer(raw_base, kind) if raw_base is not None else None, bits_of, shift)
                 return Block(task.name, a, None, None, *args, stored=stored, reference=_bytes_of(raw_base))
+            raw_models = [r(decoded) for r in read_models]
             values = _values(raw_base, base.dtype, task.compute) if base and raw_base is not None else None
             rows = [_values(r, task.models[i].dtype, task.compute) for r, i in zip(raw_models, present)]
             models = torch.stack(rows) if rows else torch.zeros(0, b - a, dtype=torch_dtype(task.compute))

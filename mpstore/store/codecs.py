@@ -200,8 +200,11 @@ def decoded_size(value: bytes | memoryview) -> int | None:
     return int(BODY.unpack_from(view, start)[1])
 
 
-def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memoryview]) -> memoryview:
-    """The raw bytes of a stored value (RAW: a view of the value itself, no copy).
+def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memoryview],
+           into: memoryview | None = None) -> memoryview:
+    """The raw bytes of a stored value (RAW: a view of the value itself, no copy). `into`: a
+    writable buffer a compressed value is decoded into (a merge block's row), instead of a new
+    one; CorruptData if the value decodes to another length.
 
     `reference(digest)` gives an XOR value's reference chunk's raw bytes (the caller finds and
     checks it). A malformed value (unknown codec or transform, truncated, bad zstd frame, wrong
@@ -242,7 +245,9 @@ def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memor
         ref_words = _words(ref_raw, itemsize, m)
     import numpy as np
 
-    out = np.empty(size, dtype=np.uint8)
+    if into is not None and len(into) != size:
+        raise CorruptData(f"a stored chunk decodes to {size} bytes where {len(into)} were expected")
+    out = np.frombuffer(into, dtype=np.uint8) if into is not None else np.empty(size, dtype=np.uint8)
     out[m * itemsize:] = np.frombuffer(view[at:], dtype=np.uint8)
     if m:
         planes = tuple(_plane(frame, m) for frame in frames)

@@ -112,17 +112,18 @@ def framed(data: bytes | bytearray | memoryview) -> bytearray:
 
 
 def stored_payload(key: bytes, value: memoryview,
-                   reference: Callable[[bytes], bytes | memoryview] | None = None) -> memoryview:
+                   reference: Callable[[bytes], bytes | memoryview] | None = None,
+                   into: memoryview | None = None) -> memoryview:
     """A stored chunk value's raw bytes (store/codecs.py): a RAW value's are a view of it, a
-    compressed one is decoded; a delta (XOR) needs `reference(digest)`, its reference chunk's
-    raw bytes, checked. A malformed value is CorruptData naming the chunk; the caller checks the
-    digest of what comes back."""
+    compressed one is decoded (into `into` if given, see codecs.decode); a delta (XOR) needs
+    `reference(digest)`, its reference chunk's raw bytes, checked. A malformed value is
+    CorruptData naming the chunk; the caller checks the digest of what comes back."""
     if len(value) and value[0] == CODEC_RAW:
         return value[1:]
     from . import codecs  # numpy and zstd: only where a compressed chunk is read
 
     try:
-        return codecs.decode(value, reference or _no_reference)
+        return codecs.decode(value, reference or _no_reference, into)
     except CorruptData as e:
         raise CorruptData(f"chunk {key.hex()}: {e}") from None
 
@@ -149,10 +150,11 @@ def delta_reference(value: bytes | memoryview | None) -> bytes | None:
 
 
 def checked_stored(key: bytes, stored: bytes | memoryview,
-                   reference: Callable[[bytes], bytes | memoryview] | None = None) -> memoryview:
-    """The bytes of a chunk as stored, decoded and hash-checked: CorruptData unless they decode
-    to bytes whose digest is `key`."""
-    return checked_chunk(key, stored_payload(key, memoryview(stored), reference))
+                   reference: Callable[[bytes], bytes | memoryview] | None = None,
+                   into: memoryview | None = None) -> memoryview:
+    """The bytes of a chunk as stored, decoded (into `into`, see stored_payload) and hash-checked:
+    CorruptData unless they decode to bytes whose digest is `key`."""
+    return checked_chunk(key, stored_payload(key, memoryview(stored), reference, into))
 
 
 class Pending:
@@ -170,9 +172,10 @@ class Pending:
         """Whether the value is the bytes themselves (opening it copies nothing)."""
         return len(self.value) > 0 and self.value[0] == CODEC_RAW
 
-    def open(self, decoded: dict[bytes, memoryview] | None = None) -> memoryview:
+    def open(self, decoded: dict[bytes, memoryview] | None = None, into: memoryview | None = None) -> memoryview:
         """The chunk's bytes, hash-checked. `decoded`: reference chunks already decoded (a
-        merge block's base chunk is most of its experts' reference), added to as they are."""
+        merge block's base chunk is most of its experts' reference), added to as they are.
+        `into`: where a compressed chunk is decoded (see codecs.decode); a raw one is a view."""
         memo = {} if decoded is None else decoded
 
         def reference(key: bytes) -> memoryview:
@@ -181,7 +184,7 @@ class Pending:
                 memo[key] = checked_stored(key, self.ref[1])
             return memo[key]
 
-        out = checked_stored(self.key, self.value, reference)
+        out = checked_stored(self.key, self.value, reference, into)
         if not self.raw:
             memo.setdefault(self.key, out)
         return out
