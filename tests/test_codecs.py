@@ -282,13 +282,22 @@ def test_numpy_passes_equal_the_compiled_ones(itemsize, transform, with_ref) -> 
 
 
 def test_a_process_without_numba_codes_chunks_without_loading_it() -> None:
-    """A checkout or a plain add never loads numba for its chunks (numpy's passes); a process
-    that has loaded it (a merge) uses the compiled passes: the stored bytes are the same."""
+    """A checkout or a plain add of a small model never loads numba for its chunks (numpy's
+    passes); a process that has loaded it (a merge), or has passed COMPILE_AFTER elements through
+    numpy's passes, uses the compiled ones: the stored bytes are the same."""
     code = """
 import hashlib, sys, numpy as np
 from mpstore.store import codecs
 if sys.argv[1] == "numba":
     import numba
+if sys.argv[1] == "switch":  # past COMPILE_AFTER elements, numba's passes load on a thread
+    codecs.COMPILE_AFTER = 1 << 16
+    value = codecs.encode(np.arange(1 << 17, dtype=np.float32).tobytes(), 4)
+    for _ in range(5000):
+        if codecs._compiled is not None:
+            break
+        codecs.decode(value, lambda _: b"")
+    assert codecs._compiled is not None
 rng = np.random.default_rng(5)
 raw = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)
 ref = (raw + 1e-4).astype(np.float32).tobytes()
@@ -300,7 +309,8 @@ for reference in (None, (b"r" * 16, ref)):
 print("numba" in sys.modules, "mpstore.store.planekernel" in sys.modules, *out)
 """
     runs = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True
-                                ).stdout.split() for how in ("plain", "numba")}
+                                ).stdout.split() for how in ("plain", "numba", "switch")}
     assert runs["plain"][:2] == ["False", "False"]
     assert runs["numba"][:2] == ["True", "True"]
-    assert runs["plain"][2:] == runs["numba"][2:]
+    assert runs["switch"][:2] == ["True", "True"]
+    assert runs["plain"][2:] == runs["numba"][2:] == runs["switch"][2:]

@@ -157,7 +157,7 @@ def _value(prefix: bytes, data: memoryview, itemsize: int, transform: int, ref: 
     m = size // itemsize
     planes = np.empty(m * itemsize, dtype=np.uint8)
     ref_words = _words(ref if ref is not None else memoryview(b""), itemsize, m if ref is not None else 0)
-    _kernels().split(_words(data, itemsize, m), ref_words, transform, planes)
+    _kernels(m, itemsize).split(_words(data, itemsize, m), ref_words, transform, planes)
     compressor = _compressor()
     parts = []
     for j in range(itemsize):
@@ -251,21 +251,60 @@ def decode(value: bytes | memoryview, reference: Callable[[bytes], bytes | memor
     out[m * itemsize:] = np.frombuffer(view[at:], dtype=np.uint8)
     if m:
         planes = tuple(_plane(frame, m) for frame in frames)
-        _kernels().merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
+        _kernels(m, itemsize).merge(planes, ref_words, transform, out[:m * itemsize].view(WORDS[itemsize]))
     return out.data
 
 
-def _kernels() -> types.ModuleType:
-    """The plane passes: numba's where this process has loaded numba already (a merge's kernels,
-    add --base's catalog), else numpy's (store.numpyplanes, the same bytes), as loading numba
-    costs more than numpy's slower merge loses on any but the largest checkouts."""
-    if "numba" in sys.modules:
-        from . import planekernel
+# numpy's passes merge planes 2-4x slower than numba's compiled ones, which take ~0.4 s of CPU to
+# load: a process without numba starts loading them, on a thread of its own while numpy's passes go
+# on, once it has passed this many elements (512 MiB of bfloat16) through numpy's: a checkout of a
+# few GB then gains ~0.5 ms of CPU per delta chunk, and a small one never pays the load.
+COMPILE_AFTER = 1 << 28
 
-        return planekernel
+_compiled: types.ModuleType | None = None  # the compiled passes, once loaded and warm
+_loader: threading.Thread | None = None
+_numpy_elements = 0
+_lock = threading.Lock()
+
+
+def _kernels(m: int, itemsize: int) -> types.ModuleType:
+    """The plane passes for a chunk of m elements: numba's where they are loaded, or where the
+    process has loaded numba for other work (a merge's kernels, add --base's catalog); else
+    numpy's (store.numpyplanes: the same bytes, so switching midway changes nothing stored)."""
+    global _compiled, _loader, _numpy_elements
+    if _compiled is not None:
+        return _compiled
+    with _lock:
+        if _loader is None and "numba" in sys.modules:
+            from . import planekernel
+
+            _compiled = planekernel
+            return planekernel
+        _numpy_elements += m
+        if _loader is None and _numpy_elements >= COMPILE_AFTER:
+            _loader = threading.Thread(target=_load_compiled, args=(itemsize,), name="mp-numba-load", daemon=True)
+            _loader.start()
     from . import numpyplanes
 
     return numpyplanes
+
+
+def _load_compiled(itemsize: int) -> None:
+    """Import the compiled passes and load their machine code for chunks of `itemsize` (the
+    types codecs passes them: read-only words and planes, writable outputs), then use them."""
+    global _compiled
+    import numpy as np
+
+    from . import planekernel
+
+    n = 64
+    words = _words(memoryview(bytes(n * itemsize)), itemsize, n)
+    planes = tuple(_words(memoryview(bytes(n)), 1, n) for _ in range(itemsize))
+    out = np.empty(n * itemsize, dtype=np.uint8)
+    for ref in (words, _words(memoryview(b""), itemsize, 0)):
+        planekernel.split(words, ref, ROTATE, out)
+        planekernel.merge(planes, ref, ROTATE, out.view(WORDS[itemsize]))
+    _compiled = planekernel
 
 
 def _content_size(frame: memoryview) -> int:
