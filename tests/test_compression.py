@@ -225,3 +225,18 @@ def test_deltas_travel_with_their_references(tmp_path, family, delta_repo, kind,
             assert tree_bytes(tmp_path / f"out-{lazy}") == tree_bytes(family["expert-1"])
             assert repo.fsck().ok
             assert "delta" in _codecs(repo)
+
+
+def test_decoded_references_are_taken_once_and_bounded():
+    """What `mp add --base`'s catalog decodes for the encoder: each taken once, the oldest
+    dropped past the limit (the encoder then decodes it itself)."""
+    from mpstore.store.chunks import Decoded
+
+    kept = Decoded(30)
+    for name in b"abcd":
+        kept.offer(bytes([name]), memoryview(bytes([name]) * 10))
+    assert kept.take(b"a") is None  # dropped: 40 bytes offered, 30 kept
+    assert bytes(kept.take(b"b")) == b"b" * 10
+    assert kept.take(b"b") is None
+    kept.offer(b"e", memoryview(b"e" * 10))
+    assert bytes(kept.take(b"c")) == b"c" * 10 and bytes(kept.take(b"e")) == b"e" * 10

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -26,10 +27,10 @@ import numpy as np
 
 from ..errors import CorruptData
 from ..progress import Progress
-from ..store.chunks import FOLIO_BYTES, ChunkSink, Watch
+from ..store.chunks import FOLIO_BYTES, ChunkSink, Decoded, Watch
 from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
 from ..store.dtypes import FLOATS, ITEMSIZE
-from ..store.env import Store, Txn, checked_chunk, delta_reference, stored_payload
+from ..store.env import CODEC_RAW, Store, Txn, checked_chunk, delta_reference, stored_payload
 from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
@@ -141,16 +142,31 @@ def _float32(raw: Buffer, dtype: str) -> np.ndarray:
     return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype)).to(torch.float32).numpy()
 
 
+_buffers = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's histogram, |Δ| and two float32 conversion buffers for n elements, reused from
+    chunk to chunk: fresh arrays for every chunk cost more in page faults than the measurement."""
+    held = getattr(_buffers, "held", None)
+    if held is None or held[1].size < n:
+        held = _buffers.held = (np.empty(BINS, dtype=np.int64), np.empty(n, dtype=np.float32),
+                                np.empty((2, n), dtype=np.uint32))
+    return held
+
+
 def measure(expert: Buffer, base: Buffer, dtype: str) -> DeltaStats:
     """The statistics of one chunk pair's delta, computed in float32 like the executor's passes
     (one compiled pass, `deltakernel`; releases the GIL, so threads measure in parallel)."""
     from .deltakernel import bf16_to_float32, delta_stats
 
-    def values(raw: Buffer) -> np.ndarray:
-        return bf16_to_float32(np.frombuffer(raw, dtype=np.uint16)) if dtype == "BF16" else _float32(raw, dtype)
+    n = len(expert) // ITEMSIZE[dtype]
+    hist, mag, bf16 = _scratch(n)
 
-    hist = np.empty(BINS, dtype=np.int64)
-    sq, max_abs, changed, base_max, base_sq = delta_stats(values(expert), values(base), hist)
+    def values(raw: Buffer, room: np.ndarray) -> np.ndarray:
+        return bf16_to_float32(np.frombuffer(raw, dtype=np.uint16), room) if dtype == "BF16" else _float32(raw, dtype)
+
+    sq, max_abs, changed, base_max, base_sq = delta_stats(values(expert, bf16[0]), values(base, bf16[1]), hist, mag)
     used = np.flatnonzero(hist)
     return DeltaStats(
         dtype=dtype,
@@ -275,7 +291,8 @@ class Recorder:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mp-catalog")
         self._pool.submit(_load_kernel)  # numba's import and cache load overlap the first reads
         self._file = open(sink.store.path / "data.mdb", "rb", buffering=0)  # noqa: SIM115 (closed in finish)
-        self._pending: deque[tuple[bytes, Future[DeltaStats], memoryview]] = deque()
+        # entry key, measurement, expert chunk bytes, base chunk digest, dtype
+        self._pending: deque[tuple[bytes, Future[DeltaStats | None], memoryview, bytes, str]] = deque()
         self.result = AnalyzeResult()  # seconds: time the add waited for measurements
 
     def watch(self, name: str, dtype: str, shape: tuple[int, ...]) -> Watch | None:
@@ -296,28 +313,32 @@ class Recorder:
                 return False
             at = self._txn.extent(b"chunks", b)
             self._sink.store.touched(FOLIO_BYTES)  # the B-tree leaf's page cache folio got mapped
-            if at is None or self._delta(b):  # a layout the extent lookup does not know, or a
-                # base chunk stored as a delta (its reference is read in the transaction): the map
-                base_bytes = self._txn.chunk(b)
-                self._sink.store.touched(len(base_bytes))
-                task = self._pool.submit(measure, data, base_bytes, dtype)
+            task: Future[DeltaStats | None]
+            if at is None:  # a layout the extent lookup does not know: the map
+                task = self._pool.submit(measure, data, self._base_chunk(b), dtype)
             else:
-                task = self._pool.submit(_measure_stored, self._file.fileno(), at, b, data, dtype)
+                task = self._pool.submit(_measure_stored, self._file.fileno(), at, b, data, dtype,
+                                         self._sink.decoded)
             self.result.bytes_read += 2 * len(data)
-            self._pending.append((k, task, data))
+            self._pending.append((k, task, data, b, dtype))
             while len(self._pending) >= WINDOW * self._threads:
                 self._collect()
             return True
 
         return chunk
 
-    def _delta(self, key: bytes) -> bool:
-        return delta_reference(self._txn.stored_chunk(key)) is not None
+    def _base_chunk(self, key: bytes) -> memoryview:
+        data = self._txn.chunk(key)
+        self._sink.store.touched(len(data))
+        return data
 
     def _collect(self) -> None:
-        k, fut, data = self._pending.popleft()
+        k, fut, data, b, dtype = self._pending.popleft()
         began = time.perf_counter()
-        value = fut.result().encode()
+        stats = fut.result()
+        if stats is None:  # a base chunk stored as a delta: its reference is read in the transaction
+            stats = measure(data, self._base_chunk(b), dtype)
+        value = stats.encode()
         self.result.seconds += time.perf_counter() - began
         self._sink.release(data)
         self._sink.attach(lambda txn: txn.put_catalog(k, value), len(value) + 64)
@@ -334,12 +355,20 @@ class Recorder:
         return self.result
 
 
-def _measure_stored(fd: int, at: tuple[int, int], base_key: bytes, expert: memoryview, dtype: str) -> DeltaStats:
+def _measure_stored(fd: int, at: tuple[int, int], base_key: bytes, expert: memoryview, dtype: str,
+                    decoded: Decoded) -> DeltaStats | None:
     """measure(), the base chunk read from the data file at `at` (offset, length of its stored
-    value) and hash-checked here, on the worker."""
+    value), decoded and hash-checked here, on the worker, and offered to the sink's encoder,
+    which stores the expert chunk as a delta against it. None for a base chunk stored as a
+    delta itself: its reference is found in the transaction (Recorder._collect)."""
     offset, length = at
-    value = memoryview(os.pread(fd, length, offset))  # a delta base (depth 1) is read in the map instead
-    return measure(expert, checked_chunk(base_key, stored_payload(base_key, value)), dtype)
+    value = memoryview(os.pread(fd, length, offset))
+    if delta_reference(value) is not None:
+        return None
+    base = checked_chunk(base_key, stored_payload(base_key, value))
+    if value[0] != CODEC_RAW:
+        decoded.offer(base_key, base)
+    return measure(expert, base, dtype)
 
 
 def elements(t: Tensor, c: int) -> int:

@@ -92,15 +92,17 @@ def _sum_squares(x: np.ndarray) -> float:
 
 
 @_jit
-def delta_stats(expert: np.ndarray, base: np.ndarray, hist: np.ndarray) -> tuple[float, float, int, float, float]:
+def delta_stats(expert: np.ndarray, base: np.ndarray, hist: np.ndarray,
+                mag: np.ndarray) -> tuple[float, float, int, float, float]:
     """(Σ|Δ|², max |Δ|, count of Δ ≠ 0, max |base|, Σ base²) of two float32 arrays, and `hist`
-    (int64[65536], zeroed here) counting the high 16 bits of float32 |Δ|.
+    (int64[65536], zeroed here) counting the high 16 bits of float32 |Δ|. `mag`: room for |Δ|
+    (float32, at least as long; a caller's buffer, reused from chunk to chunk).
 
     Maxima are taken over bit patterns: for numbers without a sign bit the order of the
     patterns is the order of the values, and a NaN's pattern is above infinity's, so a NaN
     makes the maximum NaN, as numpy's max does; integer loops also vectorise."""
     n = expert.size
-    mag = np.empty(n, dtype=np.float32)
+    mag = mag[:n]
     for i in range(n):
         mag[i] = np.abs(expert[i] - base[i])
     hist[:] = 0
@@ -124,9 +126,10 @@ def _as_float32(bits: int) -> float:
 
 
 @_jit
-def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) as float32 values: the top half of a float32."""
-    out = np.empty(raw.size, dtype=np.uint32)
+def bf16_to_float32(raw: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as float32 values (the top half of a float32), written
+    into `out` (uint32, at least as long): its first raw.size elements, as float32."""
+    out = out[:raw.size]
     for i in range(raw.size):
         out[i] = np.uint32(raw[i]) << 16
     return out.view(np.float32)

@@ -83,6 +83,35 @@ class _Writer:
         self._thread.join()
 
 
+class Decoded:
+    """Reference chunks one reader has decoded and checked for the encoder, which would decode
+    them again otherwise (`mp add --base`: the catalog measures each expert chunk against the
+    base chunk the encoder then stores it as a delta against). Each is taken once; at most
+    `limit` bytes are kept (the oldest go first; a chunk not found is decoded again)."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._kept: dict[bytes, memoryview] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def offer(self, key: bytes, data: memoryview) -> None:
+        with self._lock:
+            if key in self._kept:
+                return
+            self._kept[key] = data
+            self._bytes += len(data)
+            while self._bytes > self._limit:
+                self._bytes -= len(self._kept.pop(next(iter(self._kept))))
+
+    def take(self, key: bytes) -> memoryview | None:
+        with self._lock:
+            data = self._kept.pop(key, None)
+            if data is not None:
+                self._bytes -= len(data)
+            return data
+
+
 class ChunkSink:
     """Hashes byte streams into chunks and writes the ones the store lacks, in batches."""
 
@@ -105,6 +134,8 @@ class ChunkSink:
         self._claims: dict[int, int] = {}
         self._claims_lock = threading.Lock()
         self._writer: _Writer | None = None
+        # batches in flight: the one being written, one queued, one being read
+        self.decoded = Decoded(3 * BATCH_BYTES)
 
     @contextmanager
     def pipelined(self, reserve: int) -> Iterator[Txn]:
@@ -284,6 +315,8 @@ class ChunkSink:
                        ) -> bytes:
                 key, raw, itemsize, ref, stored, ref_bytes = item
                 reference = None
+                if ref is not None and ref_bytes is None:
+                    ref_bytes = self.decoded.take(ref)
                 if ref is not None and ref_bytes is not None:
                     reference = (ref, ref_bytes)
                 elif ref is not None and stored is not None:
