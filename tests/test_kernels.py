@@ -11,6 +11,10 @@ bfloat16 and float32 stored inputs, a tensor narrower than the kernels take.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,80 @@ def test_column_sums_are_torchs(k: int) -> None:
         want = torch.from_numpy(x).sum(dim=0).numpy()
         got = kernels.column_sums(x, kernels.width())
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (k, n)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 40, 100])
+def test_row_sums_are_torchs(k: int) -> None:
+    """A [k, 1] tensor summed over its rows (the weights' divisor) as torch sums it."""
+    rng = np.random.default_rng(k)
+    lanes = kernels.sum_lanes()
+    assert lanes is not None
+    for _ in range(50):
+        x = (rng.standard_normal(k) * np.exp(rng.standard_normal(k) * 4)).astype(np.float32)
+        want = torch.from_numpy(x.reshape(-1, 1)).sum(dim=0).numpy()
+        got = np.array([kernels.vector_sum(x, lanes)], np.float32)
+        assert got.view(np.uint32)[0] == want.view(np.uint32)[0], k
+
+
+def test_bfloat16_rounding_is_torchs() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(1 << 16) * np.exp(rng.standard_normal(1 << 16) * 20)).astype(np.float32)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45, 1.0039062,
+                      1.0117188, 65504.0], np.float32)
+    x = np.concatenate([x, edges, x.view(np.uint32).__or__(np.uint32(0x8000)).view(np.float32)])  # ties
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = kernels.to_bfloat16(x)
+    assert got is not None and np.array_equal(got, want)
+    x[5] = np.nan
+    assert kernels.to_bfloat16(x) is None  # NaN: converted by torch, whose paths differ on it
+
+
+def test_the_calibration_is_kept_and_read_back(tmp_path) -> None:
+    """A fresh process finds the split in the cache and merges without importing torch."""
+    code = """
+import json, sys
+from mpstore.merge.methods import kernels
+print(json.dumps([kernels._calibration(), "torch" in sys.modules]))
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout) for _ in range(2)]
+    assert runs[0][0] == runs[1][0] == [kernels.width(), kernels.sum_lanes()]
+    assert runs[0][1] and not runs[1][1]  # measured against torch once, then read
+    assert (tmp_path / "mpstore" / "kernel-width.json").exists()
+
+
+def test_a_fused_merge_never_imports_torch(tmp_path, monkeypatch) -> None:
+    """task_arithmetic over bf16 inputs in float32 with bf16 out runs in the kernels alone (blocks
+    of at least kernels.MIN_COLUMNS elements; a narrower one would load torch for itself)."""
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(64, 48, generator=g), "v": torch.randn(5000, generator=g)}
+    repo = Repo.init(tmp_path / "repo", chunk_size=CHUNK)
+    for k, name in enumerate(("base", "e1", "e3")):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({n: (t + k * 2.0 ** -5 * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
+                   for n, t in base.items()}, str(folder / "model.safetensors"))
+        repo.add(folder, name, base="base" if k else None)
+    repo.close()
+    code = """
+import sys
+from mpstore import Repo
+from mpstore.merge.request import MergeRequest
+with Repo.open(sys.argv[1]) as repo:
+    r = MergeRequest("task_arithmetic", "base", ["e1", "e3"], [{"weight": 0.3}, {"weight": 0.6}], {}, "F32", "BF16")
+    repo.merge(r, "m")
+    print(repo.commit("m").commit.snapshot.hex(), "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "repo")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[1] == "False"
+    monkeypatch.setattr(kernels, "ENABLED", False)  # the eager path, in torch, gives the same snapshot
+    with Repo.open(tmp_path / "repo") as repo:
+        eager = MergeRequest("task_arithmetic", "base", ["e1", "e3"], [{"weight": 0.3}, {"weight": 0.6}], {},
+                             "F32", "BF16")
+        repo.merge(eager, "m2")
+        assert repo.commit("m2").commit.snapshot.hex() == out[0]
 
 
 def _family(root: Path, dtype: torch.dtype, experts: int) -> dict[str, Path]:

@@ -29,7 +29,6 @@ from functools import partial
 from typing import Generic, TypeVar
 
 import numpy as np
-import torch
 
 from ..errors import BadMerge
 from ..model import tokenizer
@@ -42,10 +41,12 @@ from ..store.env import Pending, Store, Txn, new_frame, payload
 from ..store.ids import digest, short
 from ..store.objects import Blob, Plan, Shard, Snapshot, StoredObject, Tensor, bitmap_members
 from ..store.prefetch import Prefetcher
-from . import catalog, layout, methods
+from . import catalog, layout, lazytorch, methods
 from . import params as P
 from .layout import Input
-from .methods.base import STORED_BITS, Block, MergeMethod, Pass, Stored, TensorContext
+from .lazytorch import torch
+from .methods import kernels
+from .methods.base import STORED_BITS, Block, MergeMethod, Pass, Stored, TensorContext, Values
 from .outline import Outline, ReadAccount, Realized, Step, Task, outline
 
 ENGINE_VERSION = 2
@@ -185,18 +186,29 @@ def _values(raw: memoryview | bytearray, dtype: str, compute: str) -> torch.Tens
                             dtype=torch_dtype(dtype)).to(torch_dtype(compute))
 
 
-def _to_bytes(values: torch.Tensor, dtype: str) -> bytes:
-    out = values.to(torch_dtype(dtype)).contiguous()
-    return out.view(torch.uint8).numpy().tobytes() if out.numel() else b""
+def _out_bytes(values: Values, dtype: str) -> np.ndarray:
+    """A block's values in the output dtype, as bytes (uint8). A fused kernel's float32 values
+    become float32 or bfloat16 without torch (`kernels.to_bfloat16` rounds as torch does)."""
+    if isinstance(values, np.ndarray):
+        if dtype == "F32":
+            return values.view(np.uint8)
+        if dtype == "BF16" and (rounded := kernels.to_bfloat16(values)) is not None:
+            return rounded.view(np.uint8)
+        values = torch.from_numpy(values)
+    return values.to(torch_dtype(dtype)).contiguous().view(torch.uint8).numpy()
+
+
+def _to_bytes(values: Values, dtype: str) -> bytes:
+    return _out_bytes(values, dtype).tobytes()
 
 
 def _bytes_of(raw: memoryview | bytearray | None) -> memoryview | None:
     return None if raw is None else memoryview(raw)
 
 
-def _to_chunk(values: torch.Tensor, dtype: str, reference: memoryview | None) -> _Chunk:
+def _to_chunk(values: Values, dtype: str, reference: memoryview | None) -> _Chunk:
     """A block's output that is one whole output chunk, framed and hashed here (on the worker)."""
-    out = values.to(torch_dtype(dtype)).contiguous().view(torch.uint8).numpy()
+    out = _out_bytes(values, dtype)
     frame = new_frame(out.size)
     np.frombuffer(frame, np.uint8)[1:] = out
     return _Chunk(digest(payload(frame)), frame, reference)
@@ -356,6 +368,7 @@ class Executor:
             yield _result(pending.popleft())
 
     def _timed(self, job: Callable[[], R]) -> R:
+        lazytorch.configure_thread()
         began = time.perf_counter()
         try:
             return job()
@@ -399,7 +412,7 @@ class Executor:
     def _measure(self, task: Task, method: MergeMethod, o: Outline) -> tuple[TensorContext, list[Block | None] | None]:
         """The tensor's context with every needed pass finished (sweeps, or the catalog), and the
         block cache if there is one."""
-        ctx = TensorContext(len(task.models), torch_dtype(task.compute), task.p, task.g, task.numel,
+        ctx = TensorContext(len(task.models), task.compute, task.p, task.g, task.numel,
                             {a: n for n, (a, _) in enumerate(o.blocks)})
         if any(task.omitted):
             base = task.base
@@ -657,8 +670,6 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
     # cannot grow under an open read, so the sink reserves the output's room first.
     with sink.pipelined(sum(_out_size(t) for t in todo) + (16 << 20)) as txn:
         progress.start(f"merge {plan.method}", sum(_out_size(t) for t in todo))
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
             # A budget's chunks are scattered through the file: fetch them in runs, read-ahead off.
             # An exact merge reads every differing chunk, contiguous per input: the kernel's
@@ -666,13 +677,12 @@ def execute(store: Store, plan: Plan, sink: ChunkSink, progress: Progress, threa
             reads = (key for t in todo if t.copy is None
                      for key in outline(txn, t, method, memory_limit, counting=True).chunks_read())
             prefetching = bool(plan.omit) and os.environ.get("MP_PREFETCH", "1") != "0"
-            # one BLAS thread in every worker too, so sums do not depend on the machine's cores
-            with (ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+            # one intra-op thread for torch in every worker, so sums do not depend on the machine's cores
+            with (lazytorch.single_threaded(), ThreadPoolExecutor(max_workers=threads) as pool,
                   Prefetcher(store, txn, reads) if prefetching else nullcontext() as prefetch):
                 ex = Executor(store, txn, sink, pool, threads, memory_limit, plan, progress, prep.derived, prefetch)
                 outputs = {t.name: ex.run(t, method) for t in todo}
         finally:
-            torch.set_num_threads(old_threads)
             progress.finish()
         for key in {k for t in outputs.values() for k in t.chunks if k in prep.derived}:
             sink.data(prep.derived[key])  # derived chunks the output keeps as they are

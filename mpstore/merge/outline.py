@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
 from ..errors import BadMerge
-from ..store.dtypes import ITEMSIZE, holds, torch_dtype
+from ..store.dtypes import ITEMSIZE, holds
 from ..store.env import Txn
 from ..store.objects import Tensor
 from . import catalog
+from .lazytorch import torch
 from .methods.base import MergeMethod, Params, Pass
 
 
@@ -235,7 +234,7 @@ def outline(txn: Txn, task: Task, method: MergeMethod, memory_limit: int, counti
     hist = _histograms(txn, task, counting) if any(p.from_catalog is not None for p in needed) else None
     swept = [p for p in needed if not (p.from_catalog is not None and hist is not None)]
     # inputs and their deltas (a block keeps both once a pass has asked for the deltas)
-    need = task.numel * torch_dtype(task.compute).itemsize * (2 * len(task.models) + 1)
+    need = task.numel * ITEMSIZE[task.compute] * (2 * len(task.models) + 1)
     cached = bool(swept) and need <= memory_limit // 2
     skip_equal = (task.base is not None and all(p.zero is not None for p in swept)
                   and method.local_identity(task.g, True))

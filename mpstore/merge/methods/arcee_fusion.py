@@ -16,8 +16,7 @@ entries, which that sample estimates, so the result does not depend on a random 
 
 from __future__ import annotations
 
-import torch
-
+from ..lazytorch import torch
 from .base import Block, MergeMethod, Params, TensorContext
 
 EPS = 1e-8  # added to both softmaxes before the KL divergence, as MergeKit

@@ -18,19 +18,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, Union
 
 import numpy as np
-import torch
 import xxhash
 
 from ...errors import BadMerge
+from ..lazytorch import torch
 
 # A parameter's value for one tensor, as `params.resolve` gives it: a float, or a bool for flags
 # (bool is an int, hence a float, to the type checker).
 Params = dict[str, float]
 BaseUse = Literal["required", "optional", "none"]  # "none": a given base is just another input
-HistogramOf = Callable[[int], torch.Tensor | None]  # input number -> catalog histogram, or None
+HistogramOf = Callable[[int], "torch.Tensor | None"]  # input number -> catalog histogram, or None
+# A block's merged values: a tensor, or a fused kernel's float32 array (methods/kernels.py: such a
+# merge need not import torch at all)
+Values = Union["torch.Tensor", np.ndarray]
 
 T = TypeVar("T")
 
@@ -150,7 +153,7 @@ class TensorContext:
     written yet are None (or empty)."""
 
     inputs: int  # non-base inputs of the tensor (rows of a block with every input present)
-    compute: torch.dtype  # what blocks arrive in: the dtype MergeKit's math runs in
+    compute: str  # what blocks arrive in (a store dtype name): the dtype MergeKit's math runs in
     p: list[Params]  # per input
     g: Params
     numel: int
@@ -247,8 +250,8 @@ class MergeMethod(ABC):
     additive: bool = False
 
     @abstractmethod
-    def combine(self, block: Block, ctx: TensorContext) -> torch.Tensor:
-        """The merged values of `block`, in the dtype of its inputs."""
+    def combine(self, block: Block, ctx: TensorContext) -> Values:
+        """The merged values of `block`, in the compute dtype."""
 
     def prepare(self, ctx: TensorContext) -> None:
         """Set what the passes must know before they sweep (e.g. which ranks to find); no reads."""

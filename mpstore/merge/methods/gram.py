@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, Params, Pass, TensorContext, always
 
 

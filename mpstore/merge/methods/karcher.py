@@ -10,9 +10,8 @@ bit for bit.
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, TensorContext
 
 

@@ -15,16 +15,25 @@ in its order, and every sum over the inputs follows torch's CPU summation order 
 the last columns of a block, which torch sums one by one). Where a block's columns are split
 between those paths depends on the machine's vector width, so `available()` finds the split by
 comparing with torch on this machine once, and turns the kernels off if no split reproduces it.
+The split found is kept in the user's cache (`width_cache`), keyed by the versions of torch and
+numpy and the processor's features, so a later merge need not import torch to know it: one
+whose blocks all run here never imports torch (1 s of start-up), and its float32 output is
+rounded to bfloat16 here too (`to_bfloat16`, torch's rounding).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import platform
+from importlib import metadata
+from pathlib import Path
 
 import numba
 import numpy as np
-import torch
+
+from ..lazytorch import torch
 
 # torch sums very narrow blocks differently again; such blocks (a handful of elements) stay eager
 MIN_COLUMNS = 32
@@ -301,25 +310,95 @@ def _matches(x: np.ndarray, want: np.ndarray, width: int) -> bool:
     return bool(np.array_equal(column_sums(x, width).view(np.uint32), want))
 
 
+def width_cache() -> Path:
+    """Where the split found on this machine is kept ($XDG_CACHE_HOME or ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpstore" / "kernel-width.json"
+
+
+def _machine() -> str:
+    """What torch's summation order depends on: its version, numpy's (the kernels' inputs), the
+    processor's features and the capability torch is told to use."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    features = " ".join(sorted(flags.split())) or f"{platform.machine()} {platform.processor()}"
+    return json.dumps([metadata.version("torch"), np.__version__, os.environ.get("ATEN_CPU_CAPABILITY", ""),
+                       features])
+
+
 @functools.cache
-def _width() -> int | None:
-    """How many leading columns of a block torch sums vectorised, as a multiple of this width:
-    the width whose split reproduces torch's sums here, or None (the kernels stay off)."""
+def _calibration() -> tuple[int | None, int | None]:
+    """(width, lanes): how many leading columns of a block torch sums vectorised, as a multiple
+    of `width` (None: no split reproduces torch's sums here, the kernels stay off), and the lanes
+    of torch's vectorised sum of one contiguous row (`vector_sum`; None: not reproduced). From
+    the cache, else measured against torch and kept there (a cache that cannot be written is
+    measured again next time)."""
+    path, machine = width_cache(), _machine()
+    known: dict = {}
+    try:
+        loaded = json.loads(path.read_text())
+        known = loaded if isinstance(loaded, dict) else {}
+        found = known.get(machine)
+        if isinstance(found, list) and len(found) == 2 and all(v is None or isinstance(v, int) for v in found):
+            return found[0], found[1]
+    except (OSError, ValueError):
+        pass
+    width, lanes = _measured()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**known, machine: [width, lanes]}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return width, lanes
+
+
+def _measured() -> tuple[int | None, int | None]:
+    """The calibration, measured: sums of random blocks and rows against torch's."""
     rng = np.random.default_rng(12)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cases = []
-        for k in (3, 5, 6, 7, 8, 13, 17, 40):
-            shape = (k, 4096 + 63)  # every column path, at several input counts
+        def case(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
             x = (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape) * 3)).astype(np.float32)
-            cases.append((x, torch.from_numpy(x).sum(dim=0).numpy().view(np.uint32)))
-        for width in (32, 16, 64, 8):
-            if all(_matches(x, want, width) for x, want in cases):
-                return width
-        return None
+            return x, torch.from_numpy(x).sum(dim=0).numpy().view(np.uint32)
+
+        cases = [case((k, 4096 + 63)) for k in (3, 5, 6, 7, 8, 13, 17, 40)]  # every column path
+        width = next((w for w in (32, 16, 64, 8) if all(_matches(x, want, w) for x, want in cases)), None)
+        rows = [case((k, 1)) for k in range(1, 80) for _ in range(20)]
+        lanes = next((n for n in (8, 16, 4) if all(
+            np.array([vector_sum(x[:, 0], n)]).view(np.uint32)[0] == want[0] for x, want in rows)), None)
+        return width, lanes
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def vector_sum(x: np.ndarray, lanes: int) -> np.float32:
+    """torch's sum of a contiguous float32 row (a [k, 1] tensor summed over dim 0): fewer than
+    `lanes` elements one by one in four interleaved accumulators (the order `column_sums` gives
+    a block's last columns); more as that many lanes (each lane's elements in the same order),
+    the leftover elements then the lanes added one by one."""
+    n = x.size
+    whole = 1 << 30  # a width no block reaches: every column summed in the tail's order
+    if n < lanes:
+        return np.float32(column_sums(x.reshape(-1, 1), whole)[0])
+    vectors = n // lanes
+    total = np.float32(0)
+    for v in (*x[vectors * lanes:], *column_sums(x[:vectors * lanes].reshape(vectors, lanes), whole)):
+        total = np.float32(total + v)
+    return total
+
+
+def _width() -> int | None:
+    return _calibration()[0]
+
+
+def sum_lanes() -> int | None:
+    """The lanes `vector_sum` reproduces torch with here, or None."""
+    return _calibration()[1]
 
 
 def available() -> bool:
@@ -337,7 +416,7 @@ def width() -> int:
 def combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mode: np.ndarray,
             hi: np.ndarray, lo: np.ndarray, before: np.ndarray, first: np.ndarray, last: np.ndarray,
             mask: np.ndarray, scale: np.ndarray | None, consensus: bool, normalize: bool,
-            divisor: float, lam: float) -> torch.Tensor:
+            divisor: float, lam: float) -> np.ndarray:
     """base + the (sparsified, weighted, consensus-filtered, normalised, lambda-scaled) mix of the
     deltas, in one pass over the block; per-row arguments as `sparsify.KernelRows` describes them
     (`TaskArithmetic._fused` makes them). Without `scale` no rescale multiply is made at all (the
@@ -346,7 +425,27 @@ def combine(base: np.ndarray, models: np.ndarray, shift: int, w: np.ndarray, mod
     _combine(base, models, shift, w, mode, hi, lo, before, first, last, mask,
              scale if scale is not None else w, scale is not None, consensus, normalize,
              np.float32(divisor), np.float32(lam), lam != 1, width(), out)
-    return torch.from_numpy(out)
+    return out
+
+
+@_jit
+def _bfloat16(values: np.ndarray, out: np.ndarray) -> bool:
+    """out[i] = values[i] rounded to bfloat16 as torch rounds (to nearest, ties to even); False
+    at the first NaN, whose pattern torch's vectorised and scalar paths make differently."""
+    bits = values.view(np.uint32)
+    for i in range(bits.size):
+        b = bits[i]
+        if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            return False
+        out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return True
+
+
+def to_bfloat16(values: np.ndarray) -> np.ndarray | None:
+    """float32 values as bfloat16 bit patterns (uint16), bit for bit torch's `.to(torch.bfloat16)`,
+    or None where a value is NaN (the caller converts with torch)."""
+    out = np.empty(values.size, np.uint16)
+    return out if _bfloat16(values, out) else None
 
 
 def high_histogram(base: np.ndarray, row: np.ndarray, shift: int) -> torch.Tensor:

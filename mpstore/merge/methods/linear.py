@@ -7,9 +7,8 @@ sum, one rounding to the compute dtype at the end.
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, TensorContext
 from .task_arithmetic import WEIGHT
 

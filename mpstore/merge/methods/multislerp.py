@@ -10,9 +10,8 @@ as one block (`whole_tensor`), and its result is MergeKit's bit for bit in any d
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, TensorContext
 from .task_arithmetic import WEIGHT
 

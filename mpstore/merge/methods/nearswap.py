@@ -8,9 +8,8 @@ MergeKit), so 16-bit results are bit-equal to MergeKit's.
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, TensorContext
 
 # From this t on, w is exactly 1 where the model equals the base in every compute dtype

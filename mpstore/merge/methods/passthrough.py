@@ -7,8 +7,7 @@ input, as for linear). The multiplication happens in the compute dtype, as in Me
 
 from __future__ import annotations
 
-import torch
-
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, TensorContext
 
 # MergeKit's default is "no scale": the tensor is returned untouched. A scale of 1 returns it

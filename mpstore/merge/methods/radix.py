@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from ..lazytorch import torch
 from . import kernels
 from .base import Block, HistogramOf, Params, Pass, Stored, TensorContext, known
 

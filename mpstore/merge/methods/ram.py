@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, TensorContext
 
 

@@ -20,9 +20,8 @@ has no effect.
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import BadMerge
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, Pass, TensorContext, known
 
 

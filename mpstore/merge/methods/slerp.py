@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
+from ..lazytorch import torch
 from .base import Block, MergeMethod, ParamDef, Params, Pass, TensorContext, known
 from .gram import gram_pass, narrow
 from .task_arithmetic import WEIGHT

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from ...store.dtypes import torch_dtype
+from ..lazytorch import torch
 from . import kernels
 from .base import Block, Params, Pass, TensorContext, known
 from .gram import narrow, overflow
@@ -216,7 +217,7 @@ def rescale_pass(sp: Sparsifier) -> Pass:
         return sums
 
     def finish(ctx: TensorContext, total: torch.Tensor) -> None:
-        work = sp.work(ctx.compute)
+        work = sp.work(torch_dtype(ctx.compute))
         ctx.scale = [_l1_factor(total[0, i], total[1, i], work, i) if q["density"] < 1 else 1.0
                      for i, q in enumerate(ctx.p)]
 

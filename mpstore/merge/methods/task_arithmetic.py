@@ -17,11 +17,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 
 from ...errors import BadMerge
+from ..lazytorch import torch
 from . import kernels
-from .base import Block, MergeMethod, ParamDef, Params, Pass, TensorContext
+from .base import Block, MergeMethod, ParamDef, Params, Pass, TensorContext, Values
 from .radix import RADIX
 from .sparsify import CRUMBS, DARE, DELLA, TOPK, Sparsifier, kernel_rows, rescale_pass, sparsified
 
@@ -41,6 +41,18 @@ def _plain_divisor(weights: tuple[float, ...], dtype: torch.dtype) -> torch.Tens
     divisor = torch.tensor(weights, dtype=dtype).unsqueeze(1).sum(dim=0)
     divisor[divisor.abs() < 1e-8] = 1
     return divisor
+
+
+@functools.lru_cache(maxsize=64)
+def _divisor_value(weights: tuple[float, ...]) -> float:
+    """`_plain_divisor` in float32 as a number, for the fused kernel, summed as torch sums the
+    weights (`kernels.vector_sum`) so that torch is not needed at all; torch is asked where
+    that order is not known here."""
+    lanes = kernels.sum_lanes()
+    if lanes is None:
+        return float(_plain_divisor(weights, torch.float32)[0])
+    d = kernels.vector_sum(np.array(weights, np.float32), lanes)
+    return 1.0 if abs(d) < np.float32(1e-8) else float(d)
 
 
 def _weights(ctx: TensorContext) -> tuple[float, ...]:
@@ -112,7 +124,7 @@ class TaskArithmetic(MergeMethod):
     def check(self, p: list[Params], g: Params, name: str, numel: int) -> None:
         check_density(p, g, name, numel)
 
-    def combine(self, b: Block, ctx: TensorContext) -> torch.Tensor:
+    def combine(self, b: Block, ctx: TensorContext) -> Values:
         fused = self._fused(b, ctx)
         if fused is not None:
             return fused
@@ -128,7 +140,7 @@ class TaskArithmetic(MergeMethod):
         return base + mixed
 
 
-    def _fused(self, b: Block, ctx: TensorContext) -> torch.Tensor | None:
+    def _fused(self, b: Block, ctx: TensorContext) -> np.ndarray | None:
         """`combine` in one kernel pass over the stored inputs (methods/kernels.py), bit for bit
         the eager result; None where the kernels do not apply (compute other than float32,
         inputs of different dtypes, a block too narrow, the kernels off on this machine)."""
@@ -137,7 +149,7 @@ class TaskArithmetic(MergeMethod):
             return None
         rows = kernel_rows(b, ctx, self.sparsifier, st.models.shape[1])
         w = np.array([q["weight"] for q in b.p], dtype=np.float32)
-        divisor = 1.0 if self.consensus else float(_plain_divisor(_weights(ctx), torch.float32)[0])
+        divisor = 1.0 if self.consensus else _divisor_value(_weights(ctx))
         return kernels.combine(st.base, st.models, st.shift, w, rows.mode, rows.hi, rows.lo, rows.before,
                                rows.first, rows.last, rows.mask, rows.scale, self.consensus,
                                bool(b.g["normalize"]), divisor, float(b.g["lambda"]))
