@@ -227,16 +227,39 @@ def test_deltas_travel_with_their_references(tmp_path, family, delta_repo, kind,
             assert "delta" in _codecs(repo)
 
 
-def test_decoded_references_are_taken_once_and_bounded():
-    """What `mp add --base`'s catalog decodes for the encoder: each taken once, the oldest
-    dropped past the limit (the encoder then decodes it itself)."""
+def test_a_reference_is_decoded_once_for_both_readers():
+    """What `mp add --base`'s catalog and encoder both need: decoded by the first to ask, the
+    other waits for it; a failed decode is not kept; the oldest go past the limit."""
+    import threading
+
     from mpstore.store.chunks import Decoded
 
-    kept = Decoded(30)
-    for name in b"abcd":
-        kept.offer(bytes([name]), memoryview(bytes([name]) * 10))
-    assert kept.take(b"a") is None  # dropped: 40 bytes offered, 30 kept
-    assert bytes(kept.take(b"b")) == b"b" * 10
-    assert kept.take(b"b") is None
-    kept.offer(b"e", memoryview(b"e" * 10))
-    assert bytes(kept.take(b"c")) == b"c" * 10 and bytes(kept.take(b"e")) == b"e" * 10
+    kept = Decoded(2)
+    calls: list[bytes] = []
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> memoryview:
+        calls.append(b"a")
+        started.set()
+        release.wait(5)
+        return memoryview(b"A" * 10)
+
+    got: list[bytes] = []
+    first = threading.Thread(target=lambda: got.append(bytes(kept.get(b"a", slow))))
+    first.start()
+    started.wait(5)
+    second = threading.Thread(target=lambda: got.append(bytes(kept.get(b"a", slow))))
+    second.start()
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert got == [b"A" * 10] * 2 and calls == [b"a"]  # decoded once, both got it
+
+    def broken() -> memoryview:
+        raise CorruptData("damaged")
+
+    with pytest.raises(CorruptData):
+        kept.get(b"b", broken)
+    assert bytes(kept.get(b"b", lambda: memoryview(b"B"))) == b"B"  # the failure was not kept
+    kept.get(b"c", lambda: memoryview(b"C"))
+    assert bytes(kept.get(b"a", lambda: memoryview(b"again"))) == b"again"  # pushed out: decoded anew

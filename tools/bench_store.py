@@ -347,7 +347,9 @@ def store_stats(repo: Path) -> dict:
                 for value in txn.cursor(db).iternext(keys=False, values=True):
                     values += len(value)
                 out["dbs"][name.decode()] = {"entries": s["entries"], "pages": pages, "value_bytes": values}
-        out["chunk_bytes"] = out["dbs"]["chunks"]["value_bytes"] - out["dbs"]["chunks"]["entries"]  # less codec bytes
+        # the chunks' own bytes: compressed values decode to more (`mp status`'s logical bytes)
+        out["chunk_bytes"] = json.loads(subprocess.run([MP, "-C", str(repo), "status", "--json"], check=True,
+                                                       capture_output=True, text=True).stdout)["space"]["logical_bytes"]
         out["free_pages"] = info["last_pgno"] + 1 - 2 - db_pages  # 2 meta pages; the rest is LMDB's freelist
         return out
     finally:

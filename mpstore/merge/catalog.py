@@ -358,16 +358,17 @@ class Recorder:
 def _measure_stored(fd: int, at: tuple[int, int], base_key: bytes, expert: memoryview, dtype: str,
                     decoded: Decoded) -> DeltaStats | None:
     """measure(), the base chunk read from the data file at `at` (offset, length of its stored
-    value), decoded and hash-checked here, on the worker, and offered to the sink's encoder,
-    which stores the expert chunk as a delta against it. None for a base chunk stored as a
-    delta itself: its reference is found in the transaction (Recorder._collect)."""
+    value), decoded (once for this worker and the sink's encoder, which stores the expert chunk
+    as a delta against it: `Decoded`) and hash-checked here, on the worker. None for a base chunk
+    stored as a delta itself: its reference is found in the transaction (Recorder._collect)."""
     offset, length = at
     value = memoryview(os.pread(fd, length, offset))
     if delta_reference(value) is not None:
         return None
-    base = checked_chunk(base_key, stored_payload(base_key, value))
-    if value[0] != CODEC_RAW:
-        decoded.offer(base_key, base)
+    if value[0] == CODEC_RAW:
+        base = checked_chunk(base_key, stored_payload(base_key, value))
+    else:  # the sink's encoder needs it decoded too (the expert chunk becomes a delta against it)
+        base = decoded.get(base_key, lambda: checked_chunk(base_key, stored_payload(base_key, value)))
     return measure(expert, base, dtype)
 
 

@@ -422,7 +422,7 @@ class Executor:
                     hist = catalog.tensor_histogram(self.txn, task.stored[i], base, gone)
                     if hist is None:
                         raise AssertionError(f"tensor {task.name!r}: catalog entries vanished after the outline")
-                    ctx.omitted_hist[i] = torch.from_numpy(hist)
+                    ctx.omitted_hist[i] = hist
         method.prepare(ctx)
         cache = self._cache(task, o)
         if not o.blocks:

@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 from ..errors import BadMerge
 from ..store.dtypes import ITEMSIZE, holds
 from ..store.env import Txn
 from ..store.objects import Tensor
 from . import catalog
-from .lazytorch import torch
 from .methods.base import MergeMethod, Params, Pass
 
 
@@ -128,7 +129,7 @@ class Outline:
     changed: list[list[int]]  # per block: inputs whose chunks differ from the base's there
     needed: list[Pass]  # passes this tensor needs, in order
     swept: list[Pass]  # of them, those that sweep the blocks (the others come from the catalog)
-    hist: dict[int, torch.Tensor | None] | None  # per input: catalog histogram of |delta| (None: counting)
+    hist: dict[int, np.ndarray | None] | None  # per input: catalog histogram of |delta| (None: counting)
     cached: bool  # every block is read once and kept for the passes and the combine
     skip_equal: bool  # with a cache, blocks where every input is the base are not even read
     identity: bool  # a block where every input is the base is the base
@@ -196,7 +197,7 @@ def _changed(task: Task, a: int, b: int) -> list[int]:
             if m.dtype != ref.dtype or any(m.chunks[c] != ref.chunks[c] for c in span)]
 
 
-def _histograms(txn: Txn, task: Task, counting: bool) -> dict[int, torch.Tensor | None] | None:
+def _histograms(txn: Txn, task: Task, counting: bool) -> dict[int, np.ndarray | None] | None:
     """Each input's histogram of |delta| bits over the whole stored tensor, from the catalog.
     None when an entry is missing, or when the catalog's float32 deltas are not exactly the
     compute dtype's (then the exact merge sweeps) — unless chunks are omitted: a budgeted
@@ -208,7 +209,7 @@ def _histograms(txn: Txn, task: Task, counting: bool) -> dict[int, torch.Tensor 
     exact = ITEMSIZE[task.compute] >= 4 and ITEMSIZE[ref.dtype] <= 4
     if not exact and not any(task.omitted):
         return None
-    hists: dict[int, torch.Tensor | None] = {}
+    hists: dict[int, np.ndarray | None] = {}
     for i, t in enumerate(task.stored):
         h = None
         if counting:
@@ -221,7 +222,7 @@ def _histograms(txn: Txn, task: Task, counting: bool) -> dict[int, torch.Tensor 
                 raise BadMerge(f"tensor {task.name!r}: input {i + 1} has chunks left out by the "
                                "budget but no catalog entries (run `mp analyze`)")
             return None
-        hists[i] = None if h is None else torch.from_numpy(h)
+        hists[i] = h
     return hists
 
 

@@ -6,8 +6,10 @@ a crash leaves only unreferenced chunks. A dry sink only computes digests (for r
 
 `mp add` runs the sink `pipelined`: a writer thread commits each batch (LMDB copies it and
 fsyncs, releasing the GIL) while the caller reads and hashes the next, so the disk's write
-time overlaps the reading instead of following it. Frames the writer is done with are reused,
-so a chunk's buffer is not allocated and zeroed again for every chunk.
+time overlaps the reading instead of following it; a compressing store's encoders compress a
+batch as soon as it is complete, while the next is read and the previous one written. Frames the
+writer is done with are reused, so a chunk's buffer is not allocated and zeroed again for every
+chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -44,7 +46,8 @@ Watch = Callable[[int, bytes, memoryview], bool]
 # that chunk's bytes where the producer holds them decoded and checked already (else None)
 _Pending = tuple[bytes, bytearray, bool, int, bytes | None, memoryview | None]
 _Derived = Callable[[Txn], object]  # a record derived from chunks, written with them (see attach)
-_Batch = tuple[list[_Pending], list[_Derived], int]  # what one transaction writes; its bytes
+# what one transaction writes, its bytes, and (pipelined) its chunks' values being encoded
+_Batch = tuple[list[_Pending], list[_Derived], int, "dict[bytes, Future[bytes]] | None"]
 
 
 class Readable(Protocol):
@@ -84,32 +87,37 @@ class _Writer:
 
 
 class Decoded:
-    """Reference chunks one reader has decoded and checked for the encoder, which would decode
-    them again otherwise (`mp add --base`: the catalog measures each expert chunk against the
-    base chunk the encoder then stores it as a delta against). Each is taken once; at most
-    `limit` bytes are kept (the oldest go first; a chunk not found is decoded again)."""
+    """Reference chunks decoded once for two readers that each need them (`mp add --base`: the
+    catalog measures each expert chunk against the base chunk, and the encoder stores it as a
+    delta against the same chunk). `get` decodes a chunk unless the other reader has or is
+    decoding it, then waits for that. The newest `limit` chunks are kept (a chunk pushed out
+    is decoded again by whoever asks later)."""
 
     def __init__(self, limit: int):
         self._limit = limit
-        self._kept: dict[bytes, memoryview] = {}
-        self._bytes = 0
+        self._kept: dict[bytes, Future[memoryview]] = {}
         self._lock = threading.Lock()
 
-    def offer(self, key: bytes, data: memoryview) -> None:
+    def get(self, key: bytes, decode: Callable[[], memoryview]) -> memoryview:
         with self._lock:
-            if key in self._kept:
-                return
-            self._kept[key] = data
-            self._bytes += len(data)
-            while self._bytes > self._limit:
-                self._bytes -= len(self._kept.pop(next(iter(self._kept))))
-
-    def take(self, key: bytes) -> memoryview | None:
-        with self._lock:
-            data = self._kept.pop(key, None)
-            if data is not None:
-                self._bytes -= len(data)
-            return data
+            found = self._kept.get(key)
+            if found is None:
+                mine: Future[memoryview] = Future()
+                self._kept[key] = mine
+                while len(self._kept) > self._limit:
+                    del self._kept[next(iter(self._kept))]
+        if found is not None:
+            return found.result()
+        try:
+            data = decode()
+        except BaseException as e:
+            mine.set_exception(e)
+            with self._lock:
+                if self._kept.get(key) is mine:
+                    del self._kept[key]
+            raise
+        mine.set_result(data)
+        return data
 
 
 class ChunkSink:
@@ -134,8 +142,8 @@ class ChunkSink:
         self._claims: dict[int, int] = {}
         self._claims_lock = threading.Lock()
         self._writer: _Writer | None = None
-        # batches in flight: the one being written, one queued, one being read
-        self.decoded = Decoded(3 * BATCH_BYTES)
+        self._txn: Txn | None = None  # pipelined: the read transaction open throughout
+        self.decoded = Decoded(max(64, 2 * BATCH_BYTES // chunk_size))
 
     @contextmanager
     def pipelined(self, reserve: int) -> Iterator[Txn]:
@@ -147,6 +155,7 @@ class ChunkSink:
         self.store.reserve(reserve)
         with self.store.read() as txn:
             self._writer = _Writer(self._commit)
+            self._txn = txn
             try:
                 yield txn
                 self.flush()
@@ -154,6 +163,7 @@ class ChunkSink:
                 writer, self._writer = self._writer, None
                 writer.close()
                 self._close_encoders()
+                self._txn = None
             writer.check()
 
     def _frame(self) -> bytearray:
@@ -262,7 +272,10 @@ class ChunkSink:
         pipelined, hand them to the writer thread."""
         if not (self._pending or self._derived):
             return
-        batch = (self._pending, self._derived, self._pending_bytes)
+        # Pipelined, the batch's chunks are handed to the encoders now, so they are compressed
+        # while the next batch is read and the previous one written.
+        encoding = self._encode(self._pending, self._txn) if self._txn is not None and self.policy != NONE else None
+        batch = (self._pending, self._derived, self._pending_bytes, encoding)
         self._pending, self._derived, self._pending_bytes = [], [], 0
         if self._writer is not None:
             self._writer.submit(batch)
@@ -270,9 +283,12 @@ class ChunkSink:
             self._commit(batch)
 
     def _commit(self, batch: _Batch) -> None:
-        pending, derived, nbytes = batch
-
-        values = self._encoded(pending) if self.policy != NONE else {}
+        pending, derived, nbytes, encoding = batch
+        if encoding is not None:
+            values = {key: job.result() for key, job in encoding.items()}
+        else:
+            with self.store.read() as r:
+                values = {k: j.result() for k, j in self._encode(pending, r).items()} if self.policy != NONE else {}
 
         def put_all(txn: Txn) -> int:
             for write in derived:
@@ -291,42 +307,46 @@ class ChunkSink:
         self.write_seconds += time.perf_counter() - began
 
 
-    def _encoded(self, pending: list[_Pending]) -> dict[bytes, bytes]:
+    def _encode(self, pending: list[_Pending], r: Txn) -> dict[bytes, Future[bytes]]:
         """The stored values of the batch's chunks the store lacks, compressed as the policy says
         (store/codecs.py: a delta against the base's chunk where that is smallest), on a pool of
-        encoders, while the caller reads on. A delta's reference is read here and decoded and
-        checked on the pool; one that is a delta itself (chains have depth 1), missing or damaged
-        leaves its chunk standalone."""
+        encoders. `r`: a read transaction open until the values are taken (their references are
+        views into it). A reference is decoded and checked on the pool, once for every reader
+        (`decoded`); one that is a delta itself (chains have depth 1), missing or damaged leaves
+        its chunk standalone."""
         from . import codecs
 
         if self._encoders is None:
             self._encoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mp-encode")
-        with self.store.read() as r:
-            todo = []
-            for key, frame, _, itemsize, ref, ref_bytes in pending:
-                if r.has_chunk(key):
-                    continue
-                stored = r.stored_chunk(ref) if ref is not None and self.policy == DELTA else None
-                usable = stored is not None and len(stored) > 0 and stored[0] != env.XOR_CODEC
-                todo.append((key, payload(frame), itemsize, ref if usable else None, stored if usable else None,
-                             ref_bytes))
 
-            def encode(item: tuple[bytes, memoryview, int, bytes | None, memoryview | None, memoryview | None]
-                       ) -> bytes:
-                key, raw, itemsize, ref, stored, ref_bytes = item
-                reference = None
-                if ref is not None and ref_bytes is None:
-                    ref_bytes = self.decoded.take(ref)
-                if ref is not None and ref_bytes is not None:
-                    reference = (ref, ref_bytes)
-                elif ref is not None and stored is not None:
-                    try:
-                        reference = (ref, env.checked_stored(ref, stored))
-                    except CorruptData:
-                        reference = None  # fsck names the damage; this chunk is stored standalone
-                return codecs.encode(raw, itemsize, reference)
+        def encode(raw: memoryview, itemsize: int, ref: bytes | None, stored: memoryview | None,
+                   ref_bytes: memoryview | None) -> bytes:
+            reference = None
+            if ref is not None and ref_bytes is not None:
+                reference = (ref, ref_bytes)
+            elif ref is not None and stored is not None:
+                try:
+                    reference = (ref, self._reference(ref, stored))
+                except CorruptData:
+                    reference = None  # fsck names the damage; this chunk is stored standalone
+            return codecs.encode(raw, itemsize, reference)
 
-            return dict(zip((t[0] for t in todo), self._encoders.map(encode, todo)))
+        jobs = {}
+        for key, frame, _, itemsize, ref, ref_bytes in pending:
+            if r.has_chunk(key):
+                continue
+            stored = r.stored_chunk(ref) if ref is not None and self.policy == DELTA else None
+            usable = stored is not None and len(stored) > 0 and stored[0] != env.XOR_CODEC
+            jobs[key] = self._encoders.submit(encode, payload(frame), itemsize, ref if usable else None,
+                                              stored if usable else None, ref_bytes)
+        return jobs
+
+    def _reference(self, key: bytes, stored: memoryview) -> memoryview:
+        """A reference chunk's bytes, checked: a raw one is a view of its value, a compressed
+        one is decoded once for every reader that needs it (`decoded`)."""
+        if stored[0] == env.CODEC_RAW:
+            return env.checked_stored(key, stored)
+        return self.decoded.get(key, lambda: env.checked_stored(key, stored))
 
     def _close_encoders(self) -> None:
         if self._encoders is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, Union
+from typing import Generic, Literal, TypeVar, Union
 
 import numpy as np
 import xxhash
@@ -30,10 +30,12 @@ from ..lazytorch import torch
 # (bool is an int, hence a float, to the type checker).
 Params = dict[str, float]
 BaseUse = Literal["required", "optional", "none"]  # "none": a given base is just another input
-HistogramOf = Callable[[int], "torch.Tensor | None"]  # input number -> catalog histogram, or None
+HistogramOf = Callable[[int], "np.ndarray | None"]  # input number -> catalog histogram (int64), or None
 # A block's merged values: a tensor, or a fused kernel's float32 array (methods/kernels.py: such a
 # merge need not import torch at all)
 Values = Union["torch.Tensor", np.ndarray]
+# A pass's sums over a block: a tensor, or an int64 array (the radix passes' counts)
+S = TypeVar("S", "torch.Tensor", np.ndarray)
 
 T = TypeVar("T")
 
@@ -160,19 +162,19 @@ class TensorContext:
     block_of: dict[int, int]  # block number of each block's first element
     # Per input with chunks a budget left out: the catalog's histogram of float32 |delta| high
     # bits over those chunks (int64 [65536]); the radix passes keep the read share of a bin.
-    omitted_hist: dict[int, torch.Tensor] = field(default_factory=dict)
+    omitted_hist: dict[int, np.ndarray] = field(default_factory=dict)
 
     # --- radix selection (methods/radix.py) for top-k and breadcrumbs ---
     # `prepare`: per sparsified input, the descending ranks of |delta| wanted (1 = the largest).
     # Each (input, j) is a "cut", numbered input by input in this order (see `cut`).
     ranks: dict[int, list[int]] = field(default_factory=dict)
     cut_start: dict[int, int] = field(default_factory=dict)  # first cut number of each input
-    high: torch.Tensor | None = None  # int64 [len(ranks), 65536]: histograms of the high bits
+    high: np.ndarray | None = None  # int64 [len(ranks), 65536]: histograms of the high bits
     bins: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # per cut: (high bits, rank in bin)
     thresholds: dict[int, list[float]] = field(default_factory=dict)  # per cut: the exact magnitude
     within: dict[int, list[int]] = field(default_factory=dict)  # per cut: position among its ties
-    tied_here: torch.Tensor | None = None  # int64 [cuts, blocks]: entries equal to the cut in a block
-    tied_before: torch.Tensor | None = None  # int64 [cuts, blocks]: such entries in earlier blocks
+    tied_here: np.ndarray | None = None  # int64 [cuts, blocks]: entries equal to the cut in a block
+    tied_before: np.ndarray | None = None  # int64 [cuts, blocks]: such entries in earlier blocks
 
     # --- `rescale` (methods/sparsify.py): per input, whole L1 / sparsified L1; None: no rescale
     scale: list[float] | None = None
@@ -207,7 +209,7 @@ def always(p: list[Params], g: Params) -> bool:
 
 
 @dataclass(frozen=True, eq=False)
-class Pass:
+class Pass(Generic[S]):
     """One streaming sweep over a tensor: per-block partial sums, then a finishing step.
 
     `measure` returns one tensor whose layout is fixed for the tensor (e.g. [inputs, 65536]);
@@ -215,18 +217,18 @@ class Pass:
     every float sum is deterministic, and `finish` writes what the total means into the context."""
 
     name: str
-    measure: Callable[[Block, TensorContext], torch.Tensor]
-    finish: Callable[[TensorContext, torch.Tensor], None]
+    measure: Callable[[Block, TensorContext], S]
+    finish: Callable[[TensorContext, S], None]
     needed: Callable[[list[Params], Params], bool] = always
     # What `measure` would return for a block of n elements where every input equals the base
     # (all deltas zero), so such blocks are accounted for without reading them. None: read them.
-    zero: Callable[[int, TensorContext], torch.Tensor] | None = None
+    zero: Callable[[int, TensorContext], S] | None = None
     # The total `measure` would give, from the delta catalog instead of a sweep: called with a
     # function giving input i's histogram of float32 |delta| high bits over the whole tensor (or
     # None when the catalog cannot say); returns None to sweep after all.
-    from_catalog: Callable[[TensorContext, HistogramOf], torch.Tensor | None] | None = None
+    from_catalog: Callable[[TensorContext, HistogramOf], S | None] | None = None
 
-    def zero_block(self, n: int, ctx: TensorContext) -> torch.Tensor:
+    def zero_block(self, n: int, ctx: TensorContext) -> S:
         """`zero` for a block the outline decided not to read (only passes with `zero` allow it)."""
         return known(self.zero, f"pass {self.name}'s zero-block sums")(n, ctx)
 

@@ -448,18 +448,18 @@ def to_bfloat16(values: np.ndarray) -> np.ndarray | None:
     return out if _bfloat16(values, out) else None
 
 
-def high_histogram(base: np.ndarray, row: np.ndarray, shift: int) -> torch.Tensor:
+def high_histogram(base: np.ndarray, row: np.ndarray, shift: int) -> np.ndarray:
     """The radix HIGH_BITS histogram of one input's |delta| (float32 bits >> 16)."""
     hist = np.zeros(1 << 16, np.int64)
     _high_hist(base, row, shift, hist)
-    return torch.from_numpy(hist)
+    return hist
 
 
-def low_histogram(base: np.ndarray, row: np.ndarray, shift: int, high: int) -> torch.Tensor:
+def low_histogram(base: np.ndarray, row: np.ndarray, shift: int, high: int) -> np.ndarray:
     """The radix LOW_BITS histogram of the entries of |delta| whose high bits are `high`."""
     hist = np.zeros(1 << 16, np.int64)
     _low_hist(base, row, shift, high, hist)
-    return torch.from_numpy(hist)
+    return hist
 
 
 def count_equal(base: np.ndarray, row: np.ndarray, shift: int, value: float) -> int:

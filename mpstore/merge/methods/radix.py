@@ -13,11 +13,15 @@ cut exactly without holding the tensor:
 Which ranks are wanted is not decided here: `MergeMethod.prepare` sets `TensorContext.ranks`.
 Statistics are stacked in fixed layouts: per ranked input ([len(ranks), 65536]) for `HIGH_BITS`, per
 cut ([cuts, 65536], [cuts, blocks]) for `LOW_BITS` and `TIE_COUNTS`, cuts numbered by `TensorContext.cut`.
+They are int64 numpy arrays (counts: no summation order to follow), so a merge whose blocks run in
+the fused kernels finds its cuts without torch; only the eager path's histograms use torch.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from ..lazytorch import torch
 from . import kernels
@@ -37,24 +41,24 @@ def _stored(b: Block) -> Stored | None:
     return st if st is not None and st.base is not None and kernels.available() else None
 
 
-def _zero_counts(n: int) -> torch.Tensor:
+def _zero_counts(n: int) -> np.ndarray:
     """The histogram of n zero magnitudes: all in bin 0."""
-    counts = torch.zeros(BINS, dtype=torch.int64)
+    counts = np.zeros(BINS, dtype=np.int64)
     counts[0] = n
     return counts
 
 
-def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+def _pick(hist: np.ndarray, rank: int) -> tuple[int, int]:
     """The bin holding the rank-th largest count from the top, and the rank within that bin."""
-    from_top = torch.flip(hist, [0]).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+    from_top = np.cumsum(hist[::-1])
+    idx = int(np.searchsorted(from_top, rank))
     above = int(from_top[idx - 1]) if idx > 0 else 0
     return len(hist) - 1 - idx, rank - above
 
 
 def _as_float(bits: int) -> float:
     """The float32 whose bit pattern is `bits`."""
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
 def has_ranks(p: list[Params], g: Params) -> bool:
@@ -64,7 +68,12 @@ def has_ranks(p: list[Params], g: Params) -> bool:
 
 # ---------------------------------------------------------------------------------- pass 1: high bits
 
-def _high_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
+def _counts(t: torch.Tensor) -> np.ndarray:
+    """An eager histogram (torch.bincount) as the passes keep counts."""
+    return t.numpy().astype(np.int64, copy=False)
+
+
+def _high_measure(b: Block, ctx: TensorContext) -> np.ndarray:
     st = _stored(b)
     n = b.models.shape[1] if st is None else st.models.shape[1]
     rows = []
@@ -75,25 +84,25 @@ def _high_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
         elif st is not None:
             rows.append(kernels.high_histogram(known(st.base, "the base"), st.models[r], st.shift))
         else:
-            rows.append(torch.bincount(magnitude_bits(b.deltas()[r]) >> 16, minlength=BINS))
-    return torch.stack(rows)
+            rows.append(_counts(torch.bincount(magnitude_bits(b.deltas()[r]) >> 16, minlength=BINS)))
+    return np.stack(rows)
 
 
-def _high_zero(n: int, ctx: TensorContext) -> torch.Tensor:
-    return torch.stack([_zero_counts(n) for _ in ctx.ranks])
+def _high_zero(n: int, ctx: TensorContext) -> np.ndarray:
+    return np.stack([_zero_counts(n) for _ in ctx.ranks])
 
 
-def _high_from_catalog(ctx: TensorContext, hist: HistogramOf) -> torch.Tensor | None:
+def _high_from_catalog(ctx: TensorContext, hist: HistogramOf) -> np.ndarray | None:
     rows = []
     for i in ctx.ranks:
         h = hist(i)
         if h is None:
             return None
         rows.append(h)
-    return torch.stack(rows)
+    return np.stack(rows)
 
 
-def _high_finish(ctx: TensorContext, total: torch.Tensor) -> None:
+def _high_finish(ctx: TensorContext, total: np.ndarray) -> None:
     """Each cut's high bits, and its rank among the entries in that bin."""
     ctx.high = total
     ctx.bins = {i: [_pick(total[row], r) for r in ranks] for row, (i, ranks) in enumerate(ctx.ranks.items())}
@@ -101,7 +110,7 @@ def _high_finish(ctx: TensorContext, total: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------- pass 2: low bits
 
-def _low_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
+def _low_measure(b: Block, ctx: TensorContext) -> np.ndarray:
     st = _stored(b)
     n = b.models.shape[1] if st is None else st.models.shape[1]
     rows = []
@@ -115,13 +124,13 @@ def _low_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
                 rows.append(kernels.low_histogram(known(st.base, "the base"), st.models[r], st.shift, hi))
             else:
                 bits = known(bits, "the magnitudes")
-                rows.append(torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=BINS))
-    return torch.stack(rows)
+                rows.append(_counts(torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=BINS)))
+    return np.stack(rows)
 
 
-def _low_zero(n: int, ctx: TensorContext) -> torch.Tensor:
+def _low_zero(n: int, ctx: TensorContext) -> np.ndarray:
     # zero deltas only count in bin 0 of the cuts whose high bits are 0
-    return torch.stack([_zero_counts(n if hi == 0 else 0) for picks in ctx.bins.values() for hi, _ in picks])
+    return np.stack([_zero_counts(n if hi == 0 else 0) for picks in ctx.bins.values() for hi, _ in picks])
 
 
 def rank_among_read(rank: int, in_bin: int, unread: int) -> int:
@@ -132,7 +141,7 @@ def rank_among_read(rank: int, in_bin: int, unread: int) -> int:
     return 0 if read <= 0 else max(1, min(read, math.ceil(rank * read / in_bin)))
 
 
-def _low_finish(ctx: TensorContext, total: torch.Tensor) -> None:
+def _low_finish(ctx: TensorContext, total: np.ndarray) -> None:
     """The exact magnitude at each wanted rank, and that rank's position among the entries
     tied at that magnitude (1 = the first of them in index order)."""
     high = known(ctx.high, "the high radix histograms")
@@ -156,12 +165,12 @@ def _low_finish(ctx: TensorContext, total: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------- pass 3: ties
 
-def _ties_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
+def _ties_measure(b: Block, ctx: TensorContext) -> np.ndarray:
     """How many entries of this block tie with each cut, as a one-hot over blocks, so the sums
     tell every block how many tied entries come before it."""
     st = _stored(b)
     n = ctx.block_of[b.start]
-    counts = torch.zeros(ctx.cuts, len(ctx.block_of), dtype=torch.int64)
+    counts = np.zeros((ctx.cuts, len(ctx.block_of)), dtype=np.int64)
     for i, values in ctx.thresholds.items():
         r = b.row(i)
         if r is None:
@@ -176,13 +185,13 @@ def _ties_measure(b: Block, ctx: TensorContext) -> torch.Tensor:
     return counts
 
 
-def _ties_zero(n: int, ctx: TensorContext) -> torch.Tensor:
-    return torch.zeros(ctx.cuts, len(ctx.block_of), dtype=torch.int64)
+def _ties_zero(n: int, ctx: TensorContext) -> np.ndarray:
+    return np.zeros((ctx.cuts, len(ctx.block_of)), dtype=np.int64)
 
 
-def _ties_finish(ctx: TensorContext, total: torch.Tensor) -> None:
+def _ties_finish(ctx: TensorContext, total: np.ndarray) -> None:
     ctx.tied_here = total
-    ctx.tied_before = torch.cumsum(total, 1) - total
+    ctx.tied_before = np.cumsum(total, 1) - total
 
 
 def tied(b: Block, ctx: TensorContext, i: int, j: int, m: torch.Tensor, first: int, last: float) -> torch.Tensor:
