@@ -8,7 +8,8 @@ What it measures (each timed command is run --repeat times; the median is compar
     file: nothing but the headers is read) vs `cp -r`;
   * `mp add --base` of the family's first dense expert into a repository holding the base (the
     delta catalog is measured while the expert is read) vs `cp -r` of the expert;
-  * `mp checkout` of that model vs `cp -r`;
+  * `mp checkout` of that model vs `cp -r`, and checkout's floor: the base's files read from the
+    page cache, xxh3-checked and written again in 1 MiB pieces in this process;
   * the store's size after adding the whole family (data.mdb's allocated blocks — the file is sparse up to the map size — and LMDB's used pages)
     vs the bytes of the family's unique chunks, computed here from the files themselves;
   * peak RSS of `mp add` and `mp checkout` (wait4's ru_maxrss of the CLI process, which counts
@@ -249,6 +250,26 @@ def read_hash_floor(folder: Path, chunk_size: int) -> float:
                 while n := f.readinto(buf):
                     xxhash.xxh3_128_digest(view[:n])
     return time.perf_counter() - t0
+
+
+def checkout_floor(folder: Path, out: Path, chunk_size: int) -> float:
+    """Seconds to read every file of `folder` (from the page cache) in chunk_size pieces, xxh3
+    each piece and write it to a new file under `out`, in this process: what a checkout that
+    checks every chunk must at least do (no interpreter start, no decoding, no store lookups)."""
+    rm(out)
+    out.mkdir(parents=True)
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb", buffering=0) as f, open(out / p.name, "wb", buffering=0) as g:
+                while n := f.readinto(buf):
+                    xxhash.xxh3_128_digest(view[:n])
+                    g.write(view[:n])
+    seconds = time.perf_counter() - t0
+    rm(out)
+    return seconds
 
 
 def family(work: Path, params: str, experts: int) -> tuple[Path, list[Path]]:
@@ -559,6 +580,14 @@ def bench(args: argparse.Namespace) -> str:
         rows.append(row("floor: read + xxh3 the base folder in-process (no process start)",
                         f"{statistics.median(floor):.3f} s (min {floor[0]:.3f})", "cp -r (re-add row): "
                         + cp2.text(), statistics.median(floor) / cp2.median, None))
+        cfloor = []
+        for _ in range(R):
+            os.sync()
+            cfloor.append(checkout_floor(base, tmp / "floor", MIB))
+        cfloor.sort()
+        rows.append(row("floor: checkout's work in-process (read + xxh3 + write each 1 MiB; no start-up, no decoding)",
+                        f"{statistics.median(cfloor):.3f} s (min {cfloor[0]:.3f})", "cp -r (checkout row): "
+                        + cp3.text(), statistics.median(cfloor) / cp3.median, None))
 
         detail = [[name, kind, b(size), b(new), f"{r.seconds:.2f}", f"{size / MIB / r.seconds:.0f}",
                    b(r.maxrss), b(r.peaks.get("RssAnon", 0))] for name, kind, size, new, r in per_model]
