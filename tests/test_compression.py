@@ -260,6 +260,8 @@ def test_a_reference_is_decoded_once_for_both_readers():
 
     with pytest.raises(CorruptData):
         kept.get(b"b", broken)
+    assert bytes(kept.get(b"a", lambda: memoryview(b"again"))) == b"again"  # the second reader took it away
     assert bytes(kept.get(b"b", lambda: memoryview(b"B"))) == b"B"  # the failure was not kept
     kept.get(b"c", lambda: memoryview(b"C"))
-    assert bytes(kept.get(b"a", lambda: memoryview(b"again"))) == b"again"  # pushed out: decoded anew
+    kept.get(b"d", lambda: memoryview(b"D"))
+    assert bytes(kept.get(b"b", lambda: memoryview(b"new"))) == b"new"  # pushed out by c and d: decoded anew

@@ -3,9 +3,9 @@
 beside every merge (mp / floor shows the gap that is left).
 
 The floor is the time to read every distinct input chunk the merge reads once, from the page
-cache (zero-copy views of the store's memory map), and to run one pass of the method's arithmetic
-over them in the fastest kernel we have (the fused kernel of mpstore/merge/methods/kernels.py),
-on every core. Left out, because a merge needs them but the limit of the arithmetic does not:
+cache (zero-copy views of the store's memory map; a compressed chunk decoded, on the workers as
+mp decodes, unchecked), and to run one pass of the method's arithmetic over them in the fastest
+kernel we have (the fused kernel of mpstore/merge/methods/kernels.py), on every core. Left out, because a merge needs them but the limit of the arithmetic does not:
 interpreter start-up and imports, the radix passes that find top-k thresholds (a fixed threshold
 stands in), hashing, writing and committing the output. Chunks where every expert equals the base
 are not read, as mp never reads them.
@@ -35,6 +35,7 @@ from mpstore.merge.methods import kernels  # noqa: E402
 from mpstore.merge.methods.base import STORED_BITS  # noqa: E402
 from mpstore.merge.methods.task_arithmetic import TaskArithmetic  # noqa: E402
 from mpstore.merge.request import from_yaml  # noqa: E402
+from mpstore.store.env import Pending, stored_payload  # noqa: E402
 
 
 def jobs(repo: Repo, cfg: Path) -> tuple[list[tuple[bytes, list[bytes], str, list[float]]], TaskArithmetic]:
@@ -61,10 +62,14 @@ def run_once(repo: Repo, todo: list, sparse: bool, consensus: bool, threads: int
     the workers run the fused combine on them."""
     width = kernels.MIN_COLUMNS
 
-    def work(base: memoryview, rows: list[memoryview], dtype: str, weights: list[float]) -> None:
+    def raw(p: Pending) -> memoryview:
+        """The chunk's bytes: a raw one's view, a compressed one decoded (no digest check)."""
+        return stored_payload(p.key, p.value, lambda k: stored_payload(k, p.ref[1]) if p.ref else b"")
+
+    def work(base: Pending, rows: list[Pending], dtype: str, weights: list[float]) -> None:
         kind, shift = STORED_BITS[dtype]
-        b = np.frombuffer(base, kind)
-        m = np.stack([np.frombuffer(r, kind) for r in rows])
+        b = np.frombuffer(raw(base), kind)
+        m = np.stack([np.frombuffer(raw(r), kind) for r in rows])
         k = len(rows)
         if b.shape[0] < width:
             return
@@ -80,8 +85,8 @@ def run_once(repo: Repo, todo: list, sparse: bool, consensus: bool, threads: int
     with repo.store.read() as txn, ThreadPoolExecutor(threads) as pool:
         pending = []
         for base, rows, dtype, weights in todo:
-            views = [txn.unchecked_chunk(base), *(txn.unchecked_chunk(r) for r in rows)]
-            nbytes += sum(len(v) for v in views)
+            views = [txn.pending(base), *(txn.pending(r) for r in rows)]
+            nbytes += sum(len(v.value) for v in views)
             pending.append(pool.submit(work, views[0], views[1:], dtype, weights))
             if len(pending) >= 4 * threads:
                 pending.pop(0).result()

@@ -90,8 +90,9 @@ class Decoded:
     """Reference chunks decoded once for two readers that each need them (`mp add --base`: the
     catalog measures each expert chunk against the base chunk, and the encoder stores it as a
     delta against the same chunk). `get` decodes a chunk unless the other reader has or is
-    decoding it, then waits for that. The newest `limit` chunks are kept (a chunk pushed out
-    is decoded again by whoever asks later)."""
+    decoding it, then waits for that; the second reader takes it away, so a chunk is kept only
+    between the two. At most `limit` chunks are kept (the oldest go first: a chunk only one
+    reader asks for, or one pushed out, is decoded by whoever asks later)."""
 
     def __init__(self, limit: int):
         self._limit = limit
@@ -100,7 +101,7 @@ class Decoded:
 
     def get(self, key: bytes, decode: Callable[[], memoryview]) -> memoryview:
         with self._lock:
-            found = self._kept.get(key)
+            found = self._kept.pop(key, None)
             if found is None:
                 mine: Future[memoryview] = Future()
                 self._kept[key] = mine
@@ -333,8 +334,11 @@ class ChunkSink:
 
         jobs = {}
         for key, frame, _, itemsize, ref, ref_bytes in pending:
+            self.store.touched(FOLIO_BYTES)  # each lookup maps a B-tree leaf's folio: released in time
             if r.has_chunk(key):
                 continue
+            if ref is not None and self.policy == DELTA:
+                self.store.touched(FOLIO_BYTES)
             stored = r.stored_chunk(ref) if ref is not None and self.policy == DELTA else None
             usable = stored is not None and len(stored) > 0 and stored[0] != env.XOR_CODEC
             jobs[key] = self._encoders.submit(encode, payload(frame), itemsize, ref if usable else None,
