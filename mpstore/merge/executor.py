@@ -158,7 +158,7 @@ class _Assembler:
     def chunk(self, out: _Chunk) -> None:
         """A whole output chunk, framed and hashed by its worker."""
         assert not self.buf, "a whole chunk must start on a chunk boundary"
-        ref = self.references[len(self.chunks)] if self.references is not None else None
+        ref = self._reference()
         self.sink.frame(out.key, out.frame, self.itemsize, ref, out.reference if ref is not None else None)
         self.chunks.append(out.key)
         self.size += len(out.frame) - 1
@@ -170,8 +170,11 @@ class _Assembler:
         return tuple(self.chunks)
 
     def _emit(self, data: bytearray) -> None:
-        ref = self.references[len(self.chunks)] if self.references is not None else None
-        self.chunks.append(self.sink.data(data, self.itemsize, ref))
+        self.chunks.append(self.sink.data(data, self.itemsize, self._reference()))
+
+    def _reference(self) -> bytes | None:
+        """The base's chunk at the next output chunk's position (its delta reference), or None."""
+        return self.references[len(self.chunks)] if self.references is not None else None
 
 
 _Raw = Callable[..., "memoryview | bytearray"]  # Executor._read's result: call it on a worker

@@ -285,11 +285,12 @@ class ChunkSink:
 
     def _commit(self, batch: _Batch) -> None:
         pending, derived, nbytes, encoding = batch
+        values: dict[bytes, bytes] = {}
         if encoding is not None:
             values = {key: job.result() for key, job in encoding.items()}
-        else:
+        elif self.policy != NONE:  # not pipelined: encoded now, the references read in a transaction of its own
             with self.store.read() as r:
-                values = {k: j.result() for k, j in self._encode(pending, r).items()} if self.policy != NONE else {}
+                values = {key: job.result() for key, job in self._encode(pending, r).items()}
 
         def put_all(txn: Txn) -> int:
             for write in derived:
