@@ -30,7 +30,7 @@ from ..progress import Progress
 from ..store.chunks import FOLIO_BYTES, ChunkSink, Decoded, Watch
 from ..store.derived import catalog_chunks, catalog_dtype, catalog_key
 from ..store.dtypes import FLOATS, ITEMSIZE
-from ..store.env import CODEC_RAW, Store, Txn, checked_chunk, delta_reference, stored_payload
+from ..store.env import Store, Txn, delta_reference
 from ..store.objects import Tensor
 
 FORMAT = 2  # 1: before base_l2 (entries of that layout are outdated: gc removes them)
@@ -365,11 +365,7 @@ def _measure_stored(fd: int, at: tuple[int, int], base_key: bytes, expert: memor
     value = memoryview(os.pread(fd, length, offset))
     if delta_reference(value) is not None:
         return None
-    if value[0] == CODEC_RAW:
-        base = checked_chunk(base_key, stored_payload(base_key, value))
-    else:  # the sink's encoder needs it decoded too (the expert chunk becomes a delta against it)
-        base = decoded.get(base_key, lambda: checked_chunk(base_key, stored_payload(base_key, value)))
-    return measure(expert, base, dtype)
+    return measure(expert, decoded.checked(base_key, value), dtype)
 
 
 def elements(t: Tensor, c: int) -> int:

@@ -120,6 +120,13 @@ class Decoded:
         mine.set_result(data)
         return data
 
+    def checked(self, key: bytes, stored: memoryview) -> memoryview:
+        """Stored reference chunk `key`'s bytes, checked: a raw one is a view of its value, a
+        compressed one is decoded once for every reader that needs it (`get`)."""
+        if stored[0] == env.CODEC_RAW:
+            return env.checked_stored(key, stored)
+        return self.get(key, lambda: env.checked_stored(key, stored))
+
 
 class ChunkSink:
     """Hashes byte streams into chunks and writes the ones the store lacks, in batches."""
@@ -328,7 +335,7 @@ class ChunkSink:
                 reference = (ref, ref_bytes)
             elif ref is not None and stored is not None:
                 try:
-                    reference = (ref, self._reference(ref, stored))
+                    reference = (ref, self.decoded.checked(ref, stored))
                 except CorruptData:
                     reference = None  # fsck names the damage; this chunk is stored standalone
             return codecs.encode(raw, itemsize, reference)
@@ -338,20 +345,14 @@ class ChunkSink:
             self.store.touched(FOLIO_BYTES)  # each lookup maps a B-tree leaf's folio: released in time
             if r.has_chunk(key):
                 continue
+            stored = None
             if ref is not None and self.policy == DELTA:
                 self.store.touched(FOLIO_BYTES)
-            stored = r.stored_chunk(ref) if ref is not None and self.policy == DELTA else None
+                stored = r.stored_chunk(ref)
             usable = stored is not None and len(stored) > 0 and stored[0] != env.XOR_CODEC
             jobs[key] = self._encoders.submit(encode, payload(frame), itemsize, ref if usable else None,
                                               stored if usable else None, ref_bytes)
         return jobs
-
-    def _reference(self, key: bytes, stored: memoryview) -> memoryview:
-        """A reference chunk's bytes, checked: a raw one is a view of its value, a compressed
-        one is decoded once for every reader that needs it (`decoded`)."""
-        if stored[0] == env.CODEC_RAW:
-            return env.checked_stored(key, stored)
-        return self.decoded.get(key, lambda: env.checked_stored(key, stored))
 
     def _close_encoders(self) -> None:
         if self._encoders is not None:
